@@ -1,0 +1,136 @@
+"""Read URL lists (Parquet, CSV/TSV, JSONL, gzipped too) and cut them into fixed-size input parts.
+
+The driver streams the list once in record batches (never holding it whole) and writes part files of
+`shard_size` rows. A part is the unit of work, of resume and of output: part 17 becomes shard 00017.
+Keys follow img2dataset: shard id then index inside the shard, zero-padded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+READ_BATCH_ROWS = 65_536
+
+
+class UrlListError(ValueError):
+    """The URL list cannot be used as given; the message says why in one line."""
+
+
+def list_format(path: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+        if name.endswith(suffix):
+            return fmt
+    raise UrlListError(f"unknown URL list format for {path}: use .parquet, .csv, .tsv or .jsonl (optionally .gz)")
+
+
+def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
+    """Stream a URL list as record batches; every column is kept."""
+    fmt = list_format(path)
+    if fmt == "parquet":
+        with fsspec.open(path, "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS)
+        return
+    with fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+        if fmt == "jsonl":
+            # pyarrow's JSON reader streams in blocks of this many bytes.
+            table = pa_json.read_json(f, read_options=pa_json.ReadOptions(block_size=16 << 20))
+            yield from table.to_batches(max_chunksize=READ_BATCH_ROWS)
+            return
+        parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+        convert = pa_csv.ConvertOptions(strings_can_be_null=True)
+        reader = pa_csv.open_csv(f, parse_options=parse, convert_options=convert,
+                                 read_options=pa_csv.ReadOptions(block_size=16 << 20))
+        yield from reader
+
+
+def key_digits(shard_size: int) -> int:
+    return max(1, math.ceil(math.log10(shard_size)))
+
+
+def make_key(part: int, index: int, shard_size: int) -> str:
+    return f"{part:05d}{index:0{key_digits(shard_size)}d}"
+
+
+def fingerprint(path: str) -> dict:
+    """Identity of an input file for resume checks: path, size and modification time."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    info = fs.info(fs_path)
+    return {"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified"))}
+
+
+def split_into_parts(
+    path: str,
+    parts_dir: Path,
+    shard_size: int,
+    url_col: str = "url",
+    caption_col: str = "caption",
+) -> list[Path]:
+    """Write `parts_dir/part-XXXXX.parquet` files of `shard_size` rows with columns key, url, caption, extras.
+
+    Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
+    """
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    done_file = parts_dir / "_done.json"
+    identity = {"input": fingerprint(path), "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
+    if done_file.exists():
+        done = json.loads(done_file.read_text())
+        if done["identity"] == identity:
+            return [parts_dir / name for name in done["parts"]]
+        raise UrlListError(f"{parts_dir} was cut from a different input or shard size; use a new output_dir")
+
+    parts: list[Path] = []
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    total = 0
+
+    def flush(tables: list[pa.RecordBatch]) -> None:
+        part = len(parts)
+        table = pa.Table.from_batches(tables)
+        keys = pa.array([make_key(part, i, shard_size) for i in range(table.num_rows)])
+        table = table.add_column(0, "key", keys)
+        out = parts_dir / f"part-{part:05d}.parquet"
+        pq.write_table(table, out)
+        parts.append(out)
+
+    for batch in iter_batches(path):
+        batch = _normalise_columns(batch, url_col, caption_col, path)
+        total += batch.num_rows
+        while batch.num_rows:
+            take = min(shard_size - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == shard_size:
+                flush(pending)
+                pending, pending_rows = [], 0
+    if pending_rows:
+        flush(pending)
+    if total == 0:
+        raise UrlListError(f"{path} holds no rows")
+    done_file.write_text(json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
+    return parts
+
+
+def _normalise_columns(batch: pa.RecordBatch, url_col: str, caption_col: str, path: str) -> pa.RecordBatch:
+    names = batch.schema.names
+    missing = [c for c in (url_col, caption_col) if c not in names]
+    if missing:
+        raise UrlListError(f"{path} lacks column(s) {missing}; it has {names} (set data.url_col / data.caption_col)")
+    # Ingest assigns `key` itself; a key column of the input is carried as source_key.
+    rename = {url_col: "url", caption_col: "caption", "key": "source_key"}
+    renamed = [rename.get(n, n) for n in names]
+    batch = batch.rename_columns(renamed)
+    # url and caption are strings everywhere downstream, whatever the reader inferred.
+    columns = [batch.column(i).cast(pa.string()) if n in ("url", "caption") else batch.column(i) for i, n in enumerate(renamed)]
+    return pa.RecordBatch.from_arrays(columns, names=renamed)
+
