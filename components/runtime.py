@@ -8,10 +8,7 @@ from pathlib import Path
 import ray
 from hydra.utils import to_absolute_path
 
-# Libraries that phone home on import (albumentations, via img2dataset) must not: our hosts have no
-# internet, and a pipeline makes no traffic it was not asked to.
-QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
-os.environ.update(QUIET_ENV)
+from components import QUIET_ENV
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -19,11 +16,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": QUIET_ENV}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address)  # a submitted job brings its own runtime_env (see cluster/)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": QUIET_ENV})
     # Our own tqdm bars report parts and shards; Ray Data's per-operator bars would interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
 

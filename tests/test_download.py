@@ -402,7 +402,13 @@ def test_bad_allow_network_fails_at_config_time() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://127.0.0.1/a.jpg", "data:image/png;base64,AAAA", "javascript:alert(1)", "gopher://127.0.0.1:70/"],
+    [
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/a.jpg",
+        "data:image/png;base64,AAAA",
+        "javascript:alert(1)",
+        "gopher://127.0.0.1:70/",
+    ],
 )
 def test_unsupported_schemes(url: str, no_lookups: None) -> None:
     assert fetch(url).error == "unsupported_scheme"

@@ -1,0 +1,49 @@
+# make demo: set up and run the main job on the built-in corpus.  make test: set up and run every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast setup system-deps ingest mlflow-ui bench clean
+
+demo: setup
+	$(PY) pipelines/ingest.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup  ## skip the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+setup: system-deps $(STAMP)
+
+# Debian packages the built-in corpus and CLIPPO need: installed when we are root, else one line says which.
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; fi
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, alone: pip then takes the pinned CPU build instead of resolving a CUDA one.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+ingest: setup
+	$(PY) pipelines/ingest.py $(ARGS)
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(PY) benchmarks/ingest_throughput.py
+	$(PY) benchmarks/dedup_scale.py
+
+clean:
+	rm -rf data outputs mlruns mlflow.db
