@@ -46,7 +46,7 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
     if data.source == "url_list":
         return str(path(data.url_list)) if "://" not in data.url_list else data.url_list
     corpus_dir = path(data.corpus_dir)
-    emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, progress=cfg.progress)
+    emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
     output_dir = path(data.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     url_list = output_dir / "_source_urls.parquet"

@@ -1,0 +1,72 @@
+"""Helpers shared by tests: the default filter config, shard readers, running the real pipeline process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_FILTERS = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "filters" / "default.yaml"))
+
+
+def read_shards(shard_dir: Path) -> list[dict]:
+    """Every sample of every tar, sorted by key: {"key", "txt", "json", "image"}."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(Path(shard_dir).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, suffix = member.name.rsplit(".", 1)
+                data = tar.extractfile(member).read()
+                sample = samples.setdefault(key, {"key": key})
+                if suffix == "txt":
+                    sample["txt"] = data.decode()
+                elif suffix == "json":
+                    sample["json"] = json.loads(data)
+                else:
+                    sample["image"] = data
+    return [samples[k] for k in sorted(samples)]
+
+
+def caption_length_score(images: list[bytes], captions: list[str]) -> list[float]:
+    """A stand-in scorer for the model-score hook: the caption's length."""
+    return [float(len(c)) for c in captions]
+
+
+def _command(args: list[str], pipeline: str) -> list[str]:
+    return [sys.executable, str(REPO / "pipelines" / f"{pipeline}.py"), *args]
+
+
+def run_pipeline(args: list[str], cwd: Path, pipeline: str = "ingest", timeout: float = 600) -> str:
+    """Run a pipeline script as users do; returns its output, raising with the output on failure."""
+    done = subprocess.run(_command(args, pipeline), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{pipeline} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def kill_when(args: list[str], condition: Callable[[], bool], cwd: Path, pipeline: str = "ingest",
+              timeout: float = 600) -> bool:
+    """Start the pipeline, SIGKILL its whole process group once `condition()` holds; False if it ended first."""
+    process = subprocess.Popen(_command(args, pipeline), cwd=cwd, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if condition():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

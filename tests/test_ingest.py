@@ -1,0 +1,242 @@
+"""Ingest end to end on a real local Ray cluster against a real HTTP server on 127.0.0.1, with faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.data.download import DownloadConfig
+from components.data.emoji_corpus import load_corpus
+from components.data.ingest import IngestJob, run_ingest
+from components.data.loopback_server import LoopbackServer, redirect_to, send_bytes
+from components.data.process_part import ImageSettings, PartSettings
+from tests.conftest import CORPUS_LIMIT
+from tests.helpers import DEFAULT_FILTERS, read_shards
+
+pytestmark = pytest.mark.slow
+
+
+def png_bomb(side: int = 20_000) -> bytes:
+    """A valid side x side greyscale PNG that compresses to a few hundred KB (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def jpeg_of(png: bytes, quality: int = 92) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faults(small_corpus):
+    """Corpus server on 127.0.0.1 with fault routes, plus a server on 127.0.0.2 that must never be asked."""
+    corpus = load_corpus(small_corpus)
+    original = (small_corpus / corpus.iloc[0]["image_path"]).read_bytes()
+    jpeg = jpeg_of(original)
+    bomb = png_bomb()
+
+    def slow(handler):
+        time.sleep(2.0)
+        send_bytes(handler, original, "image/png")
+
+    with LoopbackServer(host="127.0.0.2") as outside:
+        routes = {
+            "/missing.png": lambda h: send_bytes(h, b"no", "text/plain", 404),
+            "/broken.png": lambda h: send_bytes(h, b"oops", "text/plain", 500),
+            "/slow.png": slow,
+            "/truncated.jpg": lambda h: send_bytes(h, jpeg[: len(jpeg) // 2], "image/jpeg"),
+            "/page.html": lambda h: send_bytes(h, b"<html><body>not an image</body></html>", "text/html"),
+            "/bomb.png": lambda h: send_bytes(h, bomb, "image/png"),
+            "/copy-a.png": lambda h: send_bytes(h, original, "image/png"),
+            "/copy-b.png": lambda h: send_bytes(h, original, "image/png"),
+            "/reencoded.jpg": lambda h: send_bytes(h, jpeg, "image/jpeg"),
+            "/redirect-out": redirect_to(f"{outside.base_url}/secret.png"),
+        }
+        with LoopbackServer(small_corpus, routes=routes) as server:
+            yield server, outside, corpus
+
+
+def fault_rows(base: str, outside: str) -> list[tuple[str, str, str]]:
+    """(url, caption, expected drop reason) — rows after the clean corpus rows, so the originals keep the smaller keys."""
+    return [
+        (f"{base}/missing.png", "a 404", "http_error"),
+        (f"{base}/broken.png", "a 500", "http_error"),
+        (f"{base}/slow.png", "too slow", "timeout"),
+        (f"{base}/truncated.jpg", "half a jpeg", "truncated_image"),
+        (f"{base}/page.html", "html page", "not_an_image"),
+        (f"{base}/bomb.png", "png bomb", "max_pixels"),
+        (f"{base}/copy-a.png", "same bytes again", "duplicate_exact"),
+        (f"{base}/copy-b.png", "same bytes once more", "duplicate_exact"),
+        (f"{base}/reencoded.jpg", "re-encoded copy", "duplicate_near"),
+        (f"{base}/copy-a.png", "", "caption_length"),
+        ("file:///etc/passwd", "local file", "unsupported_scheme"),
+        ("ftp://127.0.0.1/image.png", "ftp", "unsupported_scheme"),
+        ("not a url at all", "garbage", "invalid_url"),
+        (f"{outside}/image.png", "other loopback address", "blocked_address"),
+        (f"{base}/redirect-out", "redirect to 127.0.0.2", "blocked_address"),
+    ]
+
+
+def make_job(url_list: Path, output_dir: Path, shard_size: int = 32, **filters) -> IngestJob:
+    settings = PartSettings(
+        image=ImageSettings(image_size=48, resize_mode="border", encode_format="jpg", encode_quality=90),
+        download=DownloadConfig(timeout=1.0, retries=1, thread_count=8, allow_networks=("127.0.0.1/32",)),
+        filters={**DEFAULT_FILTERS, **filters},
+    )
+    return IngestJob(url_list=str(url_list), output_dir=output_dir, part_settings=settings, shard_size=shard_size,
+                     workers=2, dataset_name="faults")
+
+
+def test_ingest_with_faults_accounts_for_every_row(ray_local, faults, tmp_path):
+    server, outside, corpus = faults
+    rows = [(f"{server.base_url}/{p}", c, "kept") for p, c in zip(corpus["image_path"], corpus["caption"])]
+    rows += fault_rows(server.base_url, outside.base_url)
+    url_list = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [r[0] for r in rows], "caption": [r[1] for r in rows],
+                  "expected": [r[2] for r in rows]}).to_csv(url_list, index=False)
+
+    manifest = run_ingest(make_job(url_list, tmp_path / "shards"), progress=False)
+
+    expected = pd.Series([r[2] for r in rows]).value_counts().to_dict()
+    reference = brute_force_dedup(tmp_path / "shards")  # the corpus has near-identical drawings of its own
+    expected["kept"] -= len(reference)
+    for reason in ("duplicate_exact", "duplicate_near"):
+        expected[reason] = expected.get(reason, 0) + sum(1 for r in reference.values() if r == reason)
+    assert manifest["kept"] == expected.pop("kept")
+    assert {r: n for r, n in manifest["dropped"].items() if n} == expected
+    assert manifest["kept"] + manifest["dropped_total"] == manifest["input_rows"] == len(rows)
+    assert outside.requests == []  # 127.0.0.2 was never contacted, directly or through the redirect
+    assert server.requests.count("/broken.png") == 2  # a 500 is retried once
+    assert server.requests.count("/missing.png") == 1  # a 404 is not
+
+    # Each dropped row is kept on disk with its reason; each kept row is in exactly one shard.
+    dropped = read_dropped(tmp_path / "shards")
+    faulty = dropped[dropped["expected"] != "kept"]
+    assert (faulty["status"] == faulty["expected"]).all() and len(faulty) == len(fault_rows("", ""))
+    assert dict(zip(dropped["key"], dropped["status"])) == {**reference, **dict(zip(faulty["key"], faulty["status"]))}
+    samples = read_shards(tmp_path / "shards")
+    assert len(samples) == manifest["kept"] and len({s["key"] for s in samples}) == len(samples)
+    assert all(s["json"]["expected"] == "kept" for s in samples)
+
+
+def read_dropped(shard_dir: Path) -> pd.DataFrame:
+    # Nullable dtypes: a 64-bit pHash must not pass through float.
+    return pd.concat([pd.read_parquet(f, dtype_backend="numpy_nullable")
+                      for f in sorted((shard_dir / "_dropped").glob("*.parquet"))])
+
+
+def brute_force_dedup(shard_dir: Path, max_distance: int = 2) -> dict[str, str]:
+    """The dedup rule applied pairwise to every image that reached dedup: key -> reason of the corpus rows it drops."""
+    kept = pd.concat([pd.read_parquet(f, dtype_backend="numpy_nullable") for f in sorted(shard_dir.glob("*.parquet"))])
+    dropped = read_dropped(shard_dir)
+    candidates = pd.concat([kept, dropped[dropped["status"].str.startswith("duplicate")]])
+    candidates = candidates[candidates["expected"] == "kept"].sort_values("key")
+    reasons = {}
+    rows = list(candidates[["key", "sha256", "phash"]].itertuples(index=False))
+    for i, (key, sha, phash) in enumerate(rows):
+        earlier = rows[:i]
+        if any(other.sha256 == sha for other in earlier):
+            reasons[key] = "duplicate_exact"
+        elif any(bin((int(other.phash) ^ int(phash)) & (2**64 - 1)).count("1") <= max_distance for other in earlier):
+            reasons[key] = "duplicate_near"
+    return reasons
+
+
+def test_bomb_is_refused_from_its_header(ray_local, faults, tmp_path):
+    """Only the header is read: the 400-megapixel image is never decoded (that would take > 1 GB)."""
+    import resource
+
+    from components.data import images
+
+    body = png_bomb()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    header = images.read_header(body)
+    assert (header.width, header.height) == (20_000, 20_000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_model_score_hook_drops_low_scores(ray_local, small_corpus, tmp_path):
+    from components.data.emoji_corpus import write_local_list
+
+    url_list = write_local_list(small_corpus, tmp_path / "local.parquet")
+    model_score = {"enabled": True, "scorer": "tests.helpers:caption_length_score", "threshold": 12}
+    manifest = run_ingest(make_job(url_list, tmp_path / "shards", model_score=model_score,
+                                   exact_dedup={"enabled": False}, near_dedup={"enabled": False}), progress=False)
+    corpus = load_corpus(small_corpus)
+    short = int((corpus["caption"].str.len() < 12).sum())
+    assert 0 < short < len(corpus)
+    assert manifest["dropped"]["model_score"] == short
+    assert manifest["kept"] == len(corpus) - short
+    scores = pd.concat([pq.read_table(f).to_pandas() for f in (tmp_path / "shards").glob("*.parquet")])["model_score"]
+    assert (scores >= 12).all()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(small_corpus, tmp_path):
+    """Kill the real pipeline process mid-run, run it again: same dataset as one uninterrupted run.
+
+    The image server runs here, outside the job, as a real one would: killing the job does not kill it.
+    """
+    from components.data.emoji_corpus import serve_corpus, write_url_list
+    from tests.helpers import kill_when, run_pipeline
+
+    with serve_corpus(small_corpus) as server:
+        url_list = write_url_list(small_corpus, server.base_url, tmp_path / "urls.parquet")
+        common = ["data=url_list", f"data.url_list={url_list}", "ingest.shard_size=5", "ingest.workers=1",
+                  "data.allow_networks=[127.0.0.1/32]", "progress=false"]
+        interrupted = tmp_path / "interrupted"
+        staging = interrupted / "_work" / "staging"
+        args = [*common, f"data.output_dir={interrupted}"]
+        killed = kill_when(args, lambda: len(list(staging.glob("*.done"))) >= 3, cwd=tmp_path)
+        assert killed, "the run finished before it could be interrupted"
+        assert not (interrupted / "_manifest.json").exists()
+        run_pipeline(args, cwd=tmp_path)
+        reference = tmp_path / "reference"
+        run_pipeline([*common, f"data.output_dir={reference}"], cwd=tmp_path)
+
+    resumed, full = read_shards(interrupted), read_shards(reference)
+    assert len({s["key"] for s in resumed}) == len(resumed)  # no duplicate sample
+    assert [(s["key"], s["txt"], s["image"]) for s in resumed] == [(s["key"], s["txt"], s["image"]) for s in full]
+    first, second = (json.loads((d / "_manifest.json").read_text()) for d in (interrupted, reference))
+    assert (first["kept"], first["dropped"]) == (second["kept"], second["dropped"])
+    assert first["input_rows"] == 2 * CORPUS_LIMIT
+
+
+def test_shards_round_trip_through_ray_and_webdataset(ray_local, small_corpus, tmp_path):
+    import ray
+    import webdataset as wds
+
+    from components.data.emoji_corpus import write_local_list
+
+    url_list = write_local_list(small_corpus, tmp_path / "local.parquet")
+    run_ingest(make_job(url_list, tmp_path / "shards", shard_size=30), progress=False)
+    shards = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    assert len(shards) == 3
+    metadata = pd.concat([pd.read_parquet(p.replace(".tar", ".parquet")) for p in shards]).set_index("key")
+
+    via_webdataset = {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False)}
+    via_ray = {r["__key__"]: r for r in ray.data.read_webdataset(shards, decoder=None).iter_rows()}
+    assert set(via_webdataset) == set(via_ray) == set(metadata.index)
+    for key, sample in via_webdataset.items():
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode() == via_ray[key]["txt"].decode() == metadata.loc[key, "caption"]
+        assert meta == json.loads(via_ray[key]["json"])
+        assert meta["caption_ja"] == metadata.loc[key, "caption_ja"]
+        assert meta["width"] == metadata.loc[key, "width"] == 48
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (48, 48)
+    sizes = json.loads((tmp_path / "shards" / "sizes.json").read_text())  # open_clip reads dataset size here
+    assert sum(sizes.values()) == len(metadata)
