@@ -240,3 +240,28 @@ def test_shards_round_trip_through_ray_and_webdataset(ray_local, small_corpus, t
         assert Image.open(io.BytesIO(sample["jpg"])).size == (48, 48)
     sizes = json.loads((tmp_path / "shards" / "sizes.json").read_text())  # open_clip reads dataset size here
     assert sum(sizes.values()) == len(metadata)
+
+
+def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(tmp_path):
+    """`python pipelines/ingest.py` as `make demo` runs it (built-in corpus over HTTP), on a small slice."""
+    import socket
+
+    import mlflow
+
+    from tests.helpers import run_pipeline
+
+    with socket.socket() as probe:  # a free loopback port for the corpus server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = run_pipeline(["data.limit=15", f"data.corpus_dir={tmp_path / 'corpus'}", f"data.server_port={port}",
+                           f"data.output_dir={tmp_path / 'shards'}", "progress=false"], cwd=tmp_path)
+    assert "accounting: input 30 = kept" in output
+
+    manifest = json.loads((tmp_path / "shards" / "_manifest.json").read_text())
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs(client.get_experiment_by_name("clipforge").experiment_id)
+    assert run.data.metrics["kept"] == manifest["kept"] > 20
+    assert run.data.metrics["input_rows"] == 30
+    assert run.data.params["data.source"] == "emoji_http"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
+    assert artifacts == {"ingest/manifest.json", "ingest/samples.png"}

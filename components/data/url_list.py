@@ -79,9 +79,14 @@ def split_into_parts(
 
     Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
     """
+    list_format(path)
+    try:
+        source = fingerprint(path)
+    except FileNotFoundError:
+        raise UrlListError(f"URL list {path} does not exist") from None
     parts_dir.mkdir(parents=True, exist_ok=True)
     done_file = parts_dir / "_done.json"
-    identity = {"input": fingerprint(path), "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
+    identity = {"input": source, "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done["identity"] == identity:

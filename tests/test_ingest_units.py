@@ -1,0 +1,147 @@
+"""Ingest building blocks without a cluster: URL list formats, filters, image checks, the dedup rule."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.data import images
+from components.data.dedup import band_masks, exact_group, hamming, near_group
+from components.data.filters import build_filters
+from components.data.url_list import UrlListError, split_into_parts
+from tests.helpers import DEFAULT_FILTERS
+
+ROWS = pd.DataFrame({"link": [f"http://127.0.0.1/{i}.png" for i in range(23)],
+                     "text": [f"caption {i}" for i in range(23)],
+                     "key": [f"src{i}" for i in range(23)],
+                     "score": np.arange(23) / 10})
+
+
+def write_list(path, fmt: str) -> str:
+    if fmt == "parquet":
+        ROWS.to_parquet(path, index=False)
+    elif fmt in ("csv", "tsv"):
+        ROWS.to_csv(path, index=False, sep="\t" if fmt == "tsv" else ",")
+    elif fmt == "jsonl":
+        ROWS.to_json(path, orient="records", lines=True)
+    elif fmt == "csv.gz":
+        path.write_bytes(gzip.compress(ROWS.to_csv(index=False).encode()))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl", "csv.gz"])
+def test_url_list_formats_split_into_keyed_parts(tmp_path, fmt):
+    path = write_list(tmp_path / f"list.{fmt}", fmt)
+    parts = split_into_parts(path, tmp_path / "parts", shard_size=10, url_col="link", caption_col="text")
+    tables = [pq.read_table(p).to_pandas() for p in parts]
+    assert [len(t) for t in tables] == [10, 10, 3]
+    merged = pd.concat(tables, ignore_index=True)
+    assert list(merged["key"][:3]) == ["000000", "000001", "000002"] and merged["key"].iloc[-1] == "000022"
+    assert list(merged["url"]) == list(ROWS["link"]) and list(merged["caption"]) == list(ROWS["text"])
+    assert list(merged["source_key"]) == list(ROWS["key"])  # the input's own key column is carried, renamed
+    assert np.allclose(merged["score"], ROWS["score"])
+    # A second call reuses the parts instead of re-keying.
+    assert split_into_parts(path, tmp_path / "parts", 10, "link", "text") == parts
+
+
+def test_url_list_errors_are_one_clear_line(tmp_path):
+    path = write_list(tmp_path / "list.parquet", "parquet")
+    with pytest.raises(UrlListError, match=r"lacks column\(s\) \['url', 'caption'\]; it has"):
+        split_into_parts(path, tmp_path / "a", 10)
+    with pytest.raises(UrlListError, match="unknown URL list format"):
+        split_into_parts(str(tmp_path / "list.xlsx"), tmp_path / "b", 10)
+    split_into_parts(path, tmp_path / "c", 10, "link", "text")
+    with pytest.raises(UrlListError, match="different input or shard size"):
+        split_into_parts(path, tmp_path / "c", 5, "link", "text")
+
+
+def test_filter_units_and_config():
+    filters = build_filters({**DEFAULT_FILTERS, "language": {"enabled": True, "keep": ["en"], "min_score": 0.5}})
+    length, words = filters.caption
+    assert not length.keep("") and not length.keep(None) and length.keep("a dog")
+    assert words.keep("one two") and not words.keep("   ")
+    assert filters.language.keep(*filters.language.identify("a photograph of a dog running on the beach"))
+    assert not filters.language.keep(*filters.language.identify("ein Hund läuft über den Strand und bellt laut"))
+    pixels, side, ratio = filters.header
+    assert not pixels.keep(images.Header("PNG", 20_000, 20_000)) and pixels.keep(images.Header("PNG", 512, 512))
+    assert not side.keep(images.Header("PNG", 16, 400)) and not ratio.keep(images.Header("PNG", 400, 100))
+    assert build_filters({name: {**cfg, "enabled": False} for name, cfg in DEFAULT_FILTERS.items()}).reasons() == [
+        "invalid_url", "unsupported_scheme", "blocked_address", "dns_error", "connection_error", "timeout",
+        "http_error", "too_large", "too_many_redirects", "not_an_image", "truncated_image", "decode_error"]
+    with pytest.raises(ValueError, match="unknown filter"):
+        build_filters({"blur": {"enabled": True}})
+    with pytest.raises(ValueError, match="module:function"):
+        build_filters({"model_score": {"enabled": True, "scorer": None}})
+
+
+def encoded(fmt: str, size=(40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
+def test_truncation_is_detected_for_each_format(fmt):
+    data = encoded(fmt)
+    header = images.read_header(data)
+    assert header == images.Header(fmt, 40, 30)
+    assert not images.is_truncated(data, header)
+    assert images.is_truncated(data[: len(data) * 2 // 3], header)
+
+
+def test_html_is_not_an_image():
+    assert images.read_header(b"<html><body>hello</body></html>") is None
+
+
+def brute_force_near(keys, hashes, max_distance):
+    dropped = {}
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            if keys[j] < keys[i] and bin((int(hashes[i]) ^ int(hashes[j])) & (2**64 - 1)).count("1") <= max_distance:
+                dropped[keys[i]] = True
+    return set(dropped)
+
+
+@pytest.mark.parametrize("max_distance", [0, 2, 4])
+def test_near_dedup_matches_brute_force_through_bands(max_distance):
+    rng = np.random.default_rng(max_distance)
+    hashes = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
+    for i in range(0, 300, 3):  # plant near copies at every distance up to max_distance + 1
+        bits = rng.choice(64, size=rng.integers(0, max_distance + 2), replace=False)
+        hashes[i + 1] = hashes[i] ^ np.int64(sum(1 << int(b) for b in bits) - (1 << 64) * (63 in bits))
+    keys = np.array([f"{i:09d}" for i in rng.permutation(300)])
+    frame = pd.DataFrame({"key": keys, "part": "00000", "phash": hashes})
+    # The distributed pass sees the rows grouped by band value; its union must equal the pairwise rule.
+    found = set()
+    for band, (shift, mask) in enumerate(band_masks(max_distance)):
+        values = (hashes.view(np.uint64) >> np.uint64(shift)) & np.uint64(mask)
+        for value in np.unique(values):
+            found |= set(near_group(frame[values == value], max_distance, block_rows=7)["key"])
+    expected = brute_force_near(list(keys), list(hashes), max_distance)
+    assert found == expected and len(expected) > 20
+
+
+def test_exact_group_keeps_smallest_key():
+    group = pd.DataFrame({"key": ["000007", "000002", "000005"], "part": "00000", "sha256": "ab"})
+    out = exact_group(group)
+    assert sorted(out["key"]) == ["000005", "000007"] and set(out["duplicate_of"]) == {"000002"}
+
+
+def test_hamming_counts_bits_of_signed_hashes():
+    assert hamming(np.array([-1]), np.array([0]))[0] == 64
+    assert hamming(np.array([0b1011]), np.array([0b0001]))[0] == 2
+
+
+def test_bands_cover_64_bits():
+    for d in range(8):
+        masks = band_masks(d)
+        assert len(masks) == d + 1
+        assert sum(bin(mask).count("1") for _, mask in masks) == 64
+        assert json.dumps(masks)  # plain ints, picklable into Ray tasks
