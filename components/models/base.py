@@ -1,0 +1,259 @@
+"""What every contrastive model family shares: the interface the trainer, losses and evaluators use, the
+tower presets (as data), config overrides, and config.json + model.safetensors persistence.
+
+A family is one file (clip.py, filip.py, clippo.py) with one `ContrastiveModel` subclass; factory.py maps
+family names to classes. Towers are transformers' CLIP modules built from `CLIPVisionConfig` /
+`CLIPTextConfig`, randomly initialised unless `pretrained` names weights.
+
+Features: what `encode_image` / `encode_text` return, a tuple of tensors that all have the batch as dim 0,
+so a loss can all_gather each of them across workers and then call `similarity` on the gathered tuples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Features = tuple[torch.Tensor, ...]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+# log(1 / 0.07): CLIP's initial temperature. The loss uses exp(logit_scale), clamped at 100.
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN = (0.5, 0.5, 0.5)  # big_vision's value_range(-1, 1)
+HALF_STD = (0.5, 0.5, 0.5)
+
+# Tower sizes per preset. "vision" / "text" are CLIPVisionConfig / CLIPTextConfig fields; image_size and
+# vocab_size are defaults the caller normally replaces (the data's image size, the tokenizer's vocabulary).
+# Text max length is max_position_embeddings. Families take what they need (CLIPPO has no text tower).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {  # trains in minutes on 2 CPU cores
+        "image_size": 64,
+        "projection_dim": 128,
+        "vision": {"patch_size": 8, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "intermediate_size": 512},
+        "text": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
+                 "max_position_embeddings": 32, "vocab_size": 8192},
+    },
+    "small": {
+        "image_size": 128,
+        "projection_dim": 256,
+        "vision": {"patch_size": 16, "hidden_size": 384, "num_hidden_layers": 8, "num_attention_heads": 6,
+                   "intermediate_size": 1536},
+        "text": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 1024,
+                 "max_position_embeddings": 64, "vocab_size": 16384},
+    },
+    "base": {  # ViT-B/16 image tower, CLIP's 512-wide 12-layer text tower
+        "image_size": 224,
+        "projection_dim": 512,
+        "vision": {"patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "intermediate_size": 3072},
+        "text": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 2048,
+                 "max_position_embeddings": 77, "vocab_size": 49408},
+    },
+}
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A deep copy of one preset (callers edit it)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: use one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def apply_overrides(towers: dict[str, dict], top: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Apply `overrides` in place.
+
+    towers: {"vision": {...}, "text": {...}} config dicts (CLIPPO passes only "vision");
+    top: model-level keys a family exposes (e.g. projection_dim).
+    Override keys: a `top` key; `vision_config` / `text_config` (a dict for one tower); or a bare config field
+    (e.g. hidden_size, num_hidden_layers, hidden_act), applied to every tower whose config has that field.
+    """
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    known = {"vision": set(CLIPVisionConfig().to_dict()), "text": set(CLIPTextConfig().to_dict())}
+    for key, value in dict(overrides or {}).items():
+        if key in top:
+            top[key] = value
+        elif key in ("vision_config", "text_config"):
+            tower = key.removesuffix("_config")
+            if tower not in towers:
+                raise ValueError(f"override {key!r}: this model has no {tower} tower")
+            unknown = set(value) - known[tower]
+            if unknown:
+                raise ValueError(f"override {key}: unknown CLIP{tower.title()}Config fields {sorted(unknown)}")
+            towers[tower].update(value)
+        else:
+            targets = [t for t in towers if key in known[t]]
+            if not targets:
+                raise ValueError(
+                    f"unknown model override {key!r}: use a field of the towers' configs (e.g. hidden_size), "
+                    f"vision_config/text_config: {{...}}, or one of {sorted(top)}"
+                )
+            for tower in targets:
+                towers[tower][key] = value
+
+
+def check_image_size(image_size: int, patch_size: int) -> None:
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+
+
+def token_ids(vocab_size: int, pad_token_id: int | None, bos_token_id: int | None,
+              eos_token_id: int | None) -> dict[str, int]:
+    """The special token ids a text tower needs, with defaults.
+
+    Pass the tokenizer's ids. Defaults follow OpenAI CLIP's layout: pad = 0, bos = vocab_size - 2,
+    eos = vocab_size - 1. The text tower pools the hidden state of the first eos token of each row, so every
+    row must contain eos_token_id. eos_token_id == 2 is refused: transformers treats it as a pre-2023 OpenAI
+    config and pools at argmax(input_ids) instead, which is wrong for any other vocabulary.
+    """
+    ids = {
+        "pad_token_id": 0 if pad_token_id is None else int(pad_token_id),
+        "bos_token_id": vocab_size - 2 if bos_token_id is None else int(bos_token_id),
+        "eos_token_id": vocab_size - 1 if eos_token_id is None else int(eos_token_id),
+    }
+    if ids["eos_token_id"] == 2:
+        raise ValueError("eos_token_id 2 selects transformers' legacy argmax pooling in CLIPTextModel: "
+                         "give the tokenizer's end token another id")
+    for name, value in ids.items():
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"{name} {value} is outside the vocabulary (vocab_size {vocab_size})")
+    return ids
+
+
+def check_has_eos(input_ids: torch.Tensor, eos_token_id: int) -> None:
+    """Fail loudly (instead of pooling position 0) when some row has no eos token: a tokenizer/model mismatch."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool((input_ids == eos_token_id).any(dim=-1).all()):
+        raise ValueError(f"every text row must contain eos_token_id {eos_token_id} (the pooled position): "
+                         "was the model built with this tokenizer's special token ids?")
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class ContrastiveModel(nn.Module):
+    """Two encoders into one embedding space, and a similarity between their features.
+
+    Subclasses set the class attributes `family` and `text_input`, a `logit_scale` parameter (log of the
+    inverse temperature, initialised to log(1/0.07); the loss applies exp() and clamps it at 100), and the
+    attributes image_size / image_mean / image_std (what the data pipeline resizes and normalises with) and,
+    for tokens models, max_text_length.
+
+    text_input: "tokens" -> encode_text reads batch["input_ids"] and batch["attention_mask"] ([B, L]);
+                "pixels" -> encode_text reads batch["text_pixels"] ([B, 3, H, W], normalised like images).
+    """
+
+    family: ClassVar[str]
+    text_input: ClassVar[str]
+    default_image_mean: ClassVar[tuple[float, ...]] = OPENAI_CLIP_MEAN
+    default_image_std: ClassVar[tuple[float, ...]] = OPENAI_CLIP_STD
+    # Knobs in conf/model/<family>.yaml that belong to the data pipeline, not to the model.
+    data_knobs: ClassVar[tuple[str, ...]] = ()
+
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    logit_scale: nn.Parameter
+
+    # -- the interface -------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor) -> Features:
+        raise NotImplementedError
+
+    def encode_text(self, batch: Mapping[str, torch.Tensor]) -> Features:
+        raise NotImplementedError
+
+    def similarity(self, image: Features, text: Features) -> torch.Tensor:
+        """[n_images, n_texts] similarities in [-1, 1], not yet multiplied by exp(logit_scale)."""
+        raise NotImplementedError
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, D] L2-normalised global image embedding (retrieval, zero-shot, pyfunc)."""
+        return self.encode_image(pixel_values)[0]
+
+    def embed_text(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, D] L2-normalised global text embedding."""
+        return self.encode_text(batch)[0]
+
+    def forward(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[Features, Features]:
+        """Both encoders in one call (what DeepSpeed's engine wraps): (image features, text features)."""
+        return self.encode_image(pixel_values), self.encode_text(batch)
+
+    # -- conveniences ----------------------------------------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute tower activations in backward (big presets on small GPUs)."""
+        from transformers import PreTrainedModel
+
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel):
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- persistence: config.json + model.safetensors (clip overrides with the transformers format) -----------
+    config: dict[str, Any]  # JSON-serialisable; `from_config(config)` rebuilds the architecture
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ContrastiveModel:
+        return cls(dict(config))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"family": self.family, "format_version": FORMAT_VERSION, **self.config}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_model(self, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ContrastiveModel:
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        config = read_config(directory)
+        if config.get("family") != cls.family:
+            raise ValueError(f"{directory} holds a {config.get('family')!r} model, not {cls.family!r}")
+        model = cls.from_config(config)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        return model.eval()
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved model directory")
+    return json.loads(path.read_text())
+
+
+def tower_configs(config: Mapping[str, Any]):
+    """(CLIPVisionConfig, CLIPTextConfig | None) from the dicts in a family config."""
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    vision = CLIPVisionConfig.from_dict(dict(config["vision_config"]))
+    text = CLIPTextConfig.from_dict(dict(config["text_config"])) if config.get("text_config") else None
+    return vision, text
+
+
+def init_linear(layer: nn.Linear, std: float) -> nn.Linear:
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer

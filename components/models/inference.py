@@ -1,0 +1,66 @@
+"""Run a trained contrastive model on raw inputs: image bytes and caption strings -> features / embeddings."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.models.base import ContrastiveModel, Features
+
+BATCH = 64
+
+
+def image_tensor(model: ContrastiveModel, images: list[bytes]) -> torch.Tensor:
+    """Decode, resize to the model's size (no crop: evaluation), normalise -> [B, 3, H, W] float."""
+    size = model.image_size
+    arrays = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            arrays.append(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)))
+    return pixels_to_tensor(model, np.stack(arrays))
+
+
+def pixels_to_tensor(model: ContrastiveModel, pixels: np.ndarray) -> torch.Tensor:
+    mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.image_std).view(1, 3, 1, 1)
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def text_inputs(model: ContrastiveModel, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    if model.text_input == "pixels":
+        from components.models.clippo import render_text
+
+        return {"text_pixels": pixels_to_tensor(model, render_text(texts, model.image_size, model.font_size))}
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.max_text_length,
+                        return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _concat(parts: list[Features]) -> Features:
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+
+
+@torch.no_grad()
+def image_features(model: ContrastiveModel, images: list[bytes]) -> Features:
+    return _concat([model.encode_image(image_tensor(model, images[i:i + BATCH])) for i in range(0, len(images), BATCH)])
+
+
+@torch.no_grad()
+def text_features(model: ContrastiveModel, tokenizer, texts: list[str]) -> Features:
+    return _concat([model.encode_text(text_inputs(model, tokenizer, texts[i:i + BATCH]))
+                    for i in range(0, len(texts), BATCH)])
+
+
+@torch.no_grad()
+def embed_images(model: ContrastiveModel, images: list[bytes]) -> np.ndarray:
+    return torch.cat([model.embed_image(image_tensor(model, images[i:i + BATCH]))
+                      for i in range(0, len(images), BATCH)]).float().numpy()
+
+
+@torch.no_grad()
+def embed_texts(model: ContrastiveModel, tokenizer, texts: list[str]) -> np.ndarray:
+    return torch.cat([model.embed_text(text_inputs(model, tokenizer, texts[i:i + BATCH]))
+                      for i in range(0, len(texts), BATCH)]).float().numpy()

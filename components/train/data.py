@@ -1,0 +1,157 @@
+"""Ray Data from ingest shards to trainer batches: read, select, decode + augment, tokenise or render.
+
+Everything here runs on Ray Data's CPU workers (on any node), streaming; trainers receive ready uint8
+image arrays and token ids through `get_dataset_shard(...).iter_torch_batches`, and normalise on their device.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = False  # off by default: flipping a text-bearing image (a sign, a flag) changes its caption's truth
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    kind: str = "tokens"  # "tokens" (tokenizer) or "pixels" (CLIPPO: captions rendered with Unifont)
+    tokenizer_dir: str | None = None
+    max_length: int = 32
+    caption_column: str = "caption"
+    # CLIPPO text/text pairs: with this probability the "image" is a rendered translation of the caption.
+    text_pair_fraction: float = 0.0
+    pair_columns: tuple[str, ...] = ()
+    font_size: int = 16
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    image_size: int
+    text: TextConfig
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: centre resize (evaluation)
+    seed: int = 0
+
+
+def shard_paths(shard_dir: str | Path) -> list[str]:
+    paths = sorted(str(p) for p in Path(shard_dir).glob("[0-9]*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"no WebDataset shards (*.tar) in {shard_dir}; run pipelines/ingest.py first")
+    return paths
+
+
+def read_pairs(shard_dir: str | Path, where: dict[str, Any] | None = None) -> ray.data.Dataset:
+    """Image bytes, caption and metadata of every sample, optionally only rows whose json fields match `where`."""
+    dataset = ray.data.read_webdataset(shard_paths(shard_dir), decoder=None, override_num_blocks=None)
+    return dataset.map_batches(_unpack, fn_kwargs={"where": dict(where or {})}, batch_format="pandas")
+
+
+def _unpack(batch, where: dict[str, Any]):
+    import pandas as pd
+
+    image_column = next(c for c in ("jpg", "png", "webp", "jpeg") if c in batch.columns)
+    meta = [json.loads(m) for m in batch["json"]]
+    keep = [all(m.get(k) == v for k, v in where.items()) for m in meta]
+    rows = {"key": batch["__key__"], "image": batch[image_column], "meta": [json.dumps(m) for m in meta]}
+    frame = pd.DataFrame(rows)[keep]
+    return frame.reset_index(drop=True)
+
+
+class Preprocess:
+    """map_batches callable: image bytes -> uint8 [B, H, W, 3]; caption -> token ids or rendered pixels."""
+
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+        self.rng = np.random.default_rng(spec.seed + _worker_salt())
+        text = spec.text
+        if text.kind == "tokens":
+            from components.models.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(text.tokenizer_dir)
+        elif text.kind != "pixels":
+            raise ValueError(f"text kind must be tokens or pixels, got {text.kind!r}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.spec
+        metas = [json.loads(m) for m in batch["meta"]]
+        captions = [m.get(spec.text.caption_column) or "" for m in metas]
+        pixels = np.stack([self._image(b) for b in batch["image"]])
+        if spec.text.kind == "pixels":
+            from components.models.clippo import render_text
+
+            out = {"text_pixels": render_text(captions, spec.image_size, spec.text.font_size)}
+            pairs = self._text_pairs(metas)
+            for i, translation in pairs.items():
+                pixels[i] = render_text([translation], spec.image_size, spec.text.font_size)[0]
+        else:
+            encoded = self.tokenizer(captions, padding="max_length", truncation=True, max_length=spec.text.max_length,
+                                     return_tensors="np")
+            out = {"input_ids": encoded["input_ids"].astype(np.int64),
+                   "attention_mask": encoded["attention_mask"].astype(np.int64)}
+        return {"pixels": pixels, **out}
+
+    def _image(self, data: bytes) -> np.ndarray:
+        size = self.spec.image_size
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            augment = self.spec.augment
+            if augment is None:
+                return np.asarray(image.resize((size, size), Image.BICUBIC))
+            box = random_resized_box(image.width, image.height, augment.scale, augment.ratio, self.rng)
+            image = image.resize((size, size), Image.BICUBIC, box=box)
+            if augment.hflip and self.rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            return np.asarray(image)
+
+    def _text_pairs(self, metas: list[dict]) -> dict[int, str]:
+        text = self.spec.text
+        if text.text_pair_fraction <= 0 or not text.pair_columns:
+            return {}
+        pairs = {}
+        for i, meta in enumerate(metas):
+            if self.rng.random() < text.text_pair_fraction:
+                options = [meta[c] for c in text.pair_columns if meta.get(c)]
+                if options:
+                    pairs[i] = options[self.rng.integers(len(options))]
+        return pairs
+
+
+def random_resized_box(width: int, height: int, scale, ratio, rng: np.random.Generator) -> tuple[float, ...]:
+    """torchvision's RandomResizedCrop box sampling (no torchvision dependency)."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w, h = np.sqrt(target * aspect), np.sqrt(target / aspect)
+        if w <= width and h <= height:
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            return (x, y, x + w, y + h)
+    return (0, 0, width, height)
+
+
+def _worker_salt() -> int:
+    # Each Ray worker process draws its own augmentation stream.
+    import os
+
+    return os.getpid()
+
+
+def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, Any] | None = None,
+                     preprocess_workers: int | None = None) -> ray.data.Dataset:
+    """The dataset handed to TorchTrainer: shard order randomised, preprocessed by an autoscaling actor pool."""
+    pairs = read_pairs(shard_dir, where).randomize_block_order(seed=spec.seed)
+    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=preprocess_workers) if preprocess_workers else \
+        ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    return pairs.map_batches(Preprocess, fn_constructor_kwargs={"spec": spec}, batch_size=64, compute=compute,
+                             num_cpus=0.5)

@@ -1,0 +1,231 @@
+"""The one training loop: what every Ray Train worker runs, for every objective (a task object supplies the loss).
+
+Reads top to bottom: build the task (model + objective) -> AdamW + warmup/cosine -> deepspeed.initialize ->
+restore the latest Ray checkpoint if any -> stream batches from this worker's dataset shard -> step ->
+log (rank 0, MLflow) -> checkpoint through ray.train.report every N steps -> final checkpoint.
+
+Resume and data position: a restored run continues its step, samples-seen count, optimizer, scheduler and
+RNG-free state from the checkpoint, but the data stream starts a fresh pass in a new shuffled order; nothing
+is replayed. On datasets much larger than a run, that is sampling without a memory of the interrupted pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# DeepSpeed picks its accelerator at import; say which before any worker imports it.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+CHECKPOINT_TAG = "state"
+TRAINER_STATE = "trainer_state.json"
+MODEL_SPEC = "model_spec.json"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    samples: int = 20_000          # length of training, in samples seen (global)
+    global_batch: int = 128        # samples per optimizer step across all workers
+    grad_accum: int = 1            # micro-batches per step (each micro-batch is its own contrastive batch)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_fraction: float = 0.1
+    log_every: int = 10
+    checkpoint_every: int = 200
+    local_shuffle_buffer: int = 512
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.samples // self.global_batch)
+
+    def micro_batch(self, world_size: int) -> int:
+        per_worker, remainder = divmod(self.global_batch, world_size * self.grad_accum)
+        if remainder or per_worker == 0:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of workers {world_size} x "
+                             f"grad_accum {self.grad_accum}")
+        return per_worker
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' position tables of rank 1 and scalars like logit_scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "logit_" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(base: dict[str, Any], micro_batch: int, grad_accum: int) -> dict[str, Any]:
+    config = json.loads(json.dumps(base))
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum)
+    # Our optimizer is torch's AdamW (DeepSpeed's fused/CPU Adam need compiled ops; on GPU pass "optimizer" in the
+    # deepspeed config to use DeepSpeed's own).
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """TorchTrainer's train_loop_per_worker. `config` is plain data (see components/train/trainer.py)."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from components.train.tasks import build_task
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    settings = LoopSettings(**config["loop"])
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank
+    if config.get("torch_threads"):
+        torch.set_num_threads(config["torch_threads"])
+
+    task = build_task(config)
+    optimizer = torch.optim.AdamW(param_groups(task.model, settings.weight_decay), lr=settings.lr,
+                                  betas=settings.betas, eps=settings.eps)
+    warmup = max(1, int(settings.warmup_fraction * settings.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, settings.total_steps))
+    micro_batch = settings.micro_batch(world)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config["deepspeed"], micro_batch, settings.grad_accum))
+
+    step, samples_seen = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            state = json.loads((Path(directory) / TRAINER_STATE).read_text())
+            step, samples_seen = state["step"], state["samples_seen"]
+        _say(rank, f"resumed from step {step} ({samples_seen} samples seen)")
+
+    logger = _MetricLogger(config.get("mlflow"), rank)
+    shard = ray.train.get_dataset_shard("train")
+    device = engine.device
+    window = _Window()
+    micro_step = 0
+
+    def save(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            if rank == 0:
+                (Path(directory) / TRAINER_STATE).write_text(json.dumps({"step": step, "samples_seen": samples_seen}))
+                (Path(directory) / MODEL_SPEC).write_text(json.dumps(config["model"]))
+            ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(directory))
+
+    window.start()
+    for batch in _batches(shard, micro_batch, settings, device):
+        window.data_ready()
+        loss, metrics = task.step(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        micro_step += 1
+        window.step_done(loss.item())
+        if micro_step % settings.grad_accum:
+            window.start()
+            continue
+        step += 1
+        samples_seen += settings.global_batch
+        if step % settings.log_every == 0 or step == settings.total_steps:
+            summary = window.summary(settings.global_batch)
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else settings.lr
+            logger.log({**summary, **metrics, "lr": lr, "samples_seen": samples_seen}, step)
+            _say(rank, f"step {step}/{settings.total_steps}  loss {summary['loss']:.4f}  "
+                       f"{summary['samples_per_second']:.0f} samples/s  data wait {summary['data_wait_fraction']:.0%}")
+        done = step >= settings.total_steps
+        if done or step % settings.checkpoint_every == 0:
+            save({"loss": window.last_loss})
+        if done:
+            break
+        window.start()
+
+
+def _batches(shard, micro_batch: int, settings: LoopSettings, device) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless: one pass over this worker's shard after another (each pass in a new shuffled order)."""
+    while True:
+        produced = 0
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=settings.local_shuffle_buffer or None,
+                                              local_shuffle_seed=None):
+            produced += 1
+            yield batch
+        if produced == 0:
+            raise RuntimeError(f"this worker's data shard holds fewer than one micro-batch ({micro_batch} samples)")
+
+
+class _Window:
+    """Step timing split into waiting for data vs computing, and the mean loss since the last log line."""
+
+    def __init__(self):
+        self.losses, self.wait, self.busy, self.last_loss = [], 0.0, 0.0, float("nan")
+        self._t = time.perf_counter()
+        self._ready = self._t
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def data_ready(self) -> None:
+        self._ready = time.perf_counter()
+        self.wait += self._ready - self._t
+
+    def step_done(self, loss: float) -> None:
+        self.busy += time.perf_counter() - self._ready
+        self.losses.append(loss)
+        self.last_loss = loss
+
+    def summary(self, global_batch: int) -> dict[str, float]:
+        steps, elapsed = len(self.losses), self.wait + self.busy
+        out = {"loss": sum(self.losses) / max(1, steps),
+               "samples_per_second": steps * global_batch / elapsed if elapsed else 0.0,
+               "data_wait_fraction": self.wait / elapsed if elapsed else 0.0}
+        self.losses, self.wait, self.busy = [], 0.0, 0.0
+        return out
+
+
+class _MetricLogger:
+    """Rank 0 writes metrics straight to the MLflow run the driver opened (client API: no global state)."""
+
+    def __init__(self, mlflow_config: dict | None, rank: int):
+        self.client = None
+        if mlflow_config and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=mlflow_config["tracking_uri"])
+            self.run_id = mlflow_config["run_id"]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[train] {message}", flush=True)
+

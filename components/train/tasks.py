@@ -1,0 +1,74 @@
+"""Training objectives as task objects: the loop calls `task.step(engine, batch)` and never knows which one runs.
+
+A new objective (distillation, captioning) is a new class here plus an entry in TASKS; the loop is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from components.models.base import ContrastiveModel
+from components.train.losses import ContrastiveLoss
+
+
+def normalise(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [B, H, W, 3] from the data pipeline -> normalised [B, 3, H, W] in the engine's dtype."""
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    images = pixels.permute(0, 3, 1, 2).float().div_(255)
+    return ((images - mean) / std).to(dtype)
+
+
+def engine_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def model_inputs(model: ContrastiveModel, batch: dict[str, torch.Tensor], dtype: torch.dtype):
+    """(pixel_values, text batch) for the model's forward, from a data-pipeline batch."""
+    pixel_values = normalise(batch["pixels"], model.image_mean, model.image_std, dtype)
+    if model.text_input == "pixels":
+        text = {"text_pixels": normalise(batch["text_pixels"], model.image_mean, model.image_std, dtype)}
+    else:
+        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return pixel_values, text
+
+
+def _float(features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    # The loss runs in fp32 whatever the towers' precision: softmax over a global batch needs the range.
+    return tuple(f.float() if f.is_floating_point() else f for f in features)
+
+
+class ContrastiveTask:
+    """CLIP / FILIP / CLIPPO pretraining: symmetric InfoNCE (or SigLIP) over the global batch."""
+
+    def __init__(self, model: ContrastiveModel, loss: ContrastiveLoss):
+        self.model, self.loss = model, loss
+
+    def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        pixel_values, text = model_inputs(self.model, batch, engine_dtype(engine))
+        # Through engine(...): under ZeRO-3 the top module's own parameters (logit_scale) are only gathered
+        # inside its forward.
+        image, text_features, logit_scale = engine(pixel_values, text)
+        loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float())
+        return loss, {"logit_scale": float(logit_scale.float().exp().clamp(max=self.loss.max_logit_scale))}
+
+
+def build_contrastive(config: dict[str, Any]) -> ContrastiveTask:
+    from components.models.factory import build_model
+
+    spec = dict(config["model"])
+    model = build_model(**spec)
+    loss = ContrastiveLoss(**config.get("loss", {}))
+    return ContrastiveTask(model, loss)
+
+
+TASKS = {"contrastive": build_contrastive}
+
+
+def build_task(config: dict[str, Any]):
+    name = config.get("task", "contrastive")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name](config)

@@ -1,0 +1,93 @@
+"""Driver side of training: launch the Ray Train + DeepSpeed run, then turn its last checkpoint into an export.
+
+The export is made on the driver from the checkpoint in Ray Train's storage (shared on a cluster), so every
+rank's ZeRO shards are visible: DeepSpeed's zero_to_fp32 consolidates them into one fp32 state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from components.train.loop import CHECKPOINT_TAG, MODEL_SPEC, TRAINER_STATE, train_worker
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    workers: int = 2
+    use_gpu: bool | str = "auto"
+    cpus_per_worker: float = 1
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    storage_path: str = "data/ray_results"
+    run_name: str = "pretrain"
+    resume_from: str | None = None
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(train_config: dict[str, Any], dataset: ray.data.Dataset, scale: ScaleSettings) -> ray.train.Result:
+    """Run `train_worker` on `scale.workers` Ray Train workers; raises if training failed for good."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cluster_has_gpus() if scale.use_gpu == "auto" else bool(scale.use_gpu)
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(num_workers=scale.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name=scale.run_name,
+            storage_path=scale.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint(scale.resume_from) if scale.resume_from else None,
+    )
+    return trainer.fit()
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    state_dir = checkpoint_dir / CHECKPOINT_TAG
+    if list(state_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+    else:  # ZeRO-0 without a separate master copy: the module's own weights
+        state = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str | None = None):
+    """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer)."""
+    from components.models.factory import build_model
+
+    spec = json.loads((checkpoint_dir / MODEL_SPEC).read_text())
+    model = build_model(**spec)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    model.save_pretrained(export_dir)
+    if tokenizer_dir:
+        from components.models.tokenizer import load_tokenizer
+
+        load_tokenizer(tokenizer_dir).save_pretrained(export_dir)
+    return model.eval()
+
+
+def trainer_state(checkpoint_dir: Path) -> dict[str, int]:
+    return json.loads((checkpoint_dir / TRAINER_STATE).read_text())
