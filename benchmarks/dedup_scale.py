@@ -236,40 +236,39 @@ def child(staging: Path, drops: Path) -> None:
     t0 = time.perf_counter()
     import ray
 
-    from components.data.dedup import find_duplicates
+    from components.data.dedup import BUCKETS_PER_PARTITION, ROWS_PER_PARTITION, find_duplicates
     from components.runtime import init_ray
     t1 = time.perf_counter()
     init_ray()
     t2 = time.perf_counter()
     partitions = PARTITIONS or 2 * int(ray.cluster_resources()["CPU"])
+    # What find_duplicates derives: shuffle partitions grow with the rows, BUCKETS_PER_PARTITION buckets each.
+    shuffle = max(partitions, -(-sum(pq.read_metadata(f).num_rows for f in staging.glob("part-*.parquet"))
+                                // ROWS_PER_PARTITION))
     find_duplicates(sorted(staging.glob("part-*.parquet")), drops, True, MAX_DISTANCE, partitions)
     t3 = time.perf_counter()
     print("DEDUP_TIMING " + json.dumps({"import_s": round(t1 - t0, 2), "init_ray_s": round(t2 - t1, 2),
-                                        "dedup_s": round(t3 - t2, 2), "partitions": partitions}), flush=True)
+                                        "dedup_s": round(t3 - t2, 2), "partitions": shuffle,
+                                        "buckets": shuffle * BUCKETS_PER_PARTITION}), flush=True)
 
 
-def group_loop_cost(rows: int, rng: np.random.Generator) -> dict:
-    """ms per group of the per-group loop map_groups runs (Ray Data's _apply_udf_to_groups), without Ray."""
-    try:
-        from ray.data.grouped_data import _apply_udf_to_groups  # private: may move between Ray versions
-    except ImportError:
-        return {}
-    from components.data.dedup import _explode_bands, _with_part, exact_group, near_group
+def bucket_cost(rows: int, rng: np.random.Generator) -> dict:
+    """In-process cost of the dedup pass's vectorised parts, without Ray: turning staging rows into exact and
+    band records (_records) and one bucket holding all of them (_bucket_drops), in microseconds per staging row."""
+    from components.data.dedup import _bucket_drops, _records
 
-    frame = _with_part(pd.DataFrame({
-        "key": [f"{i // ROWS_PER_FILE:05d}{i % ROWS_PER_FILE:04d}" for i in range(rows)], "status": "ok",
+    table = pa.table({
+        "key": [f"{i // ROWS_PER_FILE:05d}{i % ROWS_PER_FILE:04d}" for i in range(rows)], "status": ["ok"] * rows,
         "sha256": [bytes(r).hex() for r in rng.integers(0, 256, (rows, 32), dtype=np.uint8)],
-        "phash": rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, rows, dtype=np.int64)}))
-    out = {}
-    for name, block, key, fn, kwargs in (
-            ("exact", frame, "sha256", exact_group, {}),
-            ("near", _explode_bands(frame, MAX_DISTANCE), "band_key", near_group, {"max_distance": MAX_DISTANCE})):
-        table = pa.Table.from_pandas(block.sort_values(key), preserve_index=False)
-        started = time.perf_counter()
-        groups = sum(1 for _ in _apply_udf_to_groups(fn, table, [key], "pandas", **kwargs))
-        out[f"{name}_ms_per_group"] = round((time.perf_counter() - started) / groups * 1e3, 3)
-        out[f"{name}_groups_per_row"] = round(groups / rows, 2)
-    return out
+        "phash": rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, rows, dtype=np.int64)})
+    started = time.perf_counter()
+    records = _records(table, True, MAX_DISTANCE, 1)
+    records_s = time.perf_counter() - started
+    started = time.perf_counter()
+    _bucket_drops(records, MAX_DISTANCE)
+    bucket_s = time.perf_counter() - started
+    return {"rows": rows, "records_us_per_row": round(records_s / rows * 1e6, 2),
+            "bucket_us_per_row": round(bucket_s / rows * 1e6, 2)}
 
 
 def main() -> None:
@@ -290,7 +289,7 @@ def main() -> None:
                            "cpu": cpu, "python": platform.python_version(), "ray": version("ray")},
                "settings": {"rows_per_file": ROWS_PER_FILE, "exact_fraction": EXACT_FRACTION,
                             "near_fraction": NEAR_FRACTION, "max_distance": MAX_DISTANCE, "timeout_s": args.timeout},
-               "group_loop_cost": group_loop_cost(5000, rng), "runs": {}}
+               "bucket_cost": bucket_cost(ROWS_PER_FILE * 5, rng), "runs": {}}
     work = Path(tempfile.mkdtemp(prefix="clipforge-dedup-bench-"))
     try:
         for n in ([args.probe_rows] if args.probe_rows else []) + sizes:
@@ -323,11 +322,9 @@ def main() -> None:
         ratio = runs[big]["dedup_s"] / runs[small]["dedup_s"]
         results["time_ratio"] = round(ratio, 2)
         print(f"\ntime {big}/{small}: {ratio:.1f}x for {big / small:.0f}x the rows (near-linear: ~{big / small:.0f}x)")
-    cost = results["group_loop_cost"]
-    if cost:
-        print(f"map_groups per-group loop, in-process: exact {cost['exact_ms_per_group']} ms/group "
-              f"({cost['exact_groups_per_row']} groups/row), near {cost['near_ms_per_group']} ms/group "
-              f"({cost['near_groups_per_row']} groups/row)")
+    cost = results["bucket_cost"]
+    print(f"in-process kernel, {cost['rows']} rows in one bucket: records {cost['records_us_per_row']} us/row, "
+          f"bucket dedup {cost['bucket_us_per_row']} us/row")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""Ingest building blocks without a cluster: URL list formats, filters, image checks, the dedup rule."""
+"""Ingest building blocks: URL list formats, filters, image checks, the dedup rule (and one dedup pass on local Ray)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset  # noqa: F401  (pa.dataset)
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from components.data import images
-from components.data.dedup import band_masks, exact_group, hamming, near_group
+from components.data import dedup
+from components.data.dedup import band_masks, exact_group, find_duplicates, hamming, near_group, read_part_drops
 from components.data.filters import build_filters
 from components.data.url_list import UrlListError, split_into_parts
 from tests.helpers import DEFAULT_FILTERS
@@ -132,6 +135,100 @@ def test_exact_group_keeps_smallest_key():
     group = pd.DataFrame({"key": ["000007", "000002", "000005"], "part": "00000", "sha256": "ab"})
     out = exact_group(group)
     assert sorted(out["key"]) == ["000005", "000007"] and set(out["duplicate_of"]) == {"000002"}
+
+
+def planted_staging(rng, parts: int, rows: int, max_distance: int) -> pd.DataFrame:
+    """Staging rows with planted exact copies, near copies, twins through several bands, identical-hash
+    crowds and one band value shared by more than CROWDED_CLASSES distinct hashes."""
+    n = parts * rows
+    u64 = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    sha = np.array([f"{v:016x}" for v in rng.integers(0, 2**62, n)], dtype=object)
+    low = np.uint64((1 << band_masks(max_distance)[1][0]) - 1)  # the bits of band 0
+    crowd = rng.permutation(n)[: dedup.CROWDED_CLASSES + 200]  # same band 0 value, distinct hashes
+    u64[crowd] = (u64[crowd] & ~low) | (u64[crowd[0]] & low)
+    def flip(v, count):
+        for bit in rng.choice(64, count, replace=False):
+            v ^= np.uint64(1) << np.uint64(bit)
+        return v
+    for i in crowd[1:400:4]:  # near copies inside the crowded band value (flips outside band 0)
+        j = rng.integers(n)
+        u64[j] = flip(u64[i] & ~low, rng.integers(1, max_distance + 1)) & ~low | (u64[i] & low)
+    originals = rng.choice(n, 300, replace=False)
+    for i in originals[:100]:  # exact copies (same bytes: same pHash), some of them with smaller keys
+        for j in rng.choice(n, rng.integers(1, 4)):
+            sha[j], u64[j] = sha[i], u64[i]
+    for i in originals[100:130]:  # same bytes, pHash recomputed differently: exact twins that are not near
+        j = rng.integers(n)
+        sha[j] = sha[i]
+    for i in originals[130:250]:  # near copies at distance 1..d+1 (d+1: not a twin)
+        for j in rng.choice(n, rng.integers(1, 4)):
+            u64[j] = flip(u64[i].copy(), rng.integers(1, max_distance + 2))
+    for i in originals[250:270]:  # ties: one row with several candidate twins, in different bands
+        for j in rng.choice(n, 3):
+            u64[j] = flip(u64[i].copy(), max_distance)
+    u64[originals[270:300]] = u64[originals[270]]  # a crowd of identical hashes
+    status = np.where(rng.random(n) < 0.05, "too_small", "ok")
+    keys = [f"{i // rows:05d}{i % rows:04d}" for i in range(n)]
+    return pd.DataFrame({"key": keys, "status": status, "sha256": sha, "phash": u64.view(np.int64)})
+
+
+def brute_force_drops(frame: pd.DataFrame, max_distance: int) -> dict[str, tuple[str, str]]:
+    ok = frame[frame["status"] == "ok"].sort_values("key")
+    keys, sha, hashes = ok["key"].to_numpy(), ok["sha256"].to_numpy(), ok["phash"].to_numpy()
+    expected = {}
+    for i in range(1, len(keys)):
+        exact = np.flatnonzero(sha[:i] == sha[i])
+        near = np.flatnonzero(hamming(hashes[:i], hashes[i]) <= max_distance)
+        if len(exact):
+            expected[keys[i]] = ("duplicate_exact", keys[exact[0]])
+        elif len(near):
+            expected[keys[i]] = ("duplicate_near", keys[near[0]])
+    return expected
+
+
+def test_find_duplicates_matches_brute_force(ray_local, tmp_path):
+    max_distance, parts, rows = 2, 4, 2000
+    frame = planted_staging(np.random.default_rng(7), parts, rows, max_distance)
+    files = []
+    for part in range(parts):  # staging files carry more columns than the pass reads
+        chunk = frame.iloc[part * rows:(part + 1) * rows].assign(image=b"x")
+        files.append(tmp_path / f"part-{part:05d}.parquet")
+        pq.write_table(pa.Table.from_pandas(chunk, preserve_index=False), files[-1])
+    find_duplicates(files, tmp_path / "drops", exact=True, near_distance=max_distance, num_partitions=3)
+
+    expected = brute_force_drops(frame, max_distance)
+    found = {}
+    for part in range(parts):
+        found.update(read_part_drops(tmp_path / "drops", f"{part:05d}"))
+    reasons = pd.Series([reason for reason, _ in expected.values()]).value_counts()
+    assert reasons["duplicate_exact"] > 200 and reasons["duplicate_near"] > 200
+    assert found == expected
+    # Every row of the drop list (a key may have one per bucket) names a valid twin with a smaller key.
+    by_part = pa.dataset.partitioning(pa.schema([("part", pa.string())]), flavor="hive")
+    drops = pq.read_table(tmp_path / "drops", partitioning=by_part).to_pandas()
+    assert set(drops.columns) == {"key", "part", "reason", "duplicate_of"}
+    assert (drops["part"] == drops["key"].str.slice(0, 5)).all()
+    row = frame.set_index("key")
+    twin, own = row.loc[drops["duplicate_of"]], row.loc[drops["key"]]
+    exact = drops["reason"].to_numpy() == "duplicate_exact"
+    assert (drops["duplicate_of"] < drops["key"]).all()
+    assert (twin["sha256"].to_numpy()[exact] == own["sha256"].to_numpy()[exact]).all()
+    assert (hamming(twin["phash"].to_numpy()[~exact], own["phash"].to_numpy()[~exact]) <= max_distance).all()
+
+
+def test_bucket_kernel_paths_match_brute_force():
+    """The in-bucket kernel alone, with the crowded and pair paths forced, agrees with the brute force."""
+    frame = planted_staging(np.random.default_rng(3), 1, 3000, 2)
+    expected = brute_force_drops(frame, 2)
+    records = dedup._records(pa.Table.from_pandas(frame, preserve_index=False), True, 2, 1)
+    for crowded in (0, 10**6):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dedup, "CROWDED_CLASSES", crowded)
+            patch.setattr(dedup, "PAIRS_PER_STEP", 64)
+            patch.setattr(dedup, "BLOCK_CELLS", 5000)
+            drops = dedup._bucket_drops(records, 2).to_pandas()
+        drops = drops.sort_values(["reason", "duplicate_of"]).drop_duplicates("key")
+        assert dict(zip(drops["key"], zip(drops["reason"], drops["duplicate_of"]))) == expected
 
 
 def test_hamming_counts_bits_of_signed_hashes():
