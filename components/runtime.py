@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -27,3 +30,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def path(value: str | os.PathLike) -> Path:
     """A config path relative to where the user launched the pipeline (Hydra may change the cwd)."""
     return Path(to_absolute_path(str(value)))
+
+
+@contextlib.contextmanager
+def one_line_errors(stage: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Bad input (config, files, data) ends the run with one line on stderr and exit code 2, not a traceback.
+
+    `errors` are the exception types that mean bad input; HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    try:
+        yield
+    except errors as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{stage}: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)

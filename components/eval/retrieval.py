@@ -40,7 +40,7 @@ def retrieval_metrics(similarity: np.ndarray, pairs: Iterable[tuple[int, int]], 
                                 ("text_to_image", similarity.T, text_to_images)):
         ranks = ranks_of_first_hit(sim, relevant)
         for k in ks:
-            metrics[f"{name}_R@{k}"] = float((ranks <= k).mean())
+            metrics[f"{name}_R{k}"] = float((ranks <= k).mean())
         metrics[f"{name}_mean_rank"] = float(ranks.mean())
         metrics[f"{name}_median_rank"] = float(np.median(ranks))
     return metrics
@@ -54,3 +54,24 @@ def similarity_matrix(similarity: Callable[[Features, Features], torch.Tensor], 
     for start in range(0, images[0].shape[0], block):
         rows.append(similarity(tuple(f[start:start + block] for f in images), texts).float().cpu().numpy())
     return np.concatenate(rows)
+
+
+def caption_relevance(captions: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """Unique captions and (image, caption) relevance pairs: images that share a caption (one concept in two
+    art styles, say) share its text, so the text side has no duplicate that would split the hits."""
+    unique: dict[str, int] = {}
+    pairs = [(image, unique.setdefault(caption, len(unique))) for image, caption in enumerate(captions)]
+    return list(unique), pairs
+
+
+def heldout_retrieval(model, tokenizer, images: list[bytes], captions: list[str]) -> dict[str, float]:
+    """Image<->text retrieval metrics of `model` on (image, caption) pairs, with chance R@5 for reference."""
+    from components.models.inference import image_features, text_features
+
+    texts, pairs = caption_relevance(captions)
+    model.eval()
+    similarity = similarity_matrix(model.similarity, image_features(model, images), text_features(model, tokenizer, texts))
+    metrics = retrieval_metrics(similarity, pairs)
+    metrics["chance_image_to_text_R5"] = min(1.0, 5 / len(texts))
+    metrics["images"], metrics["texts"] = len(images), len(texts)
+    return metrics

@@ -191,9 +191,13 @@ class ContrastiveModel(nn.Module):
         """[B, D] L2-normalised global text embedding."""
         return self.encode_text(batch)[0]
 
-    def forward(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[Features, Features]:
-        """Both encoders in one call (what DeepSpeed's engine wraps): (image features, text features)."""
-        return self.encode_image(pixel_values), self.encode_text(batch)
+    def forward(self, pixel_values: torch.Tensor,
+                batch: Mapping[str, torch.Tensor]) -> tuple[Features, Features, torch.Tensor]:
+        """Both encoders in one call (what DeepSpeed's engine wraps): (image features, text features, logit_scale).
+
+        logit_scale comes out of forward because under ZeRO-3 a module's own parameters are only gathered
+        inside its forward."""
+        return self.encode_image(pixel_values), self.encode_text(batch), self.logit_scale * 1
 
     # -- conveniences ----------------------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:

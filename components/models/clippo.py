@@ -43,6 +43,11 @@ from components.models.base import (
 )
 
 DEFAULT_FONT_SIZE = 16  # Unifont's native size: glyphs land on whole pixels
+# Pooling of the shared tower. "gap" (mean of patch tokens) for models trained here: at random init the CLS
+# output barely depends on the input, and with one tower for both sides every image and every rendered
+# caption then embed alike, so the contrastive loss sits at log(batch) and never moves (measured on the
+# built-in corpus). "cls" keeps a transformers CLIP vision tower's own trained pooling.
+POOLS = ("gap", "cls")
 
 # ---------------------------------------------------------------------------------------------------------
 # Rendering text as images with GNU Unifont
@@ -193,6 +198,7 @@ class CLIPPO(ContrastiveModel):
             "projection_dim": int(config["projection_dim"]),
             "text_image_size": int(config.get("text_image_size") or vision_config.image_size),
             "font_size": int(config.get("font_size") or DEFAULT_FONT_SIZE),
+            "pool": config.get("pool") or "gap",
             "image_mean": list(config.get("image_mean") or self.default_image_mean),
             "image_std": list(config.get("image_std") or self.default_image_std),
         }
@@ -204,6 +210,9 @@ class CLIPPO(ContrastiveModel):
         self.image_size = int(vision_config.image_size)
         self.text_image_size = self.config["text_image_size"]
         self.font_size = self.config["font_size"]
+        if self.config["pool"] not in POOLS:
+            raise ValueError(f"clippo pool must be one of {POOLS}, got {self.config['pool']!r}")
+        self.pool = self.config["pool"]
         self.image_mean = tuple(self.config["image_mean"])
         self.image_std = tuple(self.config["image_std"])
 
@@ -211,7 +220,8 @@ class CLIPPO(ContrastiveModel):
     @classmethod
     def build(cls, preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None,
               pretrained: str | None = None, *, text_image_size: int | None = None,
-              font_size: int = DEFAULT_FONT_SIZE, image_mean=None, image_std=None, **overrides) -> CLIPPO:
+              font_size: int = DEFAULT_FONT_SIZE, pool: str | None = None, image_mean=None, image_std=None,
+              **overrides) -> CLIPPO:
         """A randomly initialised CLIPPO with the preset's image tower (its text tower is unused).
 
         vocab_size: ignored (no tokenizer). text_image_size: size of rendered captions (default image_size).
@@ -224,7 +234,7 @@ class CLIPPO(ContrastiveModel):
             if overrides:
                 raise ValueError(f"overrides {sorted(overrides)} cannot change a pretrained model's architecture")
             return cls.from_pretrained(pretrained)
-        knobs = {"text_image_size": text_image_size, "font_size": font_size, "image_mean": image_mean,
+        knobs = {"text_image_size": text_image_size, "font_size": font_size, "pool": pool, "image_mean": image_mean,
                  "image_std": image_std}
         if pretrained:
             return cls._from_clip(pretrained, knobs, overrides)
@@ -245,7 +255,7 @@ class CLIPPO(ContrastiveModel):
             raise ValueError(f"overrides {sorted(overrides)} cannot change a pretrained model's architecture")
         clip = CLIPModel.from_pretrained(pretrained)
         model = cls({"vision_config": clip.config.vision_config.to_diff_dict(),
-                     "projection_dim": clip.config.projection_dim, **knobs})
+                     "projection_dim": clip.config.projection_dim, **knobs, "pool": knobs["pool"] or "cls"})
         model.vision.load_state_dict(clip.vision_model.state_dict())
         model.projection.load_state_dict(clip.visual_projection.state_dict())
         with torch.no_grad():
@@ -255,7 +265,11 @@ class CLIPPO(ContrastiveModel):
     # -- the interface ----------------------------------------------------------------------------------------
     def _embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         other_size = pixel_values.shape[-1] != self.image_size or pixel_values.shape[-2] != self.image_size
-        pooled = self.vision(pixel_values=pixel_values, interpolate_pos_encoding=other_size).pooler_output
+        output = self.vision(pixel_values=pixel_values, interpolate_pos_encoding=other_size)
+        if self.pool == "cls":
+            pooled = output.pooler_output
+        else:  # "gap": mean over patch tokens, then the tower's final layernorm
+            pooled = self.vision.post_layernorm(output.last_hidden_state[:, 1:].mean(dim=1))
         return l2_normalize(self.projection(pooled))
 
     def encode_image(self, pixel_values: torch.Tensor) -> Features:

@@ -24,16 +24,14 @@ def image_tensor(model: ContrastiveModel, images: list[bytes]) -> torch.Tensor:
 
 
 def pixels_to_tensor(model: ContrastiveModel, pixels: np.ndarray) -> torch.Tensor:
-    mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.image_std).view(1, 3, 1, 1)
-    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    from components.models.clippo import normalize_pixels
+
+    return normalize_pixels(pixels, model.image_mean, model.image_std)
 
 
 def text_inputs(model: ContrastiveModel, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     if model.text_input == "pixels":
-        from components.models.clippo import render_text
-
-        return {"text_pixels": pixels_to_tensor(model, render_text(texts, model.image_size, model.font_size))}
+        return model.render(texts)
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.max_text_length,
                         return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

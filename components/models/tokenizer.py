@@ -34,13 +34,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
                                    unk_token=UNK)
 
 
-def captions_from_shards(shard_dir: Path, limit: int = 1_000_000, column: str = "caption") -> Iterator[str]:
-    """Stream up to `limit` captions from the shards' Parquet metadata (one column read, never a whole dataset)."""
+def captions_from_shards(shard_dir: Path, limit: int = 1_000_000, column: str = "caption",
+                         where: dict | None = None) -> Iterator[str]:
+    """Stream up to `limit` captions from the shards' Parquet metadata (a few columns, never a whole dataset);
+    `where` keeps only rows whose columns equal the given values (e.g. {"split": "train"})."""
+    where = dict(where or {})
     seen = 0
     for path in sorted(Path(shard_dir).glob("[0-9]*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=8192):
-            for caption in batch.column(0).to_pylist():
-                if caption:
+        for batch in pq.ParquetFile(path).iter_batches(columns=[column, *where], batch_size=8192):
+            rows = batch.to_pydict()
+            keep = [all(rows[k][i] == v for k, v in where.items()) for i in range(batch.num_rows)]
+            for caption, kept in zip(rows[column], keep):
+                if caption and kept:
                     yield caption
                     seen += 1
                     if seen >= limit:

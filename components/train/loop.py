@@ -77,6 +77,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scalars_as_vectors(model: torch.nn.Module) -> None:
+    """Give 0-dim parameters (logit_scale) shape [1]: DeepSpeed broadcasts every parameter as bytes
+    (`p.data.view(torch.uint8)`), which a 0-dim bf16 tensor cannot do. The export restores their shape."""
+    for param in model.parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+
+
 def deepspeed_config(base: dict[str, Any], micro_batch: int, grad_accum: int) -> dict[str, Any]:
     config = json.loads(json.dumps(base))
     config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum)
@@ -104,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["torch_threads"])
 
     task = build_task(config)
+    scalars_as_vectors(task.model)
     optimizer = torch.optim.AdamW(param_groups(task.model, settings.weight_decay), lr=settings.lr,
                                   betas=settings.betas, eps=settings.eps)
     warmup = max(1, int(settings.warmup_fraction * settings.total_steps))

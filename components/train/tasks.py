@@ -51,6 +51,9 @@ class ContrastiveTask:
         # Through engine(...): under ZeRO-3 the top module's own parameters (logit_scale) are only gathered
         # inside its forward.
         image, text_features, logit_scale = engine(pixel_values, text)
+        select_tokens = getattr(self.model, "select_tokens", None)  # FILIP: top-k% tokens, before the gather
+        if select_tokens is not None:
+            image, text_features = select_tokens(image, text_features)
         loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float())
         return loss, {"logit_scale": float(logit_scale.float().exp().clamp(max=self.loss.max_logit_scale))}
 
@@ -60,6 +63,8 @@ def build_contrastive(config: dict[str, Any]) -> ContrastiveTask:
 
     spec = dict(config["model"])
     model = build_model(**spec)
+    if config.get("activation_checkpointing"):
+        model.gradient_checkpointing_enable()
     loss = ContrastiveLoss(**config.get("loss", {}))
     return ContrastiveTask(model, loss)
 

@@ -34,12 +34,24 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def resolve_use_gpu(use_gpu: bool | str) -> bool:
+    return cluster_has_gpus() if use_gpu == "auto" else bool(use_gpu)
+
+
+def resolve_precision(deepspeed_config: dict[str, Any], use_gpu: bool) -> dict[str, Any]:
+    """`bf16.enabled: auto` -> bf16 on GPUs, fp32 on CPUs (whose bf16 matmuls are slower than fp32 without AMX)."""
+    bf16 = dict(deepspeed_config.get("bf16") or {})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = use_gpu
+    return {**deepspeed_config, "bf16": bf16}
+
+
 def fit(train_config: dict[str, Any], dataset: ray.data.Dataset, scale: ScaleSettings) -> ray.train.Result:
     """Run `train_worker` on `scale.workers` Ray Train workers; raises if training failed for good."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = cluster_has_gpus() if scale.use_gpu == "auto" else bool(scale.use_gpu)
+    use_gpu = resolve_use_gpu(scale.use_gpu)
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -76,7 +88,12 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str
 
     spec = json.loads((checkpoint_dir / MODEL_SPEC).read_text())
     model = build_model(**spec)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
+    state = consolidated_state_dict(checkpoint_dir)
+    shapes = {name: param.shape for name, param in model.state_dict().items()}
+    # Training holds scalars as [1] vectors (loop.scalars_as_vectors): back to the model's own shapes.
+    state = {name: t.reshape(shapes[name]) if name in shapes and t.numel() == shapes[name].numel() else t
+             for name, t in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if export_dir.exists():

@@ -1,0 +1,66 @@
+"""Hydra config -> ingest job: the source to read (a URL list, or the built-in corpus served or read locally)
+and the job settings. Shared by pipelines/ingest.py and every pipeline that ingests missing shards first."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from components.data import emoji_corpus
+from components.data.download import DownloadConfig
+from components.data.ingest import MANIFEST, IngestError, IngestJob, run_ingest
+from components.data.process_part import ImageSettings, PartSettings
+from components.runtime import path
+
+
+def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
+    ingest = cfg.ingest
+    download = OmegaConf.to_container(ingest.download, resolve=True)
+    download["allow_networks"] = tuple(download["allow_networks"])
+    settings = PartSettings(
+        image=ImageSettings(ingest.image_size, ingest.resize_mode, ingest.encode_format, ingest.encode_quality),
+        download=DownloadConfig(**download),
+        filters=OmegaConf.to_container(cfg.filters, resolve=True),
+    )
+    return IngestJob(
+        url_list=url_list, output_dir=path(cfg.data.output_dir), part_settings=settings,
+        shard_size=ingest.shard_size, url_col=cfg.data.url_col, caption_col=cfg.data.caption_col,
+        workers=ingest.workers, dedup_partitions=ingest.dedup_partitions, keep_staging=ingest.keep_staging,
+        dataset_name=cfg.data.name,
+    )
+
+
+def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
+    """The URL list to ingest; for the built-in corpus, build it and (for HTTP) serve it for the run."""
+    data = cfg.data
+    if data.source == "url_list":
+        return str(path(data.url_list)) if "://" not in data.url_list else data.url_list
+    corpus_dir = path(data.corpus_dir)
+    emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
+    output_dir = path(data.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    url_list = output_dir / "_source_urls.parquet"
+    if data.source == "emoji_http":
+        # A fixed port keeps the URL list identical between runs, which resume relies on.
+        server = stack.enter_context(emoji_corpus.serve_corpus(corpus_dir, port=data.server_port))
+        emoji_corpus.write_url_list(corpus_dir, server.base_url, url_list, split=data.split)
+    elif data.source == "emoji_local":
+        emoji_corpus.write_local_list(corpus_dir, url_list, split=data.split)
+    else:
+        raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list")
+    return str(url_list)
+
+
+def ingest_from_config(cfg: DictConfig) -> tuple[dict[str, Any], IngestJob]:
+    """Run (or finish) the ingest the config describes; returns (manifest, job)."""
+    with ExitStack() as stack:
+        job = job_from_config(cfg, prepare_source(cfg, stack))
+        return run_ingest(job, progress=cfg.progress), job
+
+
+def shards_ready(output_dir: Path) -> bool:
+    """True when an ingest finished in `output_dir` (its manifest is written last)."""
+    return (Path(output_dir) / MANIFEST).is_file()

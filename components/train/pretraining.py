@@ -1,0 +1,178 @@
+"""Contrastive pretraining, driver side: config -> tokenizer, model spec, Ray Data input -> Ray Train + DeepSpeed
+-> export -> held-out retrieval -> MLflow model registry. pipelines/pretrain_clip.py calls `run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from components.models.factory import build_model, family_class
+from components.runtime import path
+from components.tracking import mlflow_runs
+from components.train.data import AugmentConfig, BatchSpec, TextConfig, read_pairs, training_dataset
+from components.train.trainer import (
+    ScaleSettings,
+    export_checkpoint,
+    fit,
+    resolve_precision,
+    resolve_use_gpu,
+    trainer_state,
+)
+
+def prepare_tokenizer(cfg: DictConfig, shard_dir: Path, out_dir: Path):
+    """cfg.tokenizer.path (any transformers tokenizer), else a byte-level BPE trained on the training captions.
+    Saved to `out_dir`, which the data workers and the export read."""
+    from components.models.tokenizer import captions_from_shards, load_tokenizer, train_bpe
+
+    if cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    else:
+        where = _where(cfg.data.get("train_where"))
+        captions = captions_from_shards(shard_dir, limit=cfg.tokenizer.max_captions, where=where)
+        tokenizer = train_bpe(captions, vocab_size=cfg.tokenizer.vocab_size)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
+    """The keyword arguments of build_model for this run: the YAML group plus what the tokenizer fixes."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    cls = family_class(model_cfg["family"])
+    spec = {k: v for k, v in model_cfg.items() if k not in ("overrides", *cls.data_knobs)}
+    spec.update(model_cfg.get("overrides") or {})
+    if tokenizer is not None:
+        spec.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return spec
+
+
+def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
+    trainer_cfg = cfg.trainer
+    storage = _storage(trainer_cfg.storage_path)
+    run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
+    tokens = family_class(cfg.model.family).text_input == "tokens"
+    tokenizer_dir = path(cfg.tokenizer.save_dir) / run_name  # read by the data workers: shared storage on clusters
+    tokenizer = prepare_tokenizer(cfg, shard_dir, tokenizer_dir) if tokens else None
+    spec = model_spec(cfg, tokenizer)
+    model = build_model(**spec)  # on the driver too: sizes for the data pipeline, and an early config error
+    mlflow_runs.log_metrics({"model.parameters": model.num_parameters()})
+    use_gpu = resolve_use_gpu(trainer_cfg.use_gpu)
+    deepspeed = resolve_precision(OmegaConf.to_container(cfg.deepspeed, resolve=True), use_gpu)
+    print(f"[pretrain] {cfg.model.family} ({cfg.model.preset}): {model.num_parameters() / 1e6:.1f}M parameters, "
+          f"{trainer_cfg.workers} {'GPU' if use_gpu else 'CPU'} workers, "
+          f"ZeRO-{deepspeed['zero_optimization']['stage']} {'bf16' if deepspeed['bf16']['enabled'] else 'fp32'}, "
+          f"{trainer_cfg.samples} samples", flush=True)
+
+    text = TextConfig(kind=model.text_input, tokenizer_dir=str(tokenizer_dir) if tokens else None,
+                      max_length=getattr(model, "max_text_length", 0) or 0,
+                      text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
+                      pair_columns=tuple(cfg.data.get("caption_columns") or ()),
+                      font_size=int(getattr(model, "font_size", 16)))
+    augment = AugmentConfig(scale=tuple(trainer_cfg.augment.scale), hflip=trainer_cfg.augment.hflip)
+    spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
+    dataset = training_dataset(shard_dir, spec_batch, where=_where(cfg.data.get("train_where")),
+                               preprocess_workers=trainer_cfg.preprocess_workers)
+
+    train_config = {
+        "task": "contrastive",
+        "model": spec,
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "loop": {k: trainer_cfg[k] for k in ("samples", "global_batch", "grad_accum", "lr", "weight_decay",
+                                             "warmup_fraction", "log_every", "checkpoint_every",
+                                             "local_shuffle_buffer", "seed")},
+        "deepspeed": deepspeed,
+        "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
+        "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
+        "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
+    }
+    scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
+                          cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
+                          max_failures=trainer_cfg.max_failures, storage_path=storage, run_name=run_name,
+                          resume_from=str(path(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
+    started = time.perf_counter()
+    result = fit(train_config, dataset, scale)
+    train_seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+
+    export_dir = path(cfg.export_dir)
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        state = trainer_state(Path(checkpoint_dir))
+        trained = export_checkpoint(Path(checkpoint_dir), export_dir, str(tokenizer_dir) if tokens else None)
+    print(f"[pretrain] exported to {export_dir}", flush=True)
+
+    metrics = evaluate_heldout(cfg, shard_dir, trained, tokenizer)
+    mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": train_seconds})
+    _log_loss_curve(run_id)
+    mlflow.set_tag("checkpoint", result.checkpoint.path)
+    from components.tracking.pyfunc import log_embedding_model
+
+    info = log_embedding_model(export_dir, cfg.registry.model_name)
+    version = getattr(info, "registered_model_version", None)
+    return {"family": cfg.model.family, "export_dir": str(export_dir), "checkpoint": result.checkpoint.path,
+            "step": state["step"], "samples_seen": state["samples_seen"], "train_seconds": train_seconds,
+            "heldout": metrics, "model_uri": info.model_uri, "registered_model": cfg.registry.model_name,
+            "registered_version": version}
+
+
+def evaluate_heldout(cfg: DictConfig, shard_dir: Path, model, tokenizer) -> dict[str, float]:
+    """Retrieval on the held-out samples (data.eval_where), at most eval_samples of them."""
+    from components.eval.retrieval import heldout_retrieval
+
+    rows = read_pairs(shard_dir, _where(cfg.data.get("eval_where"))).limit(cfg.eval_samples).take_all()
+    if not rows:
+        return {}
+    captions = [json.loads(r["meta"])["caption"] for r in rows]
+    return heldout_retrieval(model, tokenizer, [r["image"] for r in rows], captions)
+
+
+def summary(outcome: dict[str, Any]) -> str:
+    heldout = outcome["heldout"]
+    lines = [f"pretrained {outcome['family']}: {outcome['step']} steps, {outcome['samples_seen']} samples seen "
+             f"in {outcome['train_seconds']:.0f} s"]
+    if heldout:
+        lines.append(f"held-out retrieval ({heldout['images']} images, {heldout['texts']} captions): "
+                     f"image->text R@1 {heldout['image_to_text_R1']:.3f}  R@5 {heldout['image_to_text_R5']:.3f} "
+                     f"(chance {heldout['chance_image_to_text_R5']:.3f})  text->image R@5 "
+                     f"{heldout['text_to_image_R5']:.3f}")
+    lines.append(f"export: {outcome['export_dir']}")
+    lines.append(f"checkpoint: {outcome['checkpoint']}")
+    lines.append(f"registered: {outcome['registered_model']} version {outcome['registered_version']} "
+                 f"({outcome['model_uri']})")
+    return "\n".join(lines)
+
+
+def _where(value) -> dict[str, Any] | None:
+    return OmegaConf.to_container(value, resolve=True) if value else None
+
+
+def _storage(storage_path: str) -> str:
+    """Ray Train storage: a URI (s3://, gs://) as is, a local path made absolute."""
+    return storage_path if "://" in storage_path else str(path(storage_path))
+
+
+def _log_loss_curve(run_id: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run_id, "loss")
+    if not history:
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([m.step for m in history], [m.value for m in history])
+    axis.set_xlabel("step")
+    axis.set_ylabel("contrastive loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    mlflow.log_figure(figure, "plots/loss.png")
+    plt.close(figure)

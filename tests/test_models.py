@@ -1,0 +1,122 @@
+"""Model families: FILIP's late interaction against a brute-force loop, exports that reload to the same
+embeddings (plain transformers for CLIP), CLIPPO's Unifont rendering, and clear errors on bad configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.models.clippo import render_text
+from components.models.factory import build_model, load_model
+from components.models.filip import late_interaction, similarity_pair
+from components.models.inference import embed_images, embed_texts
+from components.models.tokenizer import train_bpe
+
+CAPTIONS = ["grinning face", "red apple", "smiling cat with heart eyes", "flag: japan", "a b c d e f g h"]
+
+
+def brute_force_filip(image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """FILIP's symmetric similarity, one (image, text) pair and one token at a time."""
+    out = torch.zeros(image.shape[0], text.shape[0], dtype=torch.float64)
+    for i in range(image.shape[0]):
+        for t in range(text.shape[0]):
+            real = [l for l in range(text.shape[1]) if mask[t, l]]
+            patch_best = [max(float(image[i, p] @ text[t, l]) for l in real) for p in range(image.shape[1])]
+            token_best = [max(float(image[i, p] @ text[t, l]) for p in range(image.shape[1])) for l in real]
+            out[i, t] = (sum(patch_best) / len(patch_best) + sum(token_best) / len(token_best)) / 2
+    return out
+
+
+def test_filip_similarity_matches_brute_force_and_ignores_padding():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=generator, dtype=torch.float64), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 7, 8, generator=generator, dtype=torch.float64), dim=-1)
+    lengths = torch.tensor([7, 3, 1, 5, 2])
+    mask = (torch.arange(7)[None] < lengths[:, None]).to(torch.float64)
+    expected = brute_force_filip(image, text, mask)
+    # Tiny chunks exercise the chunked path; padding slots hold large values that must not matter.
+    noisy = text.clone()
+    noisy[mask == 0] = 10.0
+    got = late_interaction(image, noisy, mask, max_elements=50)
+    assert torch.allclose(got, expected, atol=1e-12)
+    s_image, s_text = similarity_pair(image, noisy, mask)
+    assert torch.allclose((s_image + s_text) / 2, expected, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CAPTIONS * 20, vocab_size=300, min_frequency=1)
+
+
+def _images(count: int, size: int = 64) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def _build(family: str, tokenizer):
+    kwargs = {} if family == "clippo" else {
+        "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    torch.manual_seed(0)
+    return build_model(family, "tiny", image_size=64, **kwargs).eval()
+
+
+@pytest.mark.parametrize("family", ["clip", "filip", "clippo"])
+def test_export_reloads_to_the_same_embeddings(family, tokenizer, tmp_path):
+    model = _build(family, tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded) is type(model)
+    images = _images(3)
+    assert np.allclose(embed_images(model, images), embed_images(loaded, images), atol=1e-6)
+    assert np.allclose(embed_texts(model, tokenizer, CAPTIONS), embed_texts(loaded, tokenizer, CAPTIONS), atol=1e-6)
+    norms = np.linalg.norm(embed_texts(loaded, tokenizer, CAPTIONS), axis=1)
+    assert np.allclose(norms, 1, atol=1e-5)
+
+
+def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = _build("clip", tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    plain = CLIPModel.from_pretrained(tmp_path).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    encoded = plain_tokenizer(CAPTIONS, padding="max_length", max_length=model.max_text_length, return_tensors="pt")
+    with torch.no_grad():
+        features = plain.get_text_features(**encoded)
+        if not isinstance(features, torch.Tensor):  # transformers 5 returns an output whose pooler is projected
+            features = features.pooler_output
+        plain_text = torch.nn.functional.normalize(features, dim=-1).numpy()
+    assert np.allclose(plain_text, embed_texts(model, tokenizer, CAPTIONS), atol=1e-5)
+
+
+def test_unifont_rendering_draws_text_and_wraps():
+    images = render_text(["hello", "", "x" * 200], image_size=64)
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+    assert (images[1] == 255).all()  # empty caption: blank
+    ink = images[0, :, :, 0] < 128
+    assert ink[:16].any() and not ink[16:].any()  # one line of 16 px glyphs
+    assert (images[2, 48:, :, 0] < 128).any()  # a long caption wraps down to the last line
+
+
+def test_bad_model_configs_fail_with_clear_errors(tokenizer):
+    with pytest.raises(ValueError, match="unknown model family"):
+        build_model("clap")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        build_model("clip", "huge")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        build_model("clip", "tiny", image_size=60)
+    with pytest.raises(ValueError, match="unknown model override"):
+        build_model("clip", "tiny", hidden_sise=64)
