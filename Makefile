@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup system-deps ingest mlflow-ui bench clean
+.PHONY: demo test test-fast setup system-deps ingest pretrain mlflow-ui bench clean
 
-demo: setup
-	$(PY) pipelines/ingest.py
+demo: setup  ## ingest the built-in corpus over 127.0.0.1 (if not yet), pretrain a tiny CLIP, register it
+	$(PY) pipelines/pretrain_clip.py
 
 test: setup
 	$(PY) -m pytest -q
@@ -37,6 +37,9 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 ingest: setup
 	$(PY) pipelines/ingest.py $(ARGS)
+
+pretrain: setup
+	$(PY) pipelines/pretrain_clip.py $(ARGS)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

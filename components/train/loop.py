@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 CHECKPOINT_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
 MODEL_SPEC = "model_spec.json"
+CHECKPOINT_TOKENIZER = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def train_worker(config: dict[str, Any]) -> None:
         config=deepspeed_config(config["deepspeed"], micro_batch, settings.grad_accum))
 
     step, samples_seen = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint(config["resume_from"]) if config.get("resume_from") else None)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
@@ -143,6 +145,8 @@ def train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 (Path(directory) / TRAINER_STATE).write_text(json.dumps({"step": step, "samples_seen": samples_seen}))
                 (Path(directory) / MODEL_SPEC).write_text(json.dumps(config["model"]))
+                if config.get("tokenizer_dir"):  # a checkpoint resumes with the tokenizer it was trained with
+                    shutil.copytree(config["tokenizer_dir"], Path(directory) / CHECKPOINT_TOKENIZER)
             ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(directory))
 
     window.start()

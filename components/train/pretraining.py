@@ -17,6 +17,7 @@ from components.models.factory import build_model, family_class
 from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.data import AugmentConfig, BatchSpec, TextConfig, read_pairs, training_dataset
+from components.train.loop import CHECKPOINT_TOKENIZER
 from components.train.trainer import (
     ScaleSettings,
     export_checkpoint,
@@ -27,11 +28,15 @@ from components.train.trainer import (
 )
 
 def prepare_tokenizer(cfg: DictConfig, shard_dir: Path, out_dir: Path):
-    """cfg.tokenizer.path (any transformers tokenizer), else a byte-level BPE trained on the training captions.
+    """The tokenizer of the checkpoint resumed from, else cfg.tokenizer.path (any transformers tokenizer), else a
+    byte-level BPE trained on the training captions.
     Saved to `out_dir`, which the data workers and the export read."""
     from components.models.tokenizer import captions_from_shards, load_tokenizer, train_bpe
 
-    if cfg.tokenizer.path:
+    resumed = Path(path(cfg.trainer.resume_from)) / CHECKPOINT_TOKENIZER if cfg.trainer.resume_from else None
+    if resumed is not None and resumed.is_dir():
+        tokenizer = load_tokenizer(resumed)  # the vocabulary the checkpoint's embeddings were trained with
+    elif cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
     else:
         where = _where(cfg.data.get("train_where"))
@@ -91,6 +96,7 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
         "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
         "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
+        "tokenizer_dir": str(tokenizer_dir) if tokens else None,
     }
     scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
                           cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,

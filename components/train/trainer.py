@@ -55,7 +55,8 @@ def fit(train_config: dict[str, Any], dataset: ray.data.Dataset, scale: ScaleSet
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=train_config,
+        # Ray Train 2 has no resume_from_checkpoint: the loop restores `resume_from` when Ray has no newer one.
+        train_loop_config={**train_config, "resume_from": scale.resume_from},
         scaling_config=ScalingConfig(num_workers=scale.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": dataset},
@@ -65,7 +66,6 @@ def fit(train_config: dict[str, Any], dataset: ray.data.Dataset, scale: ScaleSet
             checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scale.max_failures),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(scale.resume_from) if scale.resume_from else None,
     )
     return trainer.fit()
 

@@ -1,0 +1,214 @@
+"""Training throughput and memory: a plain PyTorch loop vs our Ray Train + DeepSpeed pipeline, side by side.
+
+    python benchmarks/train_throughput.py                     # tiny CLIP, batch 128; ZeRO-0 vs ZeRO-3 on `base`
+    python benchmarks/train_throughput.py --samples 12800 --skip-memory
+
+(a) plain: one process, the same model, batch and optimizer, images and token ids already in memory (decoded
+    once from the same shards), fp32, torch threads = all cores: the ceiling for this machine.
+(b) ours, 1 Ray Train worker and (c) 2 workers: `pipelines/pretrain_clip.py` as users run it (Ray Data
+    decoding/augmenting/tokenising on the same machine, DeepSpeed ZeRO-2, fp32 on CPU). Rates are the
+    samples/s and data-wait fraction the loop logs to MLflow, median over log windows after the first.
+Memory: ZeRO-0 vs ZeRO-3 with the `base` preset (>= 100M parameters) at 2 workers, a few steps each; the peak
+    RSS of each Ray Train worker process is sampled with psutil.
+All contenders run in this one invocation, one after the other, on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# ----------------------------------------------------------------------------- knobs
+SAMPLES = 7680  # per throughput contender
+BATCH = 128
+CONCEPTS = 900  # built-in corpus concepts ingested for the runs
+MEMORY_PRESET = "base"
+MEMORY_SAMPLES = 8  # 2 steps of global batch 4
+OUT = "benchmarks/results/train.json"
+SAMPLE_S = 0.2
+# -----------------------------------------------------------------------------
+
+
+def ingest(work: Path, env: dict) -> Path:
+    out = work / "shards"
+    subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
+                    f"data.corpus_dir={REPO / 'data' / 'emoji_corpus'}", f"data.limit={CONCEPTS}",
+                    f"data.output_dir={out}", "progress=false", f"hydra.run.dir={work / 'hydra_ingest'}"],
+                   check=True, cwd=work, env=env, capture_output=True)
+    return out
+
+
+def plain_loop(shards: Path, samples: int, batch: int) -> dict:
+    """(a): the same model, loss, optimizer and batch in one process over in-memory tensors."""
+    import torch
+    from PIL import Image
+
+    from components.models.factory import build_model
+    from components.models.tokenizer import train_bpe
+    from components.train.losses import ContrastiveLoss
+    from components.train.tasks import normalise
+    from tests.helpers import read_shards
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = [r for r in read_shards(shards) if r["json"]["split"] == "train"]
+    tokenizer = train_bpe([r["txt"] for r in rows], vocab_size=4096)
+    model = build_model("clip", "tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")
+                                                    .resize((model.image_size, model.image_size))) for r in rows]))
+    encoded = tokenizer([r["txt"] for r in rows], padding="max_length", truncation=True,
+                        max_length=model.max_text_length, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    loss_fn = ContrastiveLoss()
+    steps = samples // batch
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        index = torch.randint(len(rows), (batch,), generator=generator)
+        image, text, scale = model(normalise(pixels[index], model.image_mean, model.image_std, torch.float32),
+                                   {"input_ids": encoded["input_ids"][index],
+                                    "attention_mask": encoded["attention_mask"][index]})
+        loss = loss_fn(image, text, model.similarity, scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    steady = times[3:]
+    return {"samples_per_s": round(batch * len(steady) / sum(steady), 1), "steps": steps,
+            "parameters": model.num_parameters()}
+
+
+class WorkerSampler:
+    """Peak RSS per Ray Train worker process (process title "ray::RayTrainWorker..."), sampled in a thread."""
+
+    def __init__(self):
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), proc.memory_info().rss)
+                except psutil.Error:
+                    continue
+            self._stop.wait(SAMPLE_S)
+
+
+def pipeline_run(shards: Path, work: Path, name: str, env: dict, args: list[str]) -> dict:
+    """Run pipelines/pretrain_clip.py; returns its logged rates and the workers' peak RSS."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = work / name
+    run_dir.mkdir()
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    cmd = [sys.executable, str(REPO / "pipelines" / "pretrain_clip.py"), "data=emoji_local",
+           f"data.output_dir={shards}", f"export_dir={run_dir / 'model'}", f"tokenizer.save_dir={run_dir / 'tok'}",
+           f"trainer.storage_path={run_dir / 'ray'}", "progress=false", f"hydra.run.dir={run_dir / 'hydra'}",
+           f"mlflow.run_name={name}", *args]
+    started = time.perf_counter()
+    with WorkerSampler() as sampler, open(run_dir / "log.txt", "w") as log:
+        subprocess.run(cmd, check=True, cwd=run_dir, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=log,
+                       stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("clipforge").experiment_id])[0]
+
+    def history(metric: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+
+    rates, waits = history("samples_per_second")[1:], history("data_wait_fraction")[1:]
+    return {"samples_per_s": round(statistics.median(rates), 1) if rates else None,
+            "data_wait_fraction": round(statistics.median(waits), 3) if waits else None,
+            "train_seconds": round(run.data.metrics.get("train_seconds", 0), 1), "wall_s": round(wall, 1),
+            "parameters": int(run.data.metrics["model.parameters"]),
+            "peak_worker_rss_mib": sorted(round(v / 2**20) for v in sampler.peak.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    results: dict = {"machine": {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                                 "cpu": cpu, "python": platform.python_version(), "torch": version("torch"),
+                                 "ray": version("ray"), "deepspeed": version("deepspeed")},
+                     "settings": vars(args)}
+    work = Path(tempfile.mkdtemp(prefix="clipforge-train-bench-"))
+    try:
+        print("ingesting the built-in corpus ...", flush=True)
+        shards = ingest(work, env)
+        common = [f"trainer.samples={args.samples}", f"trainer.global_batch={args.batch}", "trainer.log_every=5",
+                  "eval_samples=64"]
+        print("[a] plain PyTorch loop ...", flush=True)
+        results["plain"] = plain_loop(shards, args.samples, args.batch)
+        for workers in (1, 2):
+            print(f"[{'bc'[workers - 1]}] ours, {workers} worker(s) ...", flush=True)
+            results[f"ours_{workers}_workers"] = pipeline_run(
+                shards, work, f"ours_{workers}", env, [*common, f"trainer.workers={workers}",
+                                                      f"trainer.torch_threads={(os.cpu_count() or 1) // workers}"])
+        if not args.skip_memory:
+            for stage in (0, 3):
+                print(f"[memory] ZeRO-{stage}, {MEMORY_PRESET} preset, 2 workers ...", flush=True)
+                results[f"memory_zero{stage}"] = pipeline_run(
+                    shards, work, f"zero{stage}", env,
+                    [f"deepspeed=zero{stage}", f"model.preset={MEMORY_PRESET}", f"trainer.samples={MEMORY_SAMPLES}",
+                     "trainer.global_batch=4", "trainer.log_every=1", "eval_samples=8", "tokenizer.vocab_size=8192"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    plain = results["plain"]["samples_per_s"]
+    print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9}")
+    print(f"{'(a) plain PyTorch':22} {plain:9.1f} {1:8.2f}")
+    for workers in (1, 2):
+        r = results[f"ours_{workers}_workers"]
+        r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
+        print(f"{f'({chr(97 + workers)}) ours, {workers} worker(s)':22} {r['samples_per_s']:9.1f} "
+              f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%}")
+    if not args.skip_memory:
+        zero0, zero3 = (max(results[f"memory_zero{s}"]["peak_worker_rss_mib"]) for s in (0, 3))
+        results["memory_ratio_zero3_vs_zero0"] = round(zero3 / zero0, 3)
+        print(f"\n{MEMORY_PRESET} preset ({results['memory_zero0']['parameters'] / 1e6:.0f}M parameters), 2 workers, "
+              f"peak RSS per worker: ZeRO-0 {zero0} MiB, ZeRO-3 {zero3} MiB ({zero3 / zero0:.2f}x)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
