@@ -47,6 +47,7 @@ mlflow-ui: setup
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 	$(PY) benchmarks/dedup_scale.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db

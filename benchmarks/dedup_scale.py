@@ -32,7 +32,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,6 +44,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
 SIZES = "100000,1000000"
@@ -138,48 +138,38 @@ def verify(truth: dict, drops_dir: Path, rng: np.random.Generator) -> dict:
     }
 
 
-class WorkerSampler:
+class WorkerSampler(PeriodicSampler):
     """Peak RSS of the driver (the subprocess), of each Ray worker process, and of the whole tree."""
 
     def __init__(self, pid: int):
+        super().__init__(SAMPLE_S)
         self.root = psutil.Process(pid)
         self.peak = {"driver_rss": 0, "worker_rss": 0, "worker_rss_private": 0, "tree_rss": 0, "workers": 0}
         self.largest_worker = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> WorkerSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def sample(self) -> bool:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        tree, workers = 0, 0
+        for proc in procs:
             try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                break
-            tree, workers = 0, 0
-            for proc in procs:
-                try:
-                    mem = proc.memory_info()
-                    title = " ".join(proc.cmdline())[:80]
-                except (psutil.Error, OSError):
-                    continue
-                tree += mem.rss
-                if proc.pid == self.root.pid:
-                    self.peak["driver_rss"] = max(self.peak["driver_rss"], mem.rss)
-                elif title.startswith("ray::"):
-                    workers += 1
-                    if mem.rss > self.peak["worker_rss"]:
-                        self.peak["worker_rss"], self.largest_worker = mem.rss, title
-                    self.peak["worker_rss_private"] = max(self.peak["worker_rss_private"], mem.rss - mem.shared)
-            self.peak["tree_rss"] = max(self.peak["tree_rss"], tree)
-            self.peak["workers"] = max(self.peak["workers"], workers)
-            self._stop.wait(SAMPLE_S)
+                mem = proc.memory_info()
+                title = " ".join(proc.cmdline())[:80]
+            except (psutil.Error, OSError):
+                continue
+            tree += mem.rss
+            if proc.pid == self.root.pid:
+                self.peak["driver_rss"] = max(self.peak["driver_rss"], mem.rss)
+            elif title.startswith("ray::"):
+                workers += 1
+                if mem.rss > self.peak["worker_rss"]:
+                    self.peak["worker_rss"], self.largest_worker = mem.rss, title
+                self.peak["worker_rss_private"] = max(self.peak["worker_rss_private"], mem.rss - mem.shared)
+        self.peak["tree_rss"] = max(self.peak["tree_rss"], tree)
+        self.peak["workers"] = max(self.peak["workers"], workers)
+        return True
 
     def report(self) -> dict:
         out = {f"peak_{k}_mib": round(v / 2**20, 1) for k, v in self.peak.items() if k != "workers"}

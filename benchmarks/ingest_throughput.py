@@ -38,7 +38,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from components.data.emoji_corpus import build_corpus, load_corpus  # noqa: E402
 from components.data.loopback_server import LoopbackServer  # noqa: E402
+from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
 URLS = 5000  # URLs in the head-to-head run
@@ -119,51 +119,41 @@ def write_url_list(files: pd.DataFrame, base_url: str, path: Path) -> Path:
     return path
 
 
-class TreeSampler:
+class TreeSampler(PeriodicSampler):
     """Samples RSS (and now and then PSS) of a process and all its descendants on a background thread."""
 
     def __init__(self, pid: int):
+        super().__init__(SAMPLE_S)
         self.root = psutil.Process(pid)
         self.peak = {"rss": 0, "rss_private": 0, "pss": 0, "processes": 0, "largest_process_rss": 0}
         self.largest_name = ""
         self.cpu_seconds: dict[int, float] = {}  # last seen user+system per pid (approximate: misses <0.2 s tails)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.tick = 0
 
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        tick = 0
-        while not self._stop.is_set():
+    def sample(self) -> bool:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        totals = {"rss": 0, "rss_private": 0, "pss": 0, "processes": 0}
+        for proc in procs:
             try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                break
-            totals = {"rss": 0, "rss_private": 0, "pss": 0, "processes": 0}
-            for proc in procs:
-                try:
-                    mem = proc.memory_info()
-                    times = proc.cpu_times()
-                    if tick % PSS_EVERY == 0:
-                        totals["pss"] += _pss(proc.pid)
-                    if mem.rss > self.peak["largest_process_rss"]:
-                        self.peak["largest_process_rss"], self.largest_name = mem.rss, proc.name()
-                except (psutil.Error, OSError):
-                    continue
-                totals["rss"] += mem.rss
-                totals["rss_private"] += mem.rss - mem.shared
-                totals["processes"] += 1
-                self.cpu_seconds[proc.pid] = times.user + times.system
-            for name, value in totals.items():
-                self.peak[name] = max(self.peak[name], value)
-            tick += 1
-            self._stop.wait(SAMPLE_S)
+                mem = proc.memory_info()
+                times = proc.cpu_times()
+                if self.tick % PSS_EVERY == 0:
+                    totals["pss"] += _pss(proc.pid)
+                if mem.rss > self.peak["largest_process_rss"]:
+                    self.peak["largest_process_rss"], self.largest_name = mem.rss, proc.name()
+            except (psutil.Error, OSError):
+                continue
+            totals["rss"] += mem.rss
+            totals["rss_private"] += mem.rss - mem.shared
+            totals["processes"] += 1
+            self.cpu_seconds[proc.pid] = times.user + times.system
+        for name, value in totals.items():
+            self.peak[name] = max(self.peak[name], value)
+        self.tick += 1
+        return True
 
     def report(self) -> dict:
         mib = {f"peak_{k}_mib": round(v / 2**20, 1) for k, v in self.peak.items() if k != "processes"}

@@ -21,11 +21,9 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -35,6 +33,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
 SAMPLES = 7680  # per throughput contender
@@ -98,31 +97,21 @@ def plain_loop(shards: Path, samples: int, batch: int) -> dict:
             "parameters": model.num_parameters()}
 
 
-class WorkerSampler:
-    """Peak RSS per Ray Train worker process (process title "ray::RayTrainWorker..."), sampled in a thread."""
+class WorkerSampler(PeriodicSampler):
+    """Peak RSS per Ray Train worker process (process title "ray::RayTrainWorker...")."""
 
     def __init__(self):
+        super().__init__(SAMPLE_S)
         self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), proc.memory_info().rss)
-                except psutil.Error:
-                    continue
-            self._stop.wait(SAMPLE_S)
+    def sample(self) -> bool:
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), proc.memory_info().rss)
+            except psutil.Error:
+                continue
+        return True
 
 
 def pipeline_run(shards: Path, work: Path, name: str, env: dict, args: list[str]) -> dict:
@@ -147,9 +136,13 @@ def pipeline_run(shards: Path, work: Path, name: str, env: dict, args: list[str]
     def history(metric: str) -> list[float]:
         return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
 
+    # Every log window holds the same number of samples: the run's rate is the harmonic mean of the windows'
+    # rates and its data-wait fraction the time-weighted mean. The first window (warm-up) is left out.
     rates, waits = history("samples_per_second")[1:], history("data_wait_fraction")[1:]
-    return {"samples_per_s": round(statistics.median(rates), 1) if rates else None,
-            "data_wait_fraction": round(statistics.median(waits), 3) if waits else None,
+    seconds = [1 / r for r in rates]
+    return {"samples_per_s": round(len(rates) / sum(seconds), 1) if rates else None,
+            "best_window_samples_per_s": round(max(rates), 1) if rates else None,
+            "data_wait_fraction": round(sum(w * t for w, t in zip(waits, seconds)) / sum(seconds), 3) if rates else None,
             "train_seconds": round(run.data.metrics.get("train_seconds", 0), 1), "wall_s": round(wall, 1),
             "parameters": int(run.data.metrics["model.parameters"]),
             "peak_worker_rss_mib": sorted(round(v / 2**20) for v in sampler.peak.values())}
@@ -192,13 +185,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     plain = results["plain"]["samples_per_s"]
-    print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9}")
+    print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
     print(f"{'(a) plain PyTorch':22} {plain:9.1f} {1:8.2f}")
     for workers in (1, 2):
         r = results[f"ours_{workers}_workers"]
         r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
         print(f"{f'({chr(97 + workers)}) ours, {workers} worker(s)':22} {r['samples_per_s']:9.1f} "
-              f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%}")
+              f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
     if not args.skip_memory:
         zero0, zero3 = (max(results[f"memory_zero{s}"]["peak_worker_rss_mib"]) for s in (0, 3))
         results["memory_ratio_zero3_vs_zero0"] = round(zero3 / zero0, 3)

@@ -265,3 +265,20 @@ def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(tmp_path):
     assert run.data.params["data.source"] == "emoji_http"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
     assert artifacts == {"ingest/manifest.json", "ingest/samples.png"}
+
+
+def test_bad_url_list_is_one_clear_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "text": ["a"]}).to_csv(tmp_path / "pairs.csv", index=False)
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=url_list",
+                           f"data.url_list={tmp_path / 'pairs.csv'}", f"data.output_dir={tmp_path / 'out'}",
+                           "progress=false", "ray.num_cpus=1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ingest: ")]
+    assert len(errors) == 1 and "lacks column(s) ['caption']" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -6,6 +6,7 @@ image arrays and token ids through `get_dataset_shard(...).iter_torch_batches`, 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -147,11 +148,27 @@ def _worker_salt() -> int:
     return os.getpid()
 
 
+@functools.lru_cache(maxsize=4)
+def _preprocessor(spec: BatchSpec) -> Preprocess:
+    return Preprocess(spec)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], spec: BatchSpec) -> dict[str, np.ndarray]:
+    """Preprocess as a plain Ray task: one Preprocess (tokenizer, RNG) per worker process, kept between tasks
+    and epochs. Ray reuses its task workers, so a new epoch starts at once; an actor pool would be started
+    anew for every pass over the data."""
+    return _preprocessor(spec)(batch)
+
+
 def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, Any] | None = None,
-                     preprocess_workers: int | None = None) -> ray.data.Dataset:
-    """The dataset handed to TorchTrainer: shard order randomised, preprocessed by an autoscaling actor pool."""
-    pairs = read_pairs(shard_dir, where).randomize_block_order(seed=spec.seed)
-    compute = ray.data.ActorPoolStrategy(min_size=1, max_size=preprocess_workers) if preprocess_workers else \
-        ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
-    return pairs.map_batches(Preprocess, fn_constructor_kwargs={"spec": spec}, batch_size=64, compute=compute,
-                             num_cpus=0.5)
+                     preprocess_workers: int | None = None, passes: int = 1) -> ray.data.Dataset:
+    """The dataset handed to TorchTrainer: shard order randomised, preprocessed by Ray tasks on any node.
+
+    passes > 1 chains that many passes (each in its own shard order) into one stream, for runs longer than
+    the dataset: each new pass over a Ray Dataset starts a new execution, which costs seconds, and on a small
+    dataset those restarts would dominate. Large datasets need 1."""
+    pairs = read_pairs(shard_dir, where)
+    orders = [pairs.randomize_block_order(seed=spec.seed + i) for i in range(max(1, passes))]
+    pairs = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
+    return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
+                             concurrency=preprocess_workers)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -82,8 +83,11 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
                       font_size=int(getattr(model, "font_size", 16)))
     augment = AugmentConfig(scale=tuple(trainer_cfg.augment.scale), hflip=trainer_cfg.augment.hflip)
     spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
+    # Enough passes for the whole run in one stream (+1: data.train_where keeps only part of the kept rows).
+    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"]
+    passes = math.ceil(trainer_cfg.samples / max(1, kept)) + (1 if cfg.data.get("train_where") else 0)
     dataset = training_dataset(shard_dir, spec_batch, where=_where(cfg.data.get("train_where")),
-                               preprocess_workers=trainer_cfg.preprocess_workers)
+                               preprocess_workers=trainer_cfg.preprocess_workers, passes=passes)
 
     train_config = {
         "task": "contrastive",
