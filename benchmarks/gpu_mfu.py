@@ -71,7 +71,7 @@ def bench_family(family: str, preset: str, batch: int, compile_model: bool) -> d
 
     def step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            image, texts, scale = forward(pixels, text)
+            image, texts, scale, _ = forward(pixels, text)
             loss = loss_fn(image, texts, model.similarity, scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -83,7 +83,7 @@ def bench_family(family: str, preset: str, batch: int, compile_model: bool) -> d
 
     with FlopCounterMode(display=False) as counter:  # eager count of one step: the work, however it is run
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            image, texts, scale = model(pixels, text)
+            image, texts, scale, _ = model(pixels, text)
             loss_fn(image, texts, model.similarity, scale).backward()
     optimizer.zero_grad(set_to_none=True)
     flops_per_step = counter.get_total_flops()

@@ -83,7 +83,7 @@ def plain_loop(shards: Path, samples: int, batch: int) -> dict:
     for step in range(steps):
         started = time.perf_counter()
         index = torch.randint(len(rows), (batch,), generator=generator)
-        image, text, scale = model(normalise(pixels[index], model.image_mean, model.image_std, torch.float32),
+        image, text, scale, _ = model(normalise(pixels[index], model.image_mean, model.image_std, torch.float32),
                                    {"input_ids": encoded["input_ids"][index],
                                     "attention_mask": encoded["attention_mask"][index]})
         loss = loss_fn(image, text, model.similarity, scale)

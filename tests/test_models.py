@@ -85,6 +85,33 @@ def test_export_reloads_to_the_same_embeddings(family, tokenizer, tmp_path):
     assert np.allclose(norms, 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["clip", "filip", "clippo"])
+def test_siglip_bias_trains_and_survives_export(family, tokenizer, tmp_path):
+    from components.train.losses import ContrastiveLoss
+
+    model = _build(family, tokenizer)
+    assert model(*_tiny_inputs(model, tokenizer))[3] is None  # InfoNCE models carry no bias
+    model.add_logit_bias(-10.0)
+    image, text, scale, bias = model(*_tiny_inputs(model, tokenizer))
+    ContrastiveLoss("siglip")(image, text, model.similarity, scale, bias).backward()
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs() > 0
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.25)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert float(loaded.logit_bias) == -7.25
+    assert float(loaded.logit_scale) == pytest.approx(float(model.logit_scale))
+
+
+def _tiny_inputs(model, tokenizer):
+    pixels = torch.randn(4, 3, model.image_size, model.image_size)
+    if model.text_input == "pixels":
+        return pixels, {"text_pixels": torch.randn(4, 3, model.text_image_size, model.text_image_size)}
+    encoded = tokenizer(CAPTIONS[:4], padding="max_length", truncation=True, max_length=model.max_text_length,
+                        return_tensors="pt")
+    return pixels, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
 def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 

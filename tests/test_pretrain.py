@@ -107,21 +107,26 @@ def test_filip_learns_with_token_wise_similarity(shards, tmp_path):
 
 
 def test_zero_stages_0_and_3_in_bf16_train_and_export(shards, tmp_path):
+    """ZeRO-0 with InfoNCE, ZeRO-3 with SigLIP (its bias is one more partitioned parameter)."""
     from components.models.factory import load_model
 
-    for stage in (0, 3):
+    losses = {0: "infonce", 3: "siglip"}
+    for stage, loss in losses.items():
         work = tmp_path / f"zero{stage}"
         work.mkdir()
         run_pipeline(pretrain_args(shards, work, f"deepspeed=zero{stage}", "deepspeed.bf16.enabled=true",
-                                   "trainer.samples=256", "trainer.global_batch=64", "trainer.log_every=1",
-                                   "eval_samples=64", f"mlflow.run_name=zero{stage}"), work, "pretrain_clip", timeout=900)
+                                   f"loss.kind={loss}", "trainer.samples=256", "trainer.global_batch=64",
+                                   "trainer.log_every=1", "eval_samples=64", f"mlflow.run_name=zero{stage}"),
+                     work, "pretrain_clip", timeout=900)
         model = load_model(work / "model")
         assert model.num_parameters() > 1_000_000
+        assert (model.logit_bias is not None) == (loss == "siglip")
     client = MlflowClient()
-    for stage in (0, 3):
+    for stage, loss in losses.items():
         run = client.search_runs([mlflow.get_experiment_by_name("clipforge").experiment_id],
                                  f"attributes.run_name = 'zero{stage}'")[0]
         assert [step for step, _ in loss_curve(client, run)] == [1, 2, 3, 4]
+        assert ("logit_bias" in run.data.metrics) == (loss == "siglip")
 
 
 def test_clippo_trains_end_to_end_without_a_tokenizer(shards, tmp_path):

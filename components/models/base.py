@@ -30,6 +30,10 @@ FORMAT_VERSION = 1
 
 # log(1 / 0.07): CLIP's initial temperature. The loss uses exp(logit_scale), clamped at 100.
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
+# SigLIP (Zhai et al. 2023) starts at scale 10 and bias -10: the sigmoid starts near the prior that almost every
+# pair in a batch is a negative.
+SIGLIP_LOGIT_SCALE_INIT = math.log(10)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,20 +188,59 @@ class ContrastiveModel(nn.Module):
         raise NotImplementedError
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, D] L2-normalised global image embedding (retrieval, zero-shot, pyfunc)."""
-        return self.encode_image(pixel_values)[0]
+        """[B, D] L2-normalised global image embedding (linear probe, pyfunc)."""
+        return self.image_embedding(self.encode_image(pixel_values))
 
     def embed_text(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, D] L2-normalised global text embedding."""
-        return self.encode_text(batch)[0]
+        return self.text_embedding(self.encode_text(batch))
 
-    def forward(self, pixel_values: torch.Tensor,
-                batch: Mapping[str, torch.Tensor]) -> tuple[Features, Features, torch.Tensor]:
-        """Both encoders in one call (what DeepSpeed's engine wraps): (image features, text features, logit_scale).
+    def image_embedding(self, image: Features) -> torch.Tensor:
+        """The global embedding inside already computed image features (dual encoders: the features)."""
+        return image[0]
 
-        logit_scale comes out of forward because under ZeRO-3 a module's own parameters are only gathered
+    def text_embedding(self, text: Features) -> torch.Tensor:
+        return text[0]
+
+    def class_scores(self, image: Features, class_texts: Features, templates: int) -> torch.Tensor:
+        """[n_images, n_classes] zero-shot scores. class_texts: features of n_classes * templates prompts,
+        class-major. Dual encoders average each class's normalised template embeddings and renormalise
+        (CLIP's prompt ensemble); late-interaction families override."""
+        embeddings = self.text_embedding(class_texts)
+        per_class = l2_normalize(embeddings.reshape(-1, templates, embeddings.shape[-1]).mean(dim=1))
+        return self.similarity(image, (per_class,))
+
+    def token_embeddings(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token embeddings in the shared space, for token/patch alignment maps:
+        (patches [B, P, D], text tokens [B, L, D], mask [B, L]), each vector L2-normalised.
+
+        Patches exclude any CLS token and are in row-major grid order; mask is 1.0 for real text tokens (bos and
+        eos included) and 0.0 for padding, whose vectors are zeroed. Families without token-level outputs in
+        the shared space (CLIPPO: no text tokens) raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{self.family} does not expose token-level embeddings")
+
+    def forward(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]
+                ) -> tuple[Features, Features, torch.Tensor, torch.Tensor | None]:
+        """Both encoders in one call (what DeepSpeed's engine wraps):
+        (image features, text features, logit_scale, logit_bias or None).
+
+        The scalars come out of forward because under ZeRO-3 a module's own parameters are only gathered
         inside its forward."""
-        return self.encode_image(pixel_values), self.encode_text(batch), self.logit_scale * 1
+        bias = self.logit_bias
+        return (self.encode_image(pixel_values), self.encode_text(batch), self.logit_scale * 1,
+                None if bias is None else bias * 1)
+
+    # -- SigLIP's logit bias -----------------------------------------------------------------------------------
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The learnable bias of the sigmoid loss, or None (InfoNCE needs none: softmax ignores a shift)."""
+        return self._parameters.get("logit_bias")
+
+    def add_logit_bias(self, init: float = SIGLIP_LOGIT_BIAS_INIT) -> None:
+        # Straight into _parameters: register_parameter refuses a name the class already has (the property).
+        self._parameters["logit_bias"] = nn.Parameter(torch.tensor(float(init)))
 
     # -- conveniences ----------------------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -223,7 +266,8 @@ class ContrastiveModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"family": self.family, "format_version": FORMAT_VERSION, **self.config}
+        config = {"family": self.family, "format_version": FORMAT_VERSION, **self.config,
+                  "logit_bias": self.logit_bias is not None}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_model(self, str(directory / WEIGHTS_NAME))
 
@@ -236,6 +280,8 @@ class ContrastiveModel(nn.Module):
         if config.get("family") != cls.family:
             raise ValueError(f"{directory} holds a {config.get('family')!r} model, not {cls.family!r}")
         model = cls.from_config(config)
+        if config.get("logit_bias"):
+            model.add_logit_bias()  # its value comes with the weights
         load_model(model, str(directory / WEIGHTS_NAME), strict=True)
         return model.eval()
 

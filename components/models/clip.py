@@ -105,12 +105,34 @@ class CLIP(ContrastiveModel):
     def similarity(self, image: Features, text: Features) -> torch.Tensor:
         return image[0] @ text[0].T
 
+    def token_embeddings(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every patch and text token through its tower's pooling-side path (see base.token_embeddings).
+
+        Patches: the vision tower's last hidden states minus CLS, then post_layernorm and visual_projection,
+        as the CLS token is pooled. Tokens: the text tower's last hidden states (already final-layer-normed
+        inside CLIPTextModel) through text_projection, so the eos row equals embed_text.
+        """
+        hidden = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, 1 + P, width]
+        patches = l2_normalize(self.model.visual_projection(self.model.vision_model.post_layernorm(hidden[:, 1:])))
+        input_ids = batch["input_ids"]
+        check_has_eos(input_ids, self.eos_token_id)
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        tokens = l2_normalize(self.model.text_projection(hidden))
+        mask = attention_mask.to(tokens.dtype)
+        return patches, tokens * mask.unsqueeze(-1), mask
+
     # -- persistence: the transformers format + side files ----------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
         side = {"family": self.family, "format_version": FORMAT_VERSION,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        if self.logit_bias is not None:  # SigLIP-trained: CLIPModel has no slot for the bias
+            side["logit_bias"] = self.logit_bias.item()
         (directory / SIDE_FILE).write_text(json.dumps(side, indent=2) + "\n")
         (directory / PREPROCESSOR_FILE).write_text(json.dumps(self._preprocessor_config(), indent=2) + "\n")
 
@@ -129,7 +151,12 @@ class CLIP(ContrastiveModel):
 
         model = CLIPModel.from_pretrained(str(directory))
         mean, std = _read_normalisation(directory)
-        return cls(model, mean, std).eval()
+        clip = cls(model, mean, std)
+        side = _find_file(directory, SIDE_FILE)
+        bias = json.loads(Path(side).read_text()).get("logit_bias") if side else None
+        if bias is not None:
+            clip.add_logit_bias(bias)
+        return clip.eval()
 
 
 def _read_normalisation(source: str | Path) -> tuple[Any, Any]:

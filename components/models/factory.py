@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from components.models.base import CONFIG_NAME, ContrastiveModel
+import torch
+
+from components.models.base import CONFIG_NAME, SIGLIP_LOGIT_SCALE_INIT, ContrastiveModel
 from components.models.clip import CLIP, SIDE_FILE
 from components.models.clippo import CLIPPO
 from components.models.filip import FILIP
@@ -26,7 +28,7 @@ def family_class(family: str) -> type[ContrastiveModel]:
 
 
 def build_model(family: str, preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None,
-                pretrained: str | None = None, **overrides: Any) -> ContrastiveModel:
+                pretrained: str | None = None, logit_bias: float | None = None, **overrides: Any) -> ContrastiveModel:
     """A model of `family` at `preset` (random init), or from `pretrained`.
 
     vocab_size: the tokenizer's (tokens families); image_size: the data's (default: the preset's).
@@ -34,9 +36,17 @@ def build_model(family: str, preset: str = "tiny", vocab_size: int | None = None
     filip: embed_dim, token_topk_fraction; clippo: text_image_size, font_size; all: image_mean, image_std),
     and tower config fields: bare (hidden_size=256 -> every tower), per tower (vision_config={...},
     text_config={...}), or projection_dim (clip, clippo).
+    logit_bias: for SigLIP's sigmoid loss, a learnable bias with this initial value (-10), and the scale starts
+    at SigLIP's 10 instead of CLIP's 1/0.07 (unless the weights are pretrained).
     """
-    return family_class(family).build(preset=preset, vocab_size=vocab_size, image_size=image_size,
-                                      pretrained=pretrained, **overrides)
+    model = family_class(family).build(preset=preset, vocab_size=vocab_size, image_size=image_size,
+                                       pretrained=pretrained, **overrides)
+    if logit_bias is not None:
+        if not pretrained:
+            with torch.no_grad():
+                model.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
+        model.add_logit_bias(logit_bias)
+    return model
 
 
 def build_model_from_config(cfg: Mapping[str, Any], **kwargs: Any) -> ContrastiveModel:

@@ -208,12 +208,22 @@ class FILIP(ContrastiveModel):
         """(s^I, s^T): image-to-text and text-to-image token-wise similarities, each [n_images, n_texts]."""
         return similarity_pair(image[0], text[0], text[1])
 
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return masked_mean_embedding(self.encode_image(pixel_values)[0])
+    def token_embeddings(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FILIP's features are already per token (CLS dropped, projected, normalised, padding zeroed)."""
+        (patches,), (tokens, mask) = self.encode_image(pixel_values), self.encode_text(batch)
+        return patches, tokens, mask
 
-    def embed_text(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        tokens, mask = self.encode_text(batch)
-        return masked_mean_embedding(tokens, mask)
+    def image_embedding(self, image: Features) -> torch.Tensor:
+        return masked_mean_embedding(image[0])
+
+    def text_embedding(self, text: Features) -> torch.Tensor:
+        return masked_mean_embedding(text[0], text[1])
+
+    def class_scores(self, image: Features, class_texts: Features, templates: int) -> torch.Tensor:
+        """Token-wise features cannot be averaged across prompts: the ensemble averages the similarities."""
+        scores = self.similarity(image, class_texts)
+        return scores.reshape(scores.shape[0], -1, templates).mean(dim=-1)
 
     # -- FILIP's token selection for the loss ------------------------------------------------------------------
     def select_tokens(self, image: Features, text: Features,

@@ -14,6 +14,7 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, family_class
 from components.runtime import path
 from components.tracking import mlflow_runs
@@ -53,6 +54,8 @@ def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
     cls = family_class(model_cfg["family"])
     spec = {k: v for k, v in model_cfg.items() if k not in ("overrides", *cls.data_knobs)}
     spec.update(model_cfg.get("overrides") or {})
+    if cfg.loss.kind == "siglip":
+        spec["logit_bias"] = SIGLIP_LOGIT_BIAS_INIT
     if tokenizer is not None:
         spec.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -50,12 +50,16 @@ class ContrastiveTask:
         pixel_values, text = model_inputs(self.model, batch, engine_dtype(engine))
         # Through engine(...): under ZeRO-3 the top module's own parameters (logit_scale) are only gathered
         # inside its forward.
-        image, text_features, logit_scale = engine(pixel_values, text)
+        image, text_features, logit_scale, logit_bias = engine(pixel_values, text)
         select_tokens = getattr(self.model, "select_tokens", None)  # FILIP: top-k% tokens, before the gather
         if select_tokens is not None:
             image, text_features = select_tokens(image, text_features)
-        loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float())
-        return loss, {"logit_scale": float(logit_scale.float().exp().clamp(max=self.loss.max_logit_scale))}
+        loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float(),
+                         None if logit_bias is None else logit_bias.float())
+        metrics = {"logit_scale": float(logit_scale.float().exp().clamp(max=self.loss.max_logit_scale))}
+        if logit_bias is not None:
+            metrics["logit_bias"] = float(logit_bias.float())
+        return loss, metrics
 
 
 def build_contrastive(config: dict[str, Any]) -> ContrastiveTask:
