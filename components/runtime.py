@@ -27,6 +27,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def route_overrides(argv: list[str], routes: dict[str, str], conf_dir: Path, keep_choices: tuple[str, ...] = ()
+                    ) -> list[str]:
+    """Let `name=value` on the command line mean a value where `name` is also a Hydra config group.
+
+    Hydra reads `data=...` as a choice of conf/data/*.yaml; for `python pipelines/evaluate.py data=<shard dir>`
+    the argument becomes `routes[name]=value` instead, unless `name` is in `keep_choices` and the value names
+    one of its group's options (then it stays a group choice: `data=emoji_local`)."""
+    routed = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if sep and name in routes and not (name in keep_choices and (conf_dir / name / f"{value}.yaml").is_file()):
+            arg = f"{routes[name]}={value}"
+        routed.append(arg)
+    return routed
+
+
 def path(value: str | os.PathLike) -> Path:
     """A config path relative to where the user launched the pipeline (Hydra may change the cwd)."""
     return Path(to_absolute_path(str(value)))

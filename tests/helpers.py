@@ -36,6 +36,13 @@ def read_shards(shard_dir: Path) -> list[dict]:
     return [samples[k] for k in sorted(samples)]
 
 
+def pretrain_args(shards: Path, work: Path, *extra: str) -> list[str]:
+    """pipelines/pretrain_clip.py arguments that keep every output of a run under `work`."""
+    return ["data=emoji_local", f"data.output_dir={shards}", f"export_dir={work / 'model'}",
+            f"tokenizer.save_dir={work / 'tokenizers'}", f"trainer.storage_path={work / 'ray'}",
+            "progress=false", f"hydra.run.dir={work / 'hydra'}", *extra]
+
+
 def caption_length_score(images: list[bytes], captions: list[str]) -> list[float]:
     """A stand-in scorer for the model-score hook: the caption's length."""
     return [float(len(c)) for c in captions]

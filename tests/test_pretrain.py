@@ -19,31 +19,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, run_pipeline
+from tests.helpers import REPO, pretrain_args, run_pipeline
 
 pytestmark = pytest.mark.slow
-
-CONCEPTS = 900  # of ~1870: ~1440 training images, ~180 held-out captions
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """The built-in corpus (local bytes, no HTTP: the download path has its own tests), ingested once."""
-    work = tmp_path_factory.mktemp("pretrain_data")
-    out = work / "shards"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
-                    f"data.corpus_dir={work / 'corpus'}", f"data.limit={CONCEPTS}", f"data.output_dir={out}",
-                    "progress=false", f"hydra.run.dir={work / 'hydra'}"], check=True, cwd=work, env=env,
-                   capture_output=True, timeout=600)
-    return out
-
-
-def pretrain_args(shards: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["data=emoji_local", f"data.output_dir={shards}", f"export_dir={tmp_path / 'model'}",
-            f"tokenizer.save_dir={tmp_path / 'tokenizers'}", f"trainer.storage_path={tmp_path / 'ray'}",
-            "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
-
 
 def finished_run(family: str):
     client = MlflowClient()
@@ -68,10 +46,10 @@ def assert_learned(family: str, min_ratio: float) -> None:
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
 
 
-def test_clip_learns_exports_for_transformers_and_registers(shards, tmp_path):
+def test_clip_learns_exports_for_transformers_and_registers(pretrained_clip, monkeypatch):
     # Measured here: R@5 0.076 against chance 0.026 after 75 steps (2.9x chance); FILIP 0.089 (3.4x).
-    out = run_pipeline(pretrain_args(shards, tmp_path, "trainer.samples=9600"), tmp_path, "pretrain_clip", timeout=900)
-    assert "held-out retrieval" in out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pretrained_clip.tracking_uri)
+    assert "held-out retrieval" in pretrained_clip.output
     assert_learned("clip", min_ratio=2.0)
 
     import torch
@@ -80,7 +58,7 @@ def test_clip_learns_exports_for_transformers_and_registers(shards, tmp_path):
     from components.models.factory import load_model
     from components.models.inference import embed_texts
 
-    export = tmp_path / "model"
+    export = pretrained_clip.work / "model"
     plain, tokenizer = CLIPModel.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
     ours = load_model(export)
     captions = ["grinning face", "red apple", "flag: japan"]
@@ -100,13 +78,13 @@ def test_clip_learns_exports_for_transformers_and_registers(shards, tmp_path):
     assert np.allclose(np.stack(predicted["text_embedding"].to_list()), plain_embeddings, atol=1e-5)
 
 
-def test_filip_learns_with_token_wise_similarity(shards, tmp_path):
-    run_pipeline(pretrain_args(shards, tmp_path, "model=filip", "trainer.samples=7680"), tmp_path, "pretrain_clip",
+def test_filip_learns_with_token_wise_similarity(emoji_shards, tmp_path):
+    run_pipeline(pretrain_args(emoji_shards, tmp_path, "model=filip", "trainer.samples=7680"), tmp_path, "pretrain_clip",
                  timeout=900)
     assert_learned("filip", min_ratio=2.0)
 
 
-def test_zero_stages_0_and_3_in_bf16_train_and_export(shards, tmp_path):
+def test_zero_stages_0_and_3_in_bf16_train_and_export(emoji_shards, tmp_path):
     """ZeRO-0 with InfoNCE, ZeRO-3 with SigLIP (its bias is one more partitioned parameter)."""
     from components.models.factory import load_model
 
@@ -114,7 +92,7 @@ def test_zero_stages_0_and_3_in_bf16_train_and_export(shards, tmp_path):
     for stage, loss in losses.items():
         work = tmp_path / f"zero{stage}"
         work.mkdir()
-        run_pipeline(pretrain_args(shards, work, f"deepspeed=zero{stage}", "deepspeed.bf16.enabled=true",
+        run_pipeline(pretrain_args(emoji_shards, work, f"deepspeed=zero{stage}", "deepspeed.bf16.enabled=true",
                                    f"loss.kind={loss}", "trainer.samples=256", "trainer.global_batch=64",
                                    "trainer.log_every=1", "eval_samples=64", f"mlflow.run_name=zero{stage}"),
                      work, "pretrain_clip", timeout=900)
@@ -129,10 +107,10 @@ def test_zero_stages_0_and_3_in_bf16_train_and_export(shards, tmp_path):
         assert ("logit_bias" in run.data.metrics) == (loss == "siglip")
 
 
-def test_clippo_trains_end_to_end_without_a_tokenizer(shards, tmp_path):
+def test_clippo_trains_end_to_end_without_a_tokenizer(emoji_shards, tmp_path):
     from components.models.factory import load_model
 
-    run_pipeline(pretrain_args(shards, tmp_path, "model=clippo", "trainer.samples=512", "eval_samples=64"),
+    run_pipeline(pretrain_args(emoji_shards, tmp_path, "model=clippo", "trainer.samples=512", "eval_samples=64"),
                  tmp_path, "pretrain_clip", timeout=900)
     model = load_model(tmp_path / "model")
     assert model.family == "clippo" and not (tmp_path / "model" / "tokenizer.json").exists()
@@ -144,8 +122,8 @@ def _train_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_killed_worker_resumes_from_checkpoint_without_resetting_the_step(shards, tmp_path):
-    args = pretrain_args(shards, tmp_path, "trainer.samples=3840", "trainer.checkpoint_every=10",
+def test_killed_worker_resumes_from_checkpoint_without_resetting_the_step(emoji_shards, tmp_path):
+    args = pretrain_args(emoji_shards, tmp_path, "trainer.samples=3840", "trainer.checkpoint_every=10",
                          "trainer.log_every=2", "eval_samples=64")
     process = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "pretrain_clip.py"), *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,7 +155,7 @@ def test_killed_worker_resumes_from_checkpoint_without_resetting_the_step(shards
     checkpoint = run.data.tags["checkpoint"]
     longer = tmp_path / "longer"
     longer.mkdir()
-    out = run_pipeline(pretrain_args(shards, longer, "trainer.samples=4480", "trainer.log_every=1",
+    out = run_pipeline(pretrain_args(emoji_shards, longer, "trainer.samples=4480", "trainer.log_every=1",
                                      f"trainer.resume_from={checkpoint}", "eval_samples=64",
                                      "mlflow.run_name=longer"), longer, "pretrain_clip", timeout=900)
     assert "resumed from step 30" in out and "35 steps" in out, out[-3000:]

@@ -37,11 +37,13 @@ def start_run(
     run_name: str,
     experiment: str = DEFAULT_EXPERIMENT,
     tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open a run; nested under the active run or the run named by CLIPFORGE_PARENT_RUN_ID."""
+    """Open a run; nested under the active run, else the run named by CLIPFORGE_PARENT_RUN_ID (an orchestrator's),
+    else `parent_run_id` (e.g. the training run of the model an evaluation reads)."""
     configure(experiment)
     parent = mlflow.active_run()
-    parent_id = parent.info.run_id if parent else os.environ.get(PARENT_RUN_ENV)
+    parent_id = parent.info.run_id if parent else os.environ.get(PARENT_RUN_ENV) or parent_run_id
     with mlflow.start_run(run_name=run_name, nested=parent is not None, parent_run_id=parent_id, tags=dict(tags or {})) as run:
         yield run
 

@@ -1,0 +1,328 @@
+"""The evaluators: each a function `task(context, settings) -> TaskOutput`, registered by name in TASKS.
+
+Evaluators see a model only through the family-independent interface (`similarity`, `class_scores`,
+`image_embedding`, `token_embeddings`) and features read block by block from EmbeddingStores, so none of them
+branches on the family and none holds more than a block of features.
+
+Results follow CLIP_benchmark's shape: {"dataset", "model", "task", "metrics", "language"}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.eval import metrics as M
+from components.eval.store import EmbeddingStore
+
+
+@dataclass
+class EvalContext:
+    """What every evaluator may use. `embed_texts` / `embed_rows` give stores filled by Ray Data batch inference."""
+
+    model: Any  # ContrastiveModel, on the driver, eval mode
+    tokenizer: Any
+    images: EmbeddingStore  # the evaluated rows
+    dataset: str
+    model_name: str
+    embed_texts: Callable[[list[str], str], EmbeddingStore]  # (texts, cache name) -> store with `text_index`
+    embed_rows: Callable[[str, Any], EmbeddingStore]  # (name, where or a row transform) -> image store
+    sample_rows: Callable[[int], list[dict]]  # the first n evaluated rows with their image bytes
+    block: int = 256
+
+
+@dataclass
+class TaskOutput:
+    results: list[dict] = field(default_factory=list)
+    images: dict[str, Any] = field(default_factory=dict)  # artifact name -> PIL image
+
+
+def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.asarray(a)) for a in arrays)
+
+
+@torch.no_grad()
+def _text_features(context: EvalContext, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """Features of a few texts (prompts), computed on the driver."""
+    from components.models.inference import text_features
+
+    return text_features(context.model, context.tokenizer, texts)
+
+
+def _result(context: EvalContext, task: str, metrics: dict, language: str = "en") -> dict:
+    return {"dataset": context.dataset, "model": context.model_name, "task": task,
+            "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+            "language": language}
+
+
+def _labels(store: EmbeddingStore, name: str) -> list[str]:
+    column = f"label_{name}"
+    try:
+        return [str(v) for v in store.meta_column(column)]
+    except KeyError:
+        raise ValueError(f"label {name!r} is not among the data's labels: add it under fields.labels") from None
+
+
+# -- zero-shot classification ------------------------------------------------------------------------------------
+def _class_index(labels: list[str], classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(label, -1) for label in labels])
+
+
+@torch.no_grad()
+def zero_shot_scores(context: EvalContext, store: EmbeddingStore, labels: np.ndarray, classes: list[str],
+                     templates: list[str]) -> M.ClassificationAccumulator:
+    prompts = [template.format(name) for name in classes for template in templates]
+    class_features = _text_features(context, prompts)
+    accumulator = M.ClassificationAccumulator(len(classes))
+    for start, stop in store.blocks(context.block):
+        scores = context.model.class_scores(_tensors(store.features(start, stop)), class_features, len(templates))
+        keep = labels[start:stop] >= 0
+        accumulator.update(scores.float().numpy()[keep], labels[start:stop][keep])
+    return accumulator
+
+
+def _classes(labels: list[str]) -> list[str]:
+    classes = sorted({label for label in labels if label})
+    if len(classes) < 2:
+        raise ValueError(f"zero-shot classification needs at least 2 classes, found {len(classes)}")
+    return classes
+
+
+def zeroshot_classification(context: EvalContext, settings: dict) -> TaskOutput:
+    from components.eval.plots import confusion_matrix_plot
+
+    labels = _labels(context.images, settings["label"])
+    classes = _classes(labels)
+    accumulator = zero_shot_scores(context, context.images, _class_index(labels, classes), classes,
+                                   list(settings["templates"]))
+    metrics = {**accumulator.result(), "classes": len(classes), "templates": len(settings["templates"])}
+    plot = confusion_matrix_plot(accumulator.confusion_matrix(), classes)
+    return TaskOutput([_result(context, "zeroshot_classification", metrics)], {"zeroshot_confusion.png": plot})
+
+
+# -- retrieval ---------------------------------------------------------------------------------------------------
+def caption_lists_relevance(caption_lists: list[list[str]]) -> tuple[list[str], list[set[int]], list[set[int]]]:
+    """(unique texts, texts of each image, images of each text): images sharing a caption share its text row."""
+    unique: dict[str, int] = {}
+    image_texts = [{unique.setdefault(c, len(unique)) for c in captions} for captions in caption_lists]
+    text_images: list[set[int]] = [set() for _ in unique]
+    for image, texts in enumerate(image_texts):
+        for text in texts:
+            text_images[text].add(image)
+    return list(unique), image_texts, text_images
+
+
+@torch.no_grad()
+def retrieval_metrics(context: EvalContext, caption_lists: list[list[str]], cache_name: str,
+                      ks=(1, 5, 10)) -> tuple[dict, EmbeddingStore, list[str], list[set[int]]]:
+    """R@k both ways, mean/median rank, over rows that have captions (blockwise: bounded memory)."""
+    rows = [i for i, captions in enumerate(caption_lists) if captions]
+    if not rows:
+        raise ValueError(f"retrieval ({cache_name}): no row has a caption")
+    texts, image_texts, text_images = caption_lists_relevance([caption_lists[i] for i in rows])
+    text_store = context.embed_texts(texts, cache_name)
+    # Store rows arrive in any order: map text index -> store row.
+    position = np.empty(len(texts), dtype=np.int64)
+    position[np.asarray(text_store.meta_column("text_index"))] = np.arange(len(text_store))
+    images = context.images
+    row_array = np.asarray(rows)
+
+    def image_block(start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        selected = row_array[start:stop]
+        lo, hi = int(selected.min()), int(selected.max()) + 1
+        return tuple(t[selected - lo] for t in _tensors(images.features(lo, hi)))
+
+    def text_block(start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        return _tensors(text_store.features(start, stop))
+
+    def image_to_text(q: slice, t: slice) -> np.ndarray:
+        return context.model.similarity(image_block(q.start, q.stop), text_block(t.start, t.stop)).float().numpy()
+
+    def text_to_image(q: slice, t: slice) -> np.ndarray:
+        return image_to_text(t, q).T
+
+    texts_of_image = [{int(position[t]) for t in s} for s in image_texts]
+    images_of_text = [set() for _ in texts]
+    for text, owners in enumerate(text_images):
+        images_of_text[int(position[text])] = owners
+    metrics = {}
+    for prefix, fn, n_queries, n_targets, relevant in (
+            ("image_to_text", image_to_text, len(rows), len(texts), texts_of_image),
+            ("text_to_image", text_to_image, len(texts), len(rows), images_of_text)):
+        ranks = M.retrieval_ranks_blockwise(fn, n_queries, n_targets, relevant, block=context.block)
+        metrics.update(M.retrieval_metrics_from_ranks(ranks, ks, prefix=prefix))
+    metrics.update(images=len(rows), texts=len(texts), chance_image_to_text_R5=min(1.0, 5 / len(texts)))
+    return metrics, text_store, texts, texts_of_image
+
+
+def _captions(store: EmbeddingStore) -> list[list[str]]:
+    return [json.loads(c) for c in store.meta_column("captions")]
+
+
+@torch.no_grad()
+def _query_grid(context: EvalContext, text_store: EmbeddingStore, texts_of_image: list[set[int]], count: int = 4):
+    """Top-5 texts for the first `count` images (green: a caption of the image)."""
+    from components.eval.plots import retrieval_grid
+
+    samples = context.sample_rows(count)
+    stored_texts = text_store.meta_column("text")
+    results = []
+    for sample in samples:
+        row = sample["store_row"]
+        image_features = _tensors(context.images.features(row, row + 1))
+        scores = np.concatenate([context.model.similarity(image_features, _tensors(text_store.features(a, b)))
+                                 .float().numpy()[0] for a, b in text_store.blocks(4096)])
+        top = np.argsort(-scores, kind="stable")[:5]
+        results.append([(stored_texts[t], int(t) in texts_of_image[row]) for t in top])
+    return retrieval_grid([(s["image"], ", ".join(json.loads(s["captions"]))) for s in samples], results)
+
+
+def retrieval(context: EvalContext, settings: dict) -> TaskOutput:
+    captions = _captions(context.images)
+    metrics, text_store, _, texts_of_image = retrieval_metrics(context, captions, "captions")
+    output = TaskOutput([_result(context, "zeroshot_retrieval", metrics)])
+    # The grid indexes relevance by store row: only when every row has captions (then rows == store rows).
+    if all(captions):
+        output.images["retrieval_grid.png"] = _query_grid(context, text_store, texts_of_image,
+                                                          settings.get("grid_queries", 4))
+    return output
+
+
+def _languages(images: EmbeddingStore, settings: dict) -> list[str]:
+    languages = settings.get("languages") or [c.removeprefix("lang_") for c in _meta_columns(images)
+                                              if c.startswith("lang_")]
+    if not languages:
+        raise ValueError("multilingual retrieval: no caption languages configured (fields.languages)")
+    return languages
+
+
+def _language_captions(images: EmbeddingStore, code: str) -> list[list[str]]:
+    return [[c] if c else [] for c in images.meta_column(f"lang_{code}")]
+
+
+def caption_sets(images: EmbeddingStore, tasks: list[str], task_settings: dict) -> dict[str, list[str]]:
+    """The unique texts each retrieval-style task will score, by text-store name: the runner embeds them all
+    in one pass before the tasks run."""
+    lists = {}
+    if "retrieval" in tasks:
+        lists["captions"] = _captions(images)
+    if "multilingual_retrieval" in tasks:
+        for code in _languages(images, task_settings.get("multilingual_retrieval") or {}):
+            lists[f"lang_{code}"] = _language_captions(images, code)
+    return {name: caption_lists_relevance([c for c in captions if c])[0] for name, captions in lists.items()}
+
+
+def multilingual_retrieval(context: EvalContext, settings: dict) -> TaskOutput:
+    from components.eval.plots import language_bar_chart
+
+    output, headline = TaskOutput(), settings.get("metric", "image_to_text_R5")
+    chart: dict[str, float] = {}
+    for code in _languages(context.images, settings):
+        metrics, *_ = retrieval_metrics(context, _language_captions(context.images, code), f"lang_{code}")
+        output.results.append(_result(context, "multilingual_retrieval", metrics, language=code))
+        chart[code] = metrics[headline]
+    output.images["multilingual_retrieval.png"] = language_bar_chart(chart, headline)
+    return output
+
+
+def _meta_columns(store: EmbeddingStore) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(store.directory / "chunk_00000.meta.parquet").names
+
+
+# -- linear probe --------------------------------------------------------------------------------------------
+def linear_probe(context: EvalContext, settings: dict) -> TaskOutput:
+    train = context.embed_rows("probe_train", settings["train_where"])
+    label = settings["label"]
+    train_y, test_y = _labels(train, label), _labels(context.images, label)
+    train_x = np.concatenate([train.embeddings(a, b) for a, b in train.blocks(4096)])
+    test_x = np.concatenate([context.images.embeddings(a, b) for a, b in context.images.blocks(4096)])
+    output = TaskOutput()
+    for shots in [None, *settings.get("shots", [])]:
+        metrics = M.linear_probe(train_x, np.asarray(train_y), test_x, np.asarray(test_y), shots=shots,
+                                 seed=settings.get("seed", 0), c_values=tuple(settings.get("c_values", (0.1, 1, 10))),
+                                 max_iter=settings.get("max_iter", 300))
+        task = "linear_probe" if shots is None else f"linear_probe_{shots}shot"
+        output.results.append(_result(context, task, {**metrics, "label": label}))
+    return output
+
+
+# -- typographic attack ----------------------------------------------------------------------------------------
+class AttackRows:
+    """map_batches transform: write a wrong class name on each labelled image (Unifont, see typographic.py)."""
+
+    def __init__(self, classes: list[str], label_column: str, seed: int):
+        self.classes, self.label_column, self.seed = classes, label_column, seed
+
+    def __call__(self, batch):
+        import zlib
+
+        from components.eval.typographic import attack_image, wrong_labels
+
+        index = {c: i for i, c in enumerate(self.classes)}
+        labelled = [i for i, label in enumerate(batch[self.label_column]) if label in index]
+        if not labelled:
+            return batch
+        # A seed per batch from its first image: the same rows get the same wrong names on every run.
+        seed = self.seed + zlib.crc32(bytes(batch["image"].iloc[labelled[0]][:4096]))
+        wrong = wrong_labels(np.array([index[batch[self.label_column].iloc[i]] for i in labelled]),
+                             len(self.classes), seed)
+        images = batch["image"].tolist()
+        for row, cls in zip(labelled, wrong):
+            images[row] = attack_image(images[row], self.classes[int(cls)])
+        batch["image"] = images
+        return batch
+
+
+def typographic_attack(context: EvalContext, settings: dict) -> TaskOutput:
+    """Zero-shot accuracy on clean images vs the same images with a wrong class name written on them."""
+    label = settings["label"]
+    labels = _labels(context.images, label)
+    classes = _classes(labels)
+    templates = list(settings["templates"])
+    clean = zero_shot_scores(context, context.images, _class_index(labels, classes), classes, templates).result()
+    attacked_store = context.embed_rows("typographic", AttackRows(classes, f"label_{label}", settings.get("seed", 0)))
+    attacked_labels = _labels(attacked_store, label)
+    attacked = zero_shot_scores(context, attacked_store, _class_index(attacked_labels, classes), classes,
+                                templates).result()
+    metrics = {"clean_acc1": clean["acc1"], "attacked_acc1": attacked["acc1"],
+               "acc1_drop": clean["acc1"] - attacked["acc1"], "classes": len(classes)}
+    return TaskOutput([_result(context, "typographic_attack", metrics)])
+
+
+# -- token/patch alignment maps ---------------------------------------------------------------------------------
+def alignment_maps(context: EvalContext, settings: dict) -> TaskOutput:
+    from components.eval.alignment import alignment_maps as maps_for, token_strings
+    from components.eval.plots import alignment_map_figure
+    from components.models.inference import image_tensor, text_inputs
+
+    model, output = context.model, TaskOutput()
+    for index, row in enumerate(context.sample_rows(settings.get("pairs", 3))):
+        caption = (json.loads(row["captions"]) or [""])[0]
+        inputs = text_inputs(model, context.tokenizer, [caption])
+        try:
+            token_index, maps = maps_for(model, image_tensor(model, [row["image"]]), inputs)
+        except NotImplementedError as error:
+            print(f"[evaluate] alignment maps skipped: {error}", flush=True)
+            return output
+        pieces = token_strings(context.tokenizer, inputs["input_ids"][0])
+        words = [pieces[i] for i in token_index]
+        output.images[f"alignment_{index}.png"] = alignment_map_figure(row["image"], words, maps)
+    return output
+
+
+TASKS: dict[str, Callable[[EvalContext, dict], TaskOutput]] = {
+    "zeroshot_classification": zeroshot_classification,
+    "retrieval": retrieval,
+    "linear_probe": linear_probe,
+    "multilingual_retrieval": multilingual_retrieval,
+    "typographic_attack": typographic_attack,
+    "alignment_maps": alignment_maps,
+}

@@ -1,0 +1,83 @@
+"""Evaluate any registered or exported model on any shards: zero-shot classification, retrieval, linear probe,
+multilingual retrieval, typographic attack and token alignment maps.
+
+    python pipelines/evaluate.py                                       # the latest clipforge-clip, built-in corpus
+    python pipelines/evaluate.py model=models:/clipforge-filip/1 tasks=[retrieval,zeroshot_classification]
+    python pipelines/evaluate.py model=data/models/clip data=/data/my_shards fields=webdataset \\
+        where={} tasks=[retrieval]
+
+Steps: resolve the model (MLflow registry / run / directory) -> read the rows with Ray Data -> embed images
+(and texts) with model actors, streamed to disk -> each task blockwise -> results JSON (CLIP_benchmark's shape)
++ plots -> an MLflow run nested under the model's training run, headline metrics as registry version tags.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from components.runtime import init_ray, one_line_errors, path, route_overrides
+from components.tracking import mlflow_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors("evaluate", ValueError, FileNotFoundError, KeyError):
+        evaluate(cfg)
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    from components.eval import runner
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    data = path(cfg.data_path or cfg.data.output_dir)
+    settings["dataset_name"] = cfg.dataset_name or data.name
+    # A corpus knows its held-out and training rows; other data is evaluated whole unless `where` says.
+    corpus = not cfg.data_path
+    if settings["where"] is None:
+        settings["where"] = dict(cfg.data.get("eval_where") or {}) if corpus else {}
+    probe = settings["task_settings"].get("linear_probe") or {}
+    if probe.get("train_where") is None:
+        probe["train_where"] = dict(cfg.data.get("train_where") or {}) if corpus else {}
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    mlflow_runs.configure(cfg.mlflow.experiment)
+    scratch = runner.scratch_dir()
+    try:
+        model = runner.resolve_model(str(cfg.model_uri), scratch / "model")
+        out_dir = path(cfg.output_dir) if cfg.output_dir else Path.cwd()
+        tags = {"stage": "evaluate", "model_uri": model.uri, "dataset": settings["dataset_name"]}
+        with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags=tags,
+                                   parent_run_id=model.run_id) as run:
+            mlflow_runs.log_params(settings)
+            results = runner.evaluate(settings, data, model, scratch, progress=cfg.progress)
+            headline = runner.headline_metrics(results)
+            mlflow_runs.log_metrics(headline)
+            results_dir = out_dir / "results"
+            if results_dir.resolve() != (scratch / "results").resolve():
+                shutil.copytree(scratch / "results", results_dir, dirs_exist_ok=True)
+            import mlflow
+
+            mlflow.log_artifacts(str(results_dir), artifact_path="evaluation")
+        if model.registered:
+            client = MlflowClient()
+            for key, value in headline.items():
+                client.set_model_version_tag(*model.registered, f"eval.{key}", f"{value:.4f}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(runner.results_table(results))
+    print(f"results: {results_dir}  MLflow run {run.info.run_id} at {mlflow_runs.tracking_uri()}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    sys.argv = route_overrides(sys.argv, {"model": "model_uri", "data": "data_path"}, REPO / "conf",
+                               keep_choices=("data",))
+    main()

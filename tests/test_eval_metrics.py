@@ -1,0 +1,245 @@
+"""components/eval/metrics.py against brute-force references written here, on small random data with ties.
+
+Scores are rounded to one decimal so ties between relevant and irrelevant candidates are common; the blockwise
+retrieval uses blocks that are smaller than the matrix and do not divide it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.eval.metrics import (
+    ClassificationAccumulator,
+    few_shot_indices,
+    linear_probe,
+    retrieval_metrics_from_ranks,
+    retrieval_ranks_blockwise,
+)
+from components.eval.retrieval import ranks_of_first_hit, retrieval_metrics
+
+N_IMAGES, N_TEXTS = 37, 53
+
+
+def tied_scores(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    return np.round(rng.uniform(-1, 1, size=shape), 1)
+
+
+def random_relevance(rng: np.random.Generator, n_queries: int, n_targets: int, most: int = 4) -> list[set[int]]:
+    return [set(rng.choice(n_targets, size=rng.integers(1, most + 1), replace=False).tolist())
+            for _ in range(n_queries)]
+
+
+def brute_force_ranks(similarity: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
+    ranks = []
+    for query, targets in enumerate(relevant):
+        best = max(similarity[query, t] for t in targets)
+        ahead = sum(1 for t in range(similarity.shape[1])
+                    if similarity[query, t] > best or (similarity[query, t] == best and t not in targets))
+        ranks.append(ahead + 1)
+    return np.array(ranks)
+
+
+def block_reader(similarity: np.ndarray, shapes_seen: list[tuple[int, int]] | None = None):
+    def score_block(queries: slice, targets: slice) -> np.ndarray:
+        block = similarity[queries, targets].copy()  # a copy, as a model would compute it
+        if shapes_seen is not None:
+            shapes_seen.append(block.shape)
+        return block
+    return score_block
+
+
+@pytest.mark.parametrize("block", [8, 16, 256])
+def test_blockwise_ranks_match_brute_force_with_ties(block):
+    rng = np.random.default_rng(block)
+    similarity = tied_scores(rng, (N_IMAGES, N_TEXTS))
+    relevant = random_relevance(rng, N_IMAGES, N_TEXTS)
+    shapes_seen: list[tuple[int, int]] = []
+
+    ranks = retrieval_ranks_blockwise(block_reader(similarity, shapes_seen), N_IMAGES, N_TEXTS, relevant, block=block)
+
+    expected = brute_force_ranks(similarity, relevant)
+    assert ranks.dtype == np.int64
+    np.testing.assert_array_equal(ranks, expected)
+    np.testing.assert_array_equal(ranks, ranks_of_first_hit(similarity, relevant))
+    # Ties must have been exercised, or the comparison says nothing about the tie rule.
+    assert any((similarity[q] == similarity[q, sorted(t)].max()).sum() > 1 for q, t in enumerate(relevant))
+    assert max(rows for rows, _ in shapes_seen) <= block and max(cols for _, cols in shapes_seen) <= block
+
+
+def test_blockwise_ranks_float32_blocks():
+    rng = np.random.default_rng(3)
+    similarity = tied_scores(rng, (N_IMAGES, N_TEXTS)).astype(np.float32)
+    relevant = random_relevance(rng, N_IMAGES, N_TEXTS)
+    ranks = retrieval_ranks_blockwise(block_reader(similarity), N_IMAGES, N_TEXTS, relevant, block=16)
+    np.testing.assert_array_equal(ranks, brute_force_ranks(similarity, relevant))
+
+
+def test_constant_scores_rank_behind_every_irrelevant_target():
+    relevant = random_relevance(np.random.default_rng(0), N_IMAGES, N_TEXTS)
+    ranks = retrieval_ranks_blockwise(block_reader(np.zeros((N_IMAGES, N_TEXTS))), N_IMAGES, N_TEXTS, relevant,
+                                      block=8)
+    # Pessimistic: every irrelevant target ties and ranks ahead, so rank = irrelevant count + 1.
+    np.testing.assert_array_equal(ranks, [N_TEXTS - len(targets) + 1 for targets in relevant])
+    assert retrieval_metrics_from_ranks(ranks, prefix="image_to_text")["image_to_text_R1"] == 0.0
+
+
+def test_query_without_relevant_target_is_named():
+    relevant = random_relevance(np.random.default_rng(0), 6, 10)
+    relevant[4] = set()
+    with pytest.raises(ValueError, match="query 4 "):
+        retrieval_ranks_blockwise(block_reader(np.zeros((6, 10))), 6, 10, relevant, block=4)
+
+
+def test_bad_score_blocks_are_rejected():
+    relevant = [{0}, {1}, {2}]
+    with pytest.raises(ValueError, match="shape"):
+        retrieval_ranks_blockwise(lambda q, t: np.zeros((1, 1)), 3, 3, relevant, block=2)
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_ranks_blockwise(lambda q, t: np.full((q.stop - q.start, t.stop - t.start), np.nan), 3, 3,
+                                  relevant, block=2)
+
+
+def test_metrics_from_blockwise_ranks_equal_retrieval_metrics():
+    rng = np.random.default_rng(7)
+    similarity = tied_scores(rng, (N_IMAGES, N_TEXTS))
+    # Every image and every text has at least one partner; some texts belong to two images.
+    pairs = {(int(image), text) for text, image in enumerate(rng.permutation(np.arange(N_TEXTS) % N_IMAGES))}
+    pairs |= {(int(rng.integers(N_IMAGES)), int(text)) for text in rng.choice(N_TEXTS, 15, replace=False)}
+    image_to_texts = [{t for i, t in pairs if i == image} for image in range(N_IMAGES)]
+    text_to_images = [{i for i, t in pairs if t == text} for text in range(N_TEXTS)]
+    assert max(len(images) for images in text_to_images) > 1
+
+    image_ranks = retrieval_ranks_blockwise(block_reader(similarity), N_IMAGES, N_TEXTS, image_to_texts, block=16)
+    text_ranks = retrieval_ranks_blockwise(block_reader(similarity.T), N_TEXTS, N_IMAGES, text_to_images, block=8)
+    metrics = {**retrieval_metrics_from_ranks(image_ranks, prefix="image_to_text"),
+               **retrieval_metrics_from_ranks(text_ranks, prefix="text_to_image")}
+
+    assert metrics == retrieval_metrics(similarity, sorted(pairs))
+
+
+def test_metrics_from_ranks_values():
+    metrics = retrieval_metrics_from_ranks(np.array([1, 2, 6, 11]), ks=(1, 5, 10), prefix="p")
+    assert metrics == {"p_R1": 0.25, "p_R5": 0.5, "p_R10": 0.75, "p_mean_rank": 5.0, "p_median_rank": 4.0}
+
+
+def brute_force_classification(scores: np.ndarray, labels: np.ndarray, n_classes: int, ks: tuple[int, ...]):
+    hits = dict.fromkeys(ks, 0)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for row, label in zip(scores, labels):
+        ahead = [c for c in range(n_classes) if c != label and row[c] >= row[label]]
+        for k in ks:
+            hits[k] += len(ahead) < k
+        top = [c for c in range(n_classes) if row[c] == row.max()]
+        wrong_top = [c for c in top if c != label]
+        confusion[label, wrong_top[0] if wrong_top else label] += 1
+    recalls = [confusion[c, c] / confusion[c].sum() for c in range(n_classes) if confusion[c].sum() > 0]
+    metrics = {f"acc{k}": hits[k] / len(labels) for k in ks}
+    metrics["mean_per_class_recall"] = float(np.mean(recalls))
+    metrics["samples"] = len(labels)
+    return metrics, confusion
+
+
+@pytest.mark.parametrize("n_classes", [3, 12])
+def test_classification_accumulator_matches_brute_force(n_classes):
+    rng = np.random.default_rng(n_classes)
+    n = 101
+    scores = tied_scores(rng, (n, n_classes))
+    labels = rng.integers(0, n_classes - 1, size=n)  # the last class never occurs
+    # Make the true class tie with others often, so the tie rule decides many samples.
+    scores[::3, :] = np.round(scores[::3, :] * 2) / 2
+    accumulator = ClassificationAccumulator(n_classes, top_k=(1, 2, 5))
+    for start, stop in [(0, 1), (1, 8), (8, 8), (8, 50), (50, n)]:
+        accumulator.update(scores[start:stop], labels[start:stop])
+
+    expected, expected_confusion = brute_force_classification(scores, labels, n_classes, (1, 2, 5))
+    assert accumulator.result() == pytest.approx(expected)
+    np.testing.assert_array_equal(accumulator.confusion_matrix(), expected_confusion)
+    true_scores = scores[np.arange(n), labels]
+    assert ((scores == true_scores[:, None]).sum(axis=1) > 1).sum() > 10  # ties really happen
+
+
+def test_constant_class_scores_are_never_correct():
+    accumulator = ClassificationAccumulator(4, top_k=(1, 5))
+    labels = np.array([0, 1, 2, 3, 0])
+    accumulator.update(np.zeros((5, 4)), labels)
+    result = accumulator.result()
+    assert result["acc1"] == 0.0 and result["mean_per_class_recall"] == 0.0
+    assert result["acc5"] == 1.0  # k clipped to the 4 classes
+    assert np.trace(accumulator.confusion_matrix()) == 0
+
+
+def test_classification_accumulator_rejects_bad_input():
+    accumulator = ClassificationAccumulator(3)
+    with pytest.raises(ValueError):
+        accumulator.result()
+    with pytest.raises(ValueError):
+        accumulator.update(np.zeros((2, 4)), np.array([0, 1]))
+    with pytest.raises(ValueError):
+        accumulator.update(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def gaussian_clusters(rng: np.random.Generator, centers: np.ndarray, per_class: int):
+    labels = np.repeat(np.arange(len(centers)), per_class)
+    return centers[labels] + rng.normal(size=(len(labels), centers.shape[1])), labels
+
+
+def test_linear_probe_separates_clusters():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 4
+    train_x, train_y = gaussian_clusters(rng, centers, 40)
+    test_x, test_y = gaussian_clusters(rng, centers, 40)
+    result = linear_probe(train_x, train_y, test_x, test_y)
+    assert result["acc1"] > 0.9 and result["mean_per_class_recall"] > 0.9
+    assert result["C"] in (0.01, 0.1, 1, 10, 100)
+    assert result["train_samples"] == 160 and result["classes"] == 4
+
+
+def test_linear_probe_random_labels_is_near_chance():
+    rng = np.random.default_rng(1)
+    train_x, test_x = rng.normal(size=(200, 8)), rng.normal(size=(400, 8))
+    train_y, test_y = rng.integers(0, 4, 200), rng.integers(0, 4, 400)
+    # Chance is 0.25; 0.4 is about seven standard errors above it on 400 test samples.
+    assert linear_probe(train_x, train_y, test_x, test_y)["acc1"] < 0.4
+
+
+def test_linear_probe_shots_uses_k_per_class():
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(5, 8)) * 4
+    train_x, train_y = gaussian_clusters(rng, centers, 20)
+    test_x, test_y = gaussian_clusters(rng, centers, 10)
+    result = linear_probe(train_x, train_y, test_x, test_y, shots=2)
+    assert result["train_samples"] == 10 and result["classes"] == 5
+
+    # One class with a single sample: it keeps that sample, and C falls back to 1 (no 2-fold split exists).
+    keep = (train_y != 4) | (np.arange(len(train_y)) == np.flatnonzero(train_y == 4)[0])
+    result = linear_probe(train_x[keep], train_y[keep], test_x, test_y, shots=3)
+    assert result["train_samples"] == 4 * 3 + 1 and result["C"] == 1.0
+
+
+def test_few_shot_indices_deterministic_per_class():
+    labels = np.array([2, 0, 1, 1, 0, 2, 2, 0, 1, 1, 9])
+    chosen = few_shot_indices(labels, 2, seed=5)
+    np.testing.assert_array_equal(chosen, few_shot_indices(labels, 2, seed=5))
+    assert sorted(labels[chosen].tolist()) == [0, 0, 1, 1, 2, 2, 9]
+    assert len(set(chosen.tolist())) == len(chosen)
+    many = [tuple(few_shot_indices(labels, 2, seed=s)) for s in range(10)]
+    assert len(set(many)) > 1  # the seed matters
+
+
+def test_linear_probe_counts_unseen_test_labels_as_wrong():
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(4, 8)) * 6
+    train_x, train_y = gaussian_clusters(rng, centers[:3], 30)  # class 3 never in training
+    test_x, test_y = gaussian_clusters(rng, centers, 10)
+    result = linear_probe(train_x, train_y, test_x, test_y)
+    # The three seen classes are well separated, so exactly the 10 unseen samples are wrong.
+    assert result["acc1"] == pytest.approx(30 / 40)
+    assert result["mean_per_class_recall"] == pytest.approx(3 / 4)
+    assert result["classes"] == 3
+
+
+def test_linear_probe_needs_two_classes():
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(ValueError, match="linear probe needs >= 2 classes in the training set"):
+        linear_probe(x, np.zeros(10, dtype=int), x, np.zeros(10, dtype=int))

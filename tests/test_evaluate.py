@@ -1,0 +1,206 @@
+"""The evaluation stage end to end: pipelines/evaluate.py in a subprocess (local Ray, model actors, MLflow),
+on the session's trained tiny CLIP and on a random-init copy of it, on the held-out concepts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import REPO, read_shards
+
+pytestmark = pytest.mark.slow
+
+ALL_TASKS = ("[zeroshot_classification,retrieval,linear_probe,multilingual_retrieval,typographic_attack,"
+             "alignment_maps]")
+
+
+def evaluate(model: str, data: Path, out: Path, *extra: str, tracking_uri: str | None = None,
+             timeout: float = 900) -> str:
+    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), f"model={model}", f"data={data}",
+                           f"output_dir={out}", "progress=false", f"hydra.run.dir={out / 'hydra'}", *extra],
+                          cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"evaluate failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def results(out: Path) -> dict[str, dict]:
+    """{task or task.language: result} from the results/*.json files."""
+    found = {}
+    for path in sorted((out / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        assert set(result) == {"dataset", "model", "task", "metrics", "language"}, path
+        key = result["task"] + (f".{result['language']}" if result["task"] == "multilingual_retrieval" else "")
+        found[key] = result["metrics"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def random_clip(pretrained_clip, tmp_path_factory) -> Path:
+    """The trained model's exact config with its weights re-initialised (and the same tokenizer)."""
+    import torch
+
+    from components.models.factory import load_model
+    from components.models.tokenizer import load_tokenizer
+
+    export = pretrained_clip.work / "model"
+    model = load_model(export)
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    out = tmp_path_factory.mktemp("random_clip")
+    model.save_pretrained(out)
+    load_tokenizer(export).save_pretrained(out)
+    return out
+
+
+def test_trained_model_beats_random_init_on_every_task(pretrained_clip, random_clip, emoji_shards, tmp_path):
+    trained_out, random_out = tmp_path / "trained", tmp_path / "random"
+    trained_out.mkdir(), random_out.mkdir()
+    common = [f"tasks={ALL_TASKS}", "task_settings.linear_probe.shots=[4]"]
+    # The trained model by its registry URI (lineage, nesting, tags); the random one as a plain directory.
+    printed = evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common,
+                       tracking_uri=pretrained_clip.tracking_uri)
+    evaluate(str(random_clip), emoji_shards, random_out, *common)
+    trained, random = results(trained_out), results(random_out)
+    print(json.dumps({"trained": trained, "random": random}, indent=1))
+    assert "zeroshot_classification" in printed and "image_to_text_R5" in printed
+
+    # Measured here: see the numbers printed above; margins leave room for run-to-run noise.
+    zs_t, zs_r = trained["zeroshot_classification"], random["zeroshot_classification"]
+    assert zs_t["acc1"] >= zs_r["acc1"] + 0.03 and zs_t["acc5"] >= zs_r["acc5"] + 0.08
+    rt_t, rt_r = trained["zeroshot_retrieval"], random["zeroshot_retrieval"]
+    assert rt_t["image_to_text_R5"] >= rt_r["image_to_text_R5"] + 0.03
+    assert rt_t["text_to_image_R5"] >= rt_r["text_to_image_R5"] + 0.03
+    assert trained["linear_probe"]["acc1"] >= random["linear_probe"]["acc1"] + 0.03
+    assert trained["linear_probe_4shot"]["acc1"] > random["linear_probe_4shot"]["acc1"]
+    languages = [k for k in trained if k.startswith("multilingual_retrieval.")]
+    assert len(languages) == 14
+    assert trained["multilingual_retrieval.en"]["image_to_text_R5"] >= \
+        random["multilingual_retrieval.en"]["image_to_text_R5"] + 0.03
+    mean_r5 = {name: np.mean([r[k]["image_to_text_R5"] for k in languages]) for name, r in
+               (("trained", trained), ("random", random))}
+    assert mean_r5["trained"] > mean_r5["random"]
+    assert trained["typographic_attack"]["attacked_acc1"] > random["typographic_attack"]["attacked_acc1"]
+    assert trained["typographic_attack"]["clean_acc1"] == pytest.approx(zs_t["acc1"])
+
+    plots = {p.name for p in (trained_out / "results").glob("*.png")}
+    assert {"zeroshot_confusion.png", "retrieval_grid.png", "multilingual_retrieval.png",
+            "alignment_0.png"} <= plots
+
+    # MLflow: the evaluation run nests under the training run; the registry version carries the headline.
+    client = MlflowClient(pretrained_clip.tracking_uri)
+    version = client.get_model_version("clipforge-clip", "1")
+    evaluation = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'evaluate'")
+    assert len(evaluation) == 1
+    assert evaluation[0].data.tags["mlflow.parentRunId"] == version.run_id
+    assert evaluation[0].data.metrics["zeroshot_classification.acc1"] == pytest.approx(zs_t["acc1"], abs=1e-4)
+    assert float(version.tags["eval.zeroshot_retrieval.image_to_text_R5"]) == \
+        pytest.approx(rt_t["image_to_text_R5"], abs=1e-4)
+    artifacts = {a.path for a in client.list_artifacts(evaluation[0].info.run_id, "evaluation")}
+    assert "evaluation/zeroshot_classification.json" in artifacts
+
+
+def _parquet_with_foreign_names(shards: Path, path: Path, rows: int = 96) -> list[dict]:
+    """Held-out samples under other names, two captions per image (the caption and its Spanish name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = [s for s in read_shards(shards) if s["json"]["split"] == "test"][:rows]
+    table = [{"picture": s["image"], "alt_texts": [s["json"]["caption_en"], s["json"]["caption_es"]],
+              "category": s["json"]["group"]} for s in samples]
+    pq.write_table(pa.Table.from_pylist(table), path)
+    return table
+
+
+def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(pretrained_clip, emoji_shards,
+                                                                                  tmp_path):
+    from components.eval.retrieval import retrieval_metrics
+    from components.eval.tasks import caption_lists_relevance
+    from components.models.factory import load_model
+    from components.models.inference import embed_images, embed_texts
+    from components.models.tokenizer import load_tokenizer
+
+    rows = _parquet_with_foreign_names(emoji_shards, tmp_path / "foreign.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    export = pretrained_clip.work / "model"
+    evaluate(str(export), tmp_path / "foreign.parquet", out, "fields=webdataset", "fields.image=[picture]",
+             "fields.caption=alt_texts", "+fields.labels.kind=category", "where={}", "block=16",
+             "tasks=[retrieval,zeroshot_classification]", "task_settings.zeroshot_classification.label=kind")
+    got = results(out)
+
+    # Reference: every image against every unique caption in one matrix, in this process.
+    model, tokenizer = load_model(export), load_tokenizer(export)
+    texts, image_texts, _ = caption_lists_relevance([r["alt_texts"] for r in rows])
+    similarity = embed_images(model, [r["picture"] for r in rows]) @ embed_texts(model, tokenizer, texts).T
+    pairs = [(image, text) for image, owned in enumerate(image_texts) for text in owned]
+    expected = retrieval_metrics(similarity, pairs)
+    for key, value in expected.items():
+        assert got["zeroshot_retrieval"][key] == pytest.approx(value, abs=1e-6), key
+    assert got["zeroshot_retrieval"]["texts"] == len(texts) > len(rows)  # two captions per image
+    assert got["zeroshot_classification"]["classes"] == len({r["category"] for r in rows})
+
+
+def _replicated_shards(shards: Path, out: Path, copies: int) -> int:
+    """The held-out samples `copies` times, each copy with its own keys and captions (so texts grow too)."""
+    out.mkdir()
+    samples = [s for s in read_shards(shards) if s["json"]["split"] == "test"]
+    with tarfile.open(out / "00000.tar", "w") as tar:
+        for copy in range(copies):
+            for sample in samples:
+                key = f"{copy:03d}{sample['key']}"
+                meta = {**sample["json"], "caption": f"{sample['json']['caption']} {copy}"}
+                for suffix, data in (("png", sample["image"]), ("json", json.dumps(meta).encode()),
+                                     ("txt", meta["caption"].encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return copies * len(samples)
+
+
+def _peak_rss_mib(command: list[str], cwd: Path, env: dict) -> float:
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watched, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    output = process.stdout.read()
+    assert process.returncode == 0, output[-3000:]
+    return peak / 2**20
+
+
+def test_ten_times_the_samples_keeps_driver_memory_flat(pretrained_clip, emoji_shards, tmp_path):
+    export = pretrained_clip.work / "model"
+    peaks = {}
+    for copies in (1, 10):
+        data = tmp_path / f"x{copies}"
+        rows = _replicated_shards(emoji_shards, data, copies)
+        out = tmp_path / f"out{copies}"
+        out.mkdir()
+        command = [sys.executable, str(REPO / "pipelines" / "evaluate.py"), f"model={export}", f"data={data}",
+                   f"output_dir={out}", "progress=false", f"hydra.run.dir={out / 'hydra'}", "where={}",
+                   "tasks=[retrieval,zeroshot_classification]", "block=128"]
+        peaks[rows] = _peak_rss_mib(command, out, dict(os.environ))
+        shutil.rmtree(data)
+    (small, small_peak), (large, large_peak) = sorted(peaks.items())
+    print(f"driver peak RSS: {small} rows {small_peak:.0f} MiB, {large} rows {large_peak:.0f} MiB")
+    assert large == 10 * small
+    assert large_peak - small_peak < 150, peaks
