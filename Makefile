@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup system-deps ingest pretrain mlflow-ui bench clean
+.PHONY: demo test test-fast setup system-deps ingest pretrain evaluate mlflow-ui bench clean
 
-demo: setup  ## ingest the built-in corpus over 127.0.0.1 (if not yet), pretrain a tiny CLIP, register it
+demo: setup  ## ingest the built-in corpus over 127.0.0.1 (if not yet), pretrain a tiny CLIP, register it, evaluate it
 	$(PY) pipelines/pretrain_clip.py
+	$(PY) pipelines/evaluate.py
 
 test: setup
 	$(PY) -m pytest -q
@@ -40,6 +41,9 @@ ingest: setup
 
 pretrain: setup
 	$(PY) pipelines/pretrain_clip.py $(ARGS)
+
+evaluate: setup
+	$(PY) pipelines/evaluate.py $(ARGS)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -85,7 +85,8 @@ def test_filip_learns_with_token_wise_similarity(emoji_shards, tmp_path):
 
 
 def test_zero_stages_0_and_3_in_bf16_train_and_export(emoji_shards, tmp_path):
-    """ZeRO-0 with InfoNCE, ZeRO-3 with SigLIP (its bias is one more partitioned parameter)."""
+    """ZeRO-0 with InfoNCE, ZeRO-3 with SigLIP (its bias is one more partitioned parameter) and zero-shot
+    evaluation inside the loop (every rank must take part in the forward passes that gather the weights)."""
     from components.models.factory import load_model
 
     losses = {0: "infonce", 3: "siglip"}
@@ -93,7 +94,8 @@ def test_zero_stages_0_and_3_in_bf16_train_and_export(emoji_shards, tmp_path):
         work = tmp_path / f"zero{stage}"
         work.mkdir()
         run_pipeline(pretrain_args(emoji_shards, work, f"deepspeed=zero{stage}", "deepspeed.bf16.enabled=true",
-                                   f"loss.kind={loss}", "trainer.samples=256", "trainer.global_batch=64",
+                                   f"loss.kind={loss}", f"periodic_eval.every={2 if stage == 3 else 0}",
+                                   "periodic_eval.rows=64", "trainer.samples=256", "trainer.global_batch=64",
                                    "trainer.log_every=1", "eval_samples=64", f"mlflow.run_name=zero{stage}"),
                      work, "pretrain_clip", timeout=900)
         model = load_model(work / "model")
@@ -105,6 +107,9 @@ def test_zero_stages_0_and_3_in_bf16_train_and_export(emoji_shards, tmp_path):
                                  f"attributes.run_name = 'zero{stage}'")[0]
         assert [step for step, _ in loss_curve(client, run)] == [1, 2, 3, 4]
         assert ("logit_bias" in run.data.metrics) == (loss == "siglip")
+        evaluated = client.get_metric_history(run.info.run_id, "eval.zeroshot_classification.acc5")
+        assert sorted(m.step for m in evaluated) == ([2, 4] if stage == 3 else [])
+        assert all(0 <= m.value <= 1 for m in evaluated)
 
 
 def test_clippo_trains_end_to_end_without_a_tokenizer(emoji_shards, tmp_path):

@@ -47,11 +47,17 @@ def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def _text_features(context: EvalContext, texts: list[str]) -> tuple[torch.Tensor, ...]:
-    """Features of a few texts (prompts), computed on the driver."""
-    from components.models.inference import text_features
+def prompt_features(context: EvalContext, texts: list[str], batch: int = 256) -> tuple[torch.Tensor, ...]:
+    """Features of a few texts (prompts), computed where the driver's (or trainer's) model lives; float32 on CPU."""
+    from components.models.inference import text_inputs
 
-    return text_features(context.model, context.tokenizer, texts)
+    model, parts = context.model, []
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch):
+        inputs = text_inputs(model, context.tokenizer, texts[start:start + batch])
+        features = model.encode_text({k: v.to(device) for k, v in inputs.items()})
+        parts.append(tuple(f.float().cpu() for f in features))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
 
 
 def _result(context: EvalContext, task: str, metrics: dict, language: str = "en") -> dict:
@@ -78,7 +84,7 @@ def _class_index(labels: list[str], classes: list[str]) -> np.ndarray:
 def zero_shot_scores(context: EvalContext, store: EmbeddingStore, labels: np.ndarray, classes: list[str],
                      templates: list[str]) -> M.ClassificationAccumulator:
     prompts = [template.format(name) for name in classes for template in templates]
-    class_features = _text_features(context, prompts)
+    class_features = prompt_features(context, prompts)
     accumulator = M.ClassificationAccumulator(len(classes))
     for start, stop in store.blocks(context.block):
         scores = context.model.class_scores(_tensors(store.features(start, stop)), class_features, len(templates))

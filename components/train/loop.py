@@ -134,6 +134,7 @@ def train_worker(config: dict[str, Any]) -> None:
         _say(rank, f"resumed from step {step} ({samples_seen} samples seen)")
 
     logger = _MetricLogger(config.get("mlflow"), rank)
+    periodic, periodic_tokenizer = _periodic_evaluation(config)
     shard = ray.train.get_dataset_shard("train")
     device = engine.device
     window = _Window()
@@ -168,12 +169,33 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.log({**summary, **metrics, "lr": lr, "samples_seen": samples_seen}, step)
             _say(rank, f"step {step}/{settings.total_steps}  loss {summary['loss']:.4f}  "
                        f"{summary['samples_per_second']:.0f} samples/s  data wait {summary['data_wait_fraction']:.0%}")
+        if periodic is not None and periodic.due(step):
+            results = periodic(task.model, periodic_tokenizer)  # every rank: ZeRO-3 gathers need all
+            logger.log(results, step)
+            _say(rank, "evaluation at step {}: {}".format(
+                step, "  ".join(f"{k.removeprefix('eval.')} {v:.3f}" for k, v in results.items() if "_R5" in k
+                                or k.endswith(".acc1") or k.endswith(".acc5"))))
         done = step >= settings.total_steps
         if done or step % settings.checkpoint_every == 0:
             save({"loss": window.last_loss})
         if done:
             break
         window.start()
+
+
+def _periodic_evaluation(config: dict[str, Any]):
+    """(evaluator, tokenizer) for evaluation during training, or (None, None) when it is off."""
+    spec = config.get("periodic_eval")
+    if not spec or not spec.get("every"):
+        return None, None
+    from components.eval.periodic import PeriodicEvaluation
+
+    tokenizer = None
+    if config.get("tokenizer_dir"):
+        from components.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config["tokenizer_dir"])
+    return PeriodicEvaluation(spec["rows"], spec["task"], spec["settings"], spec["every"]), tokenizer
 
 
 def _batches(shard, micro_batch: int, settings: LoopSettings, device) -> Iterator[dict[str, torch.Tensor]]:

@@ -104,6 +104,7 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
         "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
         "tokenizer_dir": str(tokenizer_dir) if tokens else None,
+        "periodic_eval": periodic_eval_config(cfg, shard_dir),
     }
     scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
                           cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
@@ -133,6 +134,21 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
             "step": state["step"], "samples_seen": state["samples_seen"], "train_seconds": train_seconds,
             "heldout": metrics, "model_uri": info.model_uri, "registered_model": cfg.registry.model_name,
             "registered_version": version}
+
+
+def periodic_eval_config(cfg: DictConfig, shard_dir: Path) -> dict[str, Any] | None:
+    """What the training loop needs to run an evaluator every N steps: held-out rows (plain data, images
+    included) and the task's settings; None when periodic_eval.every is 0."""
+    spec = cfg.get("periodic_eval")
+    if not spec or not spec.every:
+        return None
+    from components.eval.periodic import heldout_rows
+
+    samples = read_pairs(shard_dir, _where(cfg.data.get("eval_where"))).limit(spec.rows).take_all()
+    fields = OmegaConf.to_container(cfg.fields, resolve=True)
+    rows = heldout_rows(samples, fields["caption"], fields.get("labels") or {}, fields.get("languages") or {})
+    return {"every": int(spec.every), "task": spec.task, "rows": rows,
+            "settings": OmegaConf.to_container(spec.settings, resolve=True)}
 
 
 def evaluate_heldout(cfg: DictConfig, shard_dir: Path, model, tokenizer) -> dict[str, float]:
