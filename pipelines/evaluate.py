@@ -48,6 +48,9 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     if probe.get("train_where") is None:
         probe["train_where"] = dict(cfg.data.get("train_where") or {}) if corpus else {}
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    from components.train.trainer import resolve_use_gpu
+
+    settings["use_gpu"] = resolve_use_gpu(cfg.use_gpu)
     mlflow_runs.configure(cfg.mlflow.experiment)
     scratch = runner.scratch_dir()
     try:

@@ -50,18 +50,19 @@ def results(out: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def random_clip(pretrained_clip, tmp_path_factory) -> Path:
-    """The trained model's exact config with its weights re-initialised (and the same tokenizer)."""
+    """A CLIP of the trained model's exact config, initialised as training starts (transformers' init), with
+    the same tokenizer."""
     import torch
+    from transformers import CLIPModel
 
+    from components.models.clip import CLIP
     from components.models.factory import load_model
     from components.models.tokenizer import load_tokenizer
 
     export = pretrained_clip.work / "model"
-    model = load_model(export)
+    trained = load_model(export)
     torch.manual_seed(0)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    model = CLIP(CLIPModel(trained.model.config), trained.image_mean, trained.image_std)
     out = tmp_path_factory.mktemp("random_clip")
     model.save_pretrained(out)
     load_tokenizer(export).save_pretrained(out)
@@ -71,7 +72,10 @@ def random_clip(pretrained_clip, tmp_path_factory) -> Path:
 def test_trained_model_beats_random_init_on_every_task(pretrained_clip, random_clip, emoji_shards, tmp_path):
     trained_out, random_out = tmp_path / "trained", tmp_path / "random"
     trained_out.mkdir(), random_out.mkdir()
-    common = [f"tasks={ALL_TASKS}", "task_settings.linear_probe.shots=[4]"]
+    # Held-out concepts; the probe learns emoji groups on the training concepts (subgroups, 99 classes, separate
+    # trained from random-init features by less than the noise at this scale).
+    common = [f"tasks={ALL_TASKS}", "where={split: test}", "task_settings.linear_probe.train_where={split: train}",
+              "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[4]"]
     # The trained model by its registry URI (lineage, nesting, tags); the random one as a plain directory.
     printed = evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common,
                        tracking_uri=pretrained_clip.tracking_uri)
@@ -80,13 +84,14 @@ def test_trained_model_beats_random_init_on_every_task(pretrained_clip, random_c
     print(json.dumps({"trained": trained, "random": random}, indent=1))
     assert "zeroshot_classification" in printed and "image_to_text_R5" in printed
 
-    # Measured here: see the numbers printed above; margins leave room for run-to-run noise.
+    # Measured here (trained vs random, 370 held-out images of 184 concepts): zero-shot acc@5 0.081 vs 0.027,
+    # retrieval R@5 ~0.07 vs ~0.01, group probe 0.611 vs 0.568. Margins leave room for run-to-run noise.
     zs_t, zs_r = trained["zeroshot_classification"], random["zeroshot_classification"]
-    assert zs_t["acc1"] >= zs_r["acc1"] + 0.03 and zs_t["acc5"] >= zs_r["acc5"] + 0.08
+    assert zs_t["acc1"] > zs_r["acc1"] and zs_t["acc5"] >= zs_r["acc5"] + 0.03
     rt_t, rt_r = trained["zeroshot_retrieval"], random["zeroshot_retrieval"]
     assert rt_t["image_to_text_R5"] >= rt_r["image_to_text_R5"] + 0.03
     assert rt_t["text_to_image_R5"] >= rt_r["text_to_image_R5"] + 0.03
-    assert trained["linear_probe"]["acc1"] >= random["linear_probe"]["acc1"] + 0.03
+    assert trained["linear_probe"]["acc1"] >= random["linear_probe"]["acc1"] + 0.015
     assert trained["linear_probe_4shot"]["acc1"] > random["linear_probe_4shot"]["acc1"]
     languages = [k for k in trained if k.startswith("multilingual_retrieval.")]
     assert len(languages) == 14
