@@ -15,6 +15,7 @@ from components.eval.metrics import (
     linear_probe,
     retrieval_metrics_from_ranks,
     retrieval_ranks_blockwise,
+    retrieval_ranks_both_ways,
 )
 from components.eval.retrieval import ranks_of_first_hit, retrieval_metrics
 
@@ -116,6 +117,22 @@ def test_metrics_from_blockwise_ranks_equal_retrieval_metrics():
                **retrieval_metrics_from_ranks(text_ranks, prefix="text_to_image")}
 
     assert metrics == retrieval_metrics(similarity, sorted(pairs))
+
+    # Both directions from one pass over the blocks, each block computed once in that pass.
+    shapes_seen: list[tuple[int, int]] = []
+    rows, cols = retrieval_ranks_both_ways(block_reader(similarity, shapes_seen), N_IMAGES, N_TEXTS,
+                                           image_to_texts, block=8)
+    assert np.array_equal(rows, brute_force_ranks(similarity, image_to_texts))
+    assert np.array_equal(cols, brute_force_ranks(similarity.T, text_to_images))
+    grid = -(-N_IMAGES // 8) * -(-N_TEXTS // 8)
+    assert grid <= len(shapes_seen) < 2 * grid
+
+
+def test_both_ways_gives_unnamed_columns_rank_zero():
+    similarity = tied_scores(np.random.default_rng(3), (5, 7))
+    rows, cols = retrieval_ranks_both_ways(block_reader(similarity), 5, 7, [{0}, {1}, {1}, {2}, {0, 2}], block=3)
+    assert np.array_equal(rows, brute_force_ranks(similarity, [{0}, {1}, {1}, {2}, {0, 2}]))
+    assert (cols[3:] == 0).all() and (cols[:3] >= 1).all()
 
 
 def test_metrics_from_ranks_values():

@@ -4,12 +4,12 @@ the evaluation set's size.
 Ties are pessimistic everywhere: a wrong candidate whose score equals the right one's ranks ahead of it, so a
 constant (or collapsed) model scores at chance or worse, never at rank 1.
 
-- Retrieval: `retrieval_ranks_blockwise` gives each query the 1-based rank of its best relevant target,
-  1 + #targets scoring above it + #irrelevant targets tied with it, exactly `ranks_of_first_hit` in
-  retrieval.py, but from a callback that computes one [block, block] similarity block at a time. It holds one
-  block plus O(n_queries + n_targets + relevant pairs) vectors; the full matrix never exists. It makes two passes
-  (best relevant score, then counts), so it calls the callback twice per block, and the callback must return
-  the same values both times. `retrieval_metrics_from_ranks` turns ranks into R@k / mean / median rank with
+- Retrieval: `retrieval_ranks_both_ways` gives each image (row) the 1-based rank of its best relevant text
+  and each text (column) that of its best relevant image: 1 + #candidates scoring above it + #irrelevant
+  candidates tied with it, exactly `ranks_of_first_hit` in retrieval.py, but from a callback that computes one
+  [block, block] similarity block at a time. It holds one block plus O(n_rows + n_cols + relevant pairs)
+  vectors; the full matrix never exists. Pass 1 reads the blocks holding relevant pairs (best relevant
+  scores), pass 2 every block once for both directions, so the callback must return the same values each time. `retrieval_metrics_from_ranks` turns ranks into R@k / mean / median rank with
   the keys of retrieval.py's `retrieval_metrics`.
 - Classification: `ClassificationAccumulator` keeps a [C, C] confusion matrix and top-k hit counts, whatever
   the number of samples. The true class's rank is #classes scoring >= it; the top-1 prediction in a tie is the
@@ -63,39 +63,53 @@ def retrieval_ranks_blockwise(score_block: ScoreBlock, n_queries: int, n_targets
     score_block(query_slice, target_slice) returns the [len(queries), len(targets)] similarity block. Returns
     an int64 array of n_queries ranks.
     """
+    return retrieval_ranks_both_ways(score_block, n_queries, n_targets, relevant, block)[0]
+
+
+def retrieval_ranks_both_ways(score_block: ScoreBlock, n_rows: int, n_cols: int, relevant: list[set[int]],
+                              block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(row ranks, column ranks): each row's rank of its best relevant column (image -> text) and each column's
+    rank of its best relevant row (text -> image), from ONE pass over the blocks of the [n_rows, n_cols] matrix.
+
+    Pass 1 takes the best relevant score of every row and column from the blocks that hold relevant pairs only
+    (few, when relevant pairs lie near a diagonal as in retrieval sets); pass 2 computes every block once and
+    counts, for rows and columns together, the scores at or above each best. A column that no row names has
+    rank 0 (undefined). Every row needs a relevant column.
+    """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    pair_queries, pair_targets = _relevant_pairs(relevant, n_queries, n_targets)
-    ranks = np.empty(n_queries, dtype=np.int64)
-    for q_start in range(0, n_queries, block):
-        q_stop = min(q_start + block, n_queries)
-        queries = slice(q_start, q_stop)
-        first, last = np.searchsorted(pair_queries, [q_start, q_stop])
-        block_pair_queries, block_pair_targets = pair_queries[first:last] - q_start, pair_targets[first:last]
+    pair_rows, pair_cols = _relevant_pairs(relevant, n_rows, n_cols)
+    # Float64 holds float16/32/64 scores exactly, so equality with the block's values below is exact.
+    best_row, best_col = np.full(n_rows, -np.inf), np.full(n_cols, -np.inf)
+    pair_blocks = pair_rows // block * ((n_cols + block - 1) // block) + pair_cols // block
+    for block_id in np.unique(pair_blocks):
+        in_block = pair_blocks == block_id
+        r_start, c_start = pair_rows[in_block][0] // block * block, pair_cols[in_block][0] // block * block
+        scores = _checked_block(score_block, slice(r_start, min(r_start + block, n_rows)),
+                                slice(c_start, min(c_start + block, n_cols)))
+        values = scores[pair_rows[in_block] - r_start, pair_cols[in_block] - c_start]
+        np.maximum.at(best_row, pair_rows[in_block], values)
+        np.maximum.at(best_col, pair_cols[in_block], values)
 
-        # Float64 holds float16/32/64 scores exactly, so equality with the block's values below is exact.
-        best_relevant = np.full(q_stop - q_start, -np.inf)
-        for t_start in range(0, n_targets, block):
-            t_stop = min(t_start + block, n_targets)
-            in_block = (block_pair_targets >= t_start) & (block_pair_targets < t_stop)
-            if not in_block.any():
-                continue
-            scores = _checked_block(score_block, queries, slice(t_start, t_stop))
-            rows, cols = block_pair_queries[in_block], block_pair_targets[in_block] - t_start
-            np.maximum.at(best_relevant, rows, scores[rows, cols])
-
-        ahead = np.zeros(q_stop - q_start, dtype=np.int64)  # targets above, plus every target tied
-        relevant_ties = np.zeros(q_stop - q_start, dtype=np.int64)
-        for t_start in range(0, n_targets, block):
-            t_stop = min(t_start + block, n_targets)
-            scores = _checked_block(score_block, queries, slice(t_start, t_stop))
-            ahead += (scores >= best_relevant[:, None]).sum(axis=1)
-            in_block = (block_pair_targets >= t_start) & (block_pair_targets < t_stop)
-            rows, cols = block_pair_queries[in_block], block_pair_targets[in_block] - t_start
-            np.add.at(relevant_ties, rows, (scores[rows, cols] == best_relevant[rows]).astype(np.int64))
-        # `ahead` counted the best relevant target itself and its relevant ties; only irrelevant ties rank ahead.
-        ranks[queries] = ahead - relevant_ties + 1
-    return ranks
+    # `ahead` counts every score >= the best relevant one: the best itself and tied relevant ones included,
+    # which `relevant_ties` takes back out, so only irrelevant ties rank ahead.
+    ahead_row, ahead_col = np.zeros(n_rows, dtype=np.int64), np.zeros(n_cols, dtype=np.int64)
+    ties_row, ties_col = np.zeros(n_rows, dtype=np.int64), np.zeros(n_cols, dtype=np.int64)
+    for r_start in range(0, n_rows, block):
+        rows = slice(r_start, min(r_start + block, n_rows))
+        for c_start in range(0, n_cols, block):
+            cols = slice(c_start, min(c_start + block, n_cols))
+            scores = _checked_block(score_block, rows, cols)
+            ahead_row[rows] += (scores >= best_row[rows, None]).sum(axis=1)
+            ahead_col[cols] += (scores >= best_col[None, cols]).sum(axis=0)
+            in_block = ((pair_rows >= rows.start) & (pair_rows < rows.stop) & (pair_cols >= cols.start)
+                        & (pair_cols < cols.stop))
+            r, c = pair_rows[in_block], pair_cols[in_block]
+            values = scores[r - rows.start, c - cols.start]
+            np.add.at(ties_row, r, (values == best_row[r]).astype(np.int64))
+            np.add.at(ties_col, c, (values == best_col[c]).astype(np.int64))
+    col_ranks = np.where(np.isfinite(best_col), ahead_col - ties_col + 1, 0)
+    return ahead_row - ties_row + 1, col_ranks
 
 
 def retrieval_metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10), *, prefix: str

@@ -131,7 +131,7 @@ def retrieval_metrics(context: EvalContext, caption_lists: list[list[str]], cach
     rows = [i for i, captions in enumerate(caption_lists) if captions]
     if not rows:
         raise ValueError(f"retrieval ({cache_name}): no row has a caption")
-    texts, image_texts, text_images = caption_lists_relevance([caption_lists[i] for i in rows])
+    texts, image_texts, _ = caption_lists_relevance([caption_lists[i] for i in rows])
     text_store = context.embed_texts(texts, cache_name)
     # Store rows arrive in any order: map text index -> store row.
     position = np.empty(len(texts), dtype=np.int64)
@@ -150,19 +150,11 @@ def retrieval_metrics(context: EvalContext, caption_lists: list[list[str]], cach
     def image_to_text(q: slice, t: slice) -> np.ndarray:
         return context.model.similarity(image_block(q.start, q.stop), text_block(t.start, t.stop)).float().numpy()
 
-    def text_to_image(q: slice, t: slice) -> np.ndarray:
-        return image_to_text(t, q).T
-
     texts_of_image = [{int(position[t]) for t in s} for s in image_texts]
-    images_of_text = [set() for _ in texts]
-    for text, owners in enumerate(text_images):
-        images_of_text[int(position[text])] = owners
-    metrics = {}
-    for prefix, fn, n_queries, n_targets, relevant in (
-            ("image_to_text", image_to_text, len(rows), len(texts), texts_of_image),
-            ("text_to_image", text_to_image, len(texts), len(rows), images_of_text)):
-        ranks = M.retrieval_ranks_blockwise(fn, n_queries, n_targets, relevant, block=context.block)
-        metrics.update(M.retrieval_metrics_from_ranks(ranks, ks, prefix=prefix))
+    image_ranks, text_ranks = M.retrieval_ranks_both_ways(image_to_text, len(rows), len(texts), texts_of_image,
+                                                          block=context.block)
+    metrics = {**M.retrieval_metrics_from_ranks(image_ranks, ks, prefix="image_to_text"),
+               **M.retrieval_metrics_from_ranks(text_ranks, ks, prefix="text_to_image")}
     metrics.update(images=len(rows), texts=len(texts), chance_image_to_text_R5=min(1.0, 5 / len(texts)))
     return metrics, text_store, texts, texts_of_image
 
