@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from components.runtime import init_ray, one_line_errors, path, route_overrides
@@ -55,7 +56,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     scratch = runner.scratch_dir()
     try:
         model = runner.resolve_model(str(cfg.model_uri), scratch / "model")
-        out_dir = path(cfg.output_dir) if cfg.output_dir else Path.cwd()
+        out_dir = path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
         tags = {"stage": "evaluate", "model_uri": model.uri, "dataset": settings["dataset_name"]}
         with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags=tags,
                                    parent_run_id=model.run_id) as run:

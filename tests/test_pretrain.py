@@ -114,6 +114,14 @@ def test_zero_stages_0_and_3_in_bf16_clippo_and_siglip_train_and_export(emoji_sh
         assert sorted(m.step for m in evaluated) == ([2, 4] if stage == 3 else [])
         assert all(0 <= m.value <= 1 for m in evaluated)
 
+    # The evaluation stage takes CLIPPO through the same interface (rendered text; no token maps to draw).
+    out = run_pipeline([f"model={tmp_path / 'zero0' / 'model'}", "data=emoji_local", f"data.output_dir={emoji_shards}",
+                        f"output_dir={tmp_path / 'eval'}", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}",
+                        "tasks=[zeroshot_classification,retrieval,alignment_maps]"], tmp_path, "evaluate")
+    assert "alignment maps skipped: clippo does not expose token-level embeddings" in out
+    assert {p.name for p in (tmp_path / "eval" / "results").glob("*.json")} == {
+        "zeroshot_classification.json", "zeroshot_retrieval.json"}
+
 
 def _train_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]

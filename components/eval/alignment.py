@@ -45,9 +45,9 @@ def alignment_maps(model: ContrastiveModel, pixel_values: torch.Tensor, text_bat
     patch in row-major grid order, min-max normalised to [0, 1] (all zeros when every patch scores the same).
     Runs the model as it is (call model.eval() first), on the device of pixel_values.
     """
-    if pixel_values.shape[0] != 1 or text_batch["input_ids"].shape[0] != 1:
+    if pixel_values.shape[0] != 1 or any(v.shape[0] != 1 for v in text_batch.values()):
         raise ValueError("alignment_maps takes one image and one caption (batches of 1)")
-    patches, tokens, mask = model.token_embeddings(pixel_values, text_batch)
+    patches, tokens, mask = model.token_embeddings(pixel_values, text_batch)  # NotImplementedError: no tokens
     grid = grid or round(patches.shape[1] ** 0.5)  # default: a square ViT patch grid
     if patches.shape[1] != grid * grid:
         raise ValueError(f"the model gives {patches.shape[1]} patches, not a {grid}x{grid} grid")

@@ -141,11 +141,15 @@ def evaluate(cfg: dict, data_path: Path, model: ResolvedModel, work_dir: Path, p
     return results
 
 
+TABLE_METRICS = ("R1", "R5", "R10", "acc1", "acc5", "recall", "drop")
+
+
 def results_table(results: list[dict]) -> str:
-    """One line per result: task, language, and its metrics that are rates or ranks."""
+    """One line per result: task, language, and its rates (R@k, accuracies; ranks and counts are in the JSON)."""
     lines = [f"{'task':32} {'lang':5} metrics"]
     for result in results:
-        shown = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
+        shown = {k: v for k, v in result["metrics"].items()
+                 if isinstance(v, float) and k.endswith(TABLE_METRICS) and not k.startswith("chance")}
         text = "  ".join(f"{k}={v:.3f}" for k, v in shown.items())
         lines.append(f"{result['task']:32} {result['language']:5} {text}")
     return "\n".join(lines)
