@@ -81,8 +81,6 @@ class PeriodicEvaluation:
             images.append(tuple(f.float().cpu().numpy() for f in features),
                           model.image_embedding(features).float().cpu().numpy(),
                           {k: [r[k] for r in chunk] for k in meta_columns})
-        texts: dict[str, EmbeddingStore] = {}
-
         def embed_texts(text_list: list[str], name: str) -> EmbeddingStore:
             store = EmbeddingStore.create(scratch / f"texts_{name}")
             for start in range(0, len(text_list), BATCH):
@@ -90,7 +88,6 @@ class PeriodicEvaluation:
                 features = prompt_features(context, part)
                 store.append(tuple(f.numpy() for f in features), model.text_embedding(features).numpy(),
                              {"text": part, "text_index": list(range(start, start + len(part)))})
-            texts[name] = store
             return store
 
         def no_more_passes(name: str, spec: Any) -> EmbeddingStore:

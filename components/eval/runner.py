@@ -120,7 +120,7 @@ def evaluate(cfg: dict, data_path: Path, model: ResolvedModel, work_dir: Path, p
 
     torch_model, tokenizer = load_with_tokenizer(model.directory)
     context = EvalContext(model=torch_model, tokenizer=tokenizer, images=images, dataset=cfg["dataset_name"],
-                          model_name=cfg.get("model_name") or model.uri, embed_texts=embed_texts,
+                          model_name=model.uri, embed_texts=embed_texts,
                           embed_rows=embed_rows, sample_rows=sample_rows, block=cfg["block"])
     results: list[dict] = []
     out_dir = work_dir / "results"
