@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from components.data.ingest import IngestError
-from components.data.sources import ingest_from_config, shards_ready
+from components.data.sources import ensure_shards
 from components.data.url_list import UrlListError
-from components.runtime import init_ray, one_line_errors, path
+from components.runtime import init_ray, one_line_errors
 from components.tracking import mlflow_runs
 
 
@@ -36,12 +35,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     from components.train import pretraining
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
-    shard_dir = path(cfg.data.output_dir)
-    if not shards_ready(shard_dir):
-        if cfg.data.source == "url_list":
-            raise FileNotFoundError(f"no finished ingest in {shard_dir}: run pipelines/ingest.py with this data first")
-        print(f"[pretrain] no shards in {shard_dir}: ingesting the built-in corpus first", flush=True)
-        ingest_from_config(cfg)
+    shard_dir = ensure_shards(cfg, "pretrain")
 
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "pretrain", "family": cfg.model.family}) as run:

@@ -64,3 +64,14 @@ def ingest_from_config(cfg: DictConfig) -> tuple[dict[str, Any], IngestJob]:
 def shards_ready(output_dir: Path) -> bool:
     """True when an ingest finished in `output_dir` (its manifest is written last)."""
     return (Path(output_dir) / MANIFEST).is_file()
+
+
+def ensure_shards(cfg: DictConfig, stage: str) -> Path:
+    """The shard directory of cfg.data, ingesting the built-in corpus first when it has no finished ingest."""
+    shard_dir = path(cfg.data.output_dir)
+    if not shards_ready(shard_dir):
+        if cfg.data.source == "url_list":
+            raise FileNotFoundError(f"no finished ingest in {shard_dir}: run pipelines/ingest.py with this data first")
+        print(f"[{stage}] no shards in {shard_dir}: ingesting the built-in corpus first", flush=True)
+        ingest_from_config(cfg)
+    return shard_dir

@@ -210,21 +210,34 @@ def text_query_grid(queries: list[str], results: list[list[tuple[bytes, bool]]],
 # -- per-language metric --------------------------------------------------------------------------------------
 def language_bar_chart(values: dict[str, float], metric_name: str) -> Image.Image:
     """One bar per language, highest first, each labelled with its value."""
-    if not values:
+    return model_language_chart({"": values}, metric_name)
+
+
+def model_language_chart(series: dict[str, dict[str, float]], metric_name: str) -> Image.Image:
+    """Grouped bars: per language (ordered by the first model, highest first) one bar per model, labelled with
+    its value when there is one model, with a legend when there are several."""
+    if not series or not any(series.values()):
         raise ValueError("no languages to plot")
-    ordered = sorted(values.items(), key=lambda item: (-item[1], item[0]))
-    languages = [language for language, _ in ordered]
-    numbers = [float(value) for _, value in ordered]
+    first = next(iter(series.values()))
+    languages = [language for language, _ in sorted(first.items(), key=lambda item: (-item[1], item[0]))]
+    languages += sorted({lang for values in series.values() for lang in values} - set(languages))
+    width = 0.8 / len(series)
     with _chart_style():
-        figure = _new_figure(max(4.0, 0.45 * len(ordered) + 1.5), 3.5)
+        figure = _new_figure(max(4.0, 0.45 * len(languages) * max(1, len(series) * 0.6) + 1.5), 3.5)
         axis = figure.add_subplot()
-        bars = axis.bar(range(len(ordered)), numbers, color="tab:blue")
-        axis.bar_label(bars, labels=[f"{value:.3g}" for value in numbers], fontsize=7, padding=2)
-        axis.set_xticks(range(len(ordered)), languages, rotation=90 if len(ordered) > 12 else 0)
+        for index, (model, values) in enumerate(series.items()):
+            numbers = [float(values.get(lang, 0.0)) for lang in languages]
+            offsets = [i + (index - (len(series) - 1) / 2) * width for i in range(len(languages))]
+            bars = axis.bar(offsets, numbers, width=width, label=model or None)
+            if len(series) == 1:
+                axis.bar_label(bars, labels=[f"{value:.3g}" for value in numbers], fontsize=7, padding=2)
+        axis.set_xticks(range(len(languages)), languages, rotation=90 if len(languages) > 12 else 0)
         axis.set_ylabel(metric_name)
         axis.set_title(f"{metric_name} per language")
         axis.margins(y=0.12)  # room for the value labels above the tallest bar
         axis.grid(axis="y", alpha=0.3)
+        if len(series) > 1:
+            axis.legend(fontsize=8)
         return _to_image(figure)
 
 

@@ -61,7 +61,7 @@ def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
         run_id = uri.removeprefix("runs:/").split("/", 1)[0]
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_dir))
         return ResolvedModel(_export_in(Path(local), uri), uri, run_id)
-    directory = Path(uri)
+    directory = Path(uri).resolve()  # absolute: Ray workers run elsewhere
     if not directory.is_dir():
         raise FileNotFoundError(f"model {uri!r} is neither an MLflow URI (models:/..., runs:/...) nor a directory")
     return ResolvedModel(_export_in(directory, uri), uri)

@@ -36,6 +36,7 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 class CLIP(ContrastiveModel):
     family = "clip"
     text_input = "tokens"
+    transformers_model = "CLIPModel"  # the transformers class the whole model is (AltCLIP: AltCLIPModel)
 
     def __init__(self, model, image_mean=None, image_std=None):
         """model: a transformers.CLIPModel."""
@@ -96,11 +97,15 @@ class CLIP(ContrastiveModel):
         pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output
         return (l2_normalize(self.model.visual_projection(pooled)),)
 
-    def encode_text(self, batch: Mapping[str, torch.Tensor]) -> Features:
+    def text_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, D] projected text features before normalisation (AltCLIP's distillation target)."""
         input_ids = batch["input_ids"]
         check_has_eos(input_ids, self.eos_token_id)
         pooled = self.model.text_model(input_ids=input_ids, attention_mask=batch.get("attention_mask")).pooler_output
-        return (l2_normalize(self.model.text_projection(pooled)),)
+        return self.model.text_projection(pooled)
+
+    def encode_text(self, batch: Mapping[str, torch.Tensor]) -> Features:
+        return (l2_normalize(self.text_features(batch)),)
 
     def similarity(self, image: Features, text: Features) -> torch.Tensor:
         return image[0] @ text[0].T
@@ -145,11 +150,15 @@ class CLIP(ContrastiveModel):
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std), "do_convert_rgb": True}
 
     @classmethod
+    def transformers_class(cls):
+        import transformers
+
+        return getattr(transformers, cls.transformers_model)
+
+    @classmethod
     def from_pretrained(cls, directory: str | Path) -> CLIP:
         """A directory written by save_pretrained, any transformers CLIP directory, or a hub name."""
-        from transformers import CLIPModel
-
-        model = CLIPModel.from_pretrained(str(directory))
+        model = cls.transformers_class().from_pretrained(str(directory))
         mean, std = _read_normalisation(directory)
         clip = cls(model, mean, std)
         side = _find_file(directory, SIDE_FILE)

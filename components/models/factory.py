@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from components.models.altclip import AltCLIP
 from components.models.base import CONFIG_NAME, SIGLIP_LOGIT_SCALE_INIT, ContrastiveModel
 from components.models.clip import CLIP, SIDE_FILE
 from components.models.clippo import CLIPPO
 from components.models.filip import FILIP
 
-FAMILIES: dict[str, type[ContrastiveModel]] = {"clip": CLIP, "filip": FILIP, "clippo": CLIPPO}
+FAMILIES: dict[str, type[ContrastiveModel]] = {"clip": CLIP, "filip": FILIP, "clippo": CLIPPO, "altclip": AltCLIP}
 
 
 def family_class(family: str) -> type[ContrastiveModel]:
@@ -71,7 +72,7 @@ def build_model_from_config(cfg: Mapping[str, Any], **kwargs: Any) -> Contrastiv
 
 def saved_family(directory: str | Path) -> str:
     """The family of a saved model directory: clipforge.json, else config.json's "family", else a
-    transformers CLIP directory (model_type "clip") is family clip."""
+    transformers CLIP / AltCLIP directory is family clip / altclip."""
     directory = Path(directory)
     side = directory / SIDE_FILE
     if side.is_file():
@@ -82,8 +83,8 @@ def saved_family(directory: str | Path) -> str:
     config = json.loads(config_path.read_text())
     if "family" in config:
         return config["family"]
-    if config.get("model_type") == "clip":
-        return "clip"
+    if config.get("model_type") in ("clip", "altclip"):  # transformers' own formats
+        return config["model_type"]
     raise ValueError(f"{directory}: neither a clipforge model nor a transformers CLIP model "
                      f"(model_type {config.get('model_type')!r})")
 

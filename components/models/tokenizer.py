@@ -17,21 +17,31 @@ BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
 # Special-token order fixes their ids: pad 0, bos 1, unk 2, eos 3. EOS must not be 2: transformers' CLIP text
 # model treats eos_token_id == 2 as "legacy" and pools at the largest token id instead of at EOS.
 SPECIAL_TOKENS = [PAD, BOS, UNK, EOS]
+# XLM-R's layout (AltCLIP's multilingual text tower): <s> 0, <pad> 1, </s> 2, <unk> 3; the first token is pooled.
+XLMR_BOS, XLMR_PAD, XLMR_EOS, XLMR_UNK = "<s>", "<pad>", "</s>", "<unk>"
+LAYOUTS = {"clip": (BOS, EOS, PAD, UNK, SPECIAL_TOKENS),
+           "xlmr": (XLMR_BOS, XLMR_EOS, XLMR_PAD, XLMR_UNK, [XLMR_BOS, XLMR_PAD, XLMR_EOS, XLMR_UNK])}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (as GPT-2/CLIP) trained on `texts`; lower-cased like CLIP's; BOS text EOS."""
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
+              layout: str = "clip") -> PreTrainedTokenizerFast:
+    """Byte-level BPE (as GPT-2/CLIP) trained on `texts`; lower-cased like CLIP's; BOS text EOS.
+    layout: the special tokens' names and ids, "clip" (ours) or "xlmr" (XLM-R's, for AltCLIP's text tower).
+    Byte-level merges need no per-script rules, so one tokenizer covers every language of a parallel corpus."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown tokenizer layout {layout!r}: use one of {sorted(LAYOUTS)}")
+    bos, eos, pad, unk, specials = LAYOUTS[layout]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator((t for t in texts if t), trainer=trainer)
-    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK)
+    bos_id, eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token=unk)
 
 
 def captions_from_shards(shard_dir: Path, limit: int = 1_000_000, column: str = "caption",

@@ -31,6 +31,9 @@ class TextConfig:
     tokenizer_dir: str | None = None
     max_length: int = 32
     caption_column: str = "caption"
+    # When set, each example's caption is drawn uniformly from these columns' non-empty values (AltCLIP stage 2:
+    # one language per example); caption_column is the fallback.
+    caption_choices: tuple[str, ...] = ()
     # CLIPPO text/text pairs: with this probability the "image" is a rendered translation of the caption.
     text_pair_fraction: float = 0.0
     pair_columns: tuple[str, ...] = ()
@@ -86,7 +89,7 @@ class Preprocess:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.spec
         metas = [json.loads(m) for m in batch["meta"]]
-        captions = [m.get(spec.text.caption_column) or "" for m in metas]
+        captions = [self._caption(m) for m in metas]
         pixels = np.stack([self._image(b) for b in batch["image"]])
         if spec.text.kind == "pixels":
             from components.models.clippo import render_text
@@ -101,6 +104,12 @@ class Preprocess:
             out = {"input_ids": encoded["input_ids"].astype(np.int64),
                    "attention_mask": encoded["attention_mask"].astype(np.int64)}
         return {"pixels": pixels, **out}
+
+    def _caption(self, meta: dict) -> str:
+        options = [meta[c] for c in self.spec.text.caption_choices if meta.get(c)]
+        if options:
+            return options[self.rng.integers(len(options))]
+        return meta.get(self.spec.text.caption_column) or ""
 
     def _image(self, data: bytes) -> np.ndarray:
         size = self.spec.image_size
@@ -172,3 +181,42 @@ def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, An
     pairs = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
     return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
                              concurrency=preprocess_workers)
+
+
+# -- AltCLIP stage 1: parallel text with the teacher's targets ---------------------------------------------------
+class TokenizeParallel:
+    """map_batches callable: tgt -> student token ids; target (the teacher's features of src) -> float32 [B, D]."""
+
+    def __init__(self, tokenizer_dir: str, max_length: int):
+        from components.models.tokenizer import load_tokenizer
+
+        self.tokenizer, self.max_length = load_tokenizer(tokenizer_dir), max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer([str(t) for t in batch["tgt"]], padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="np")
+        return {"input_ids": encoded["input_ids"].astype(np.int64),
+                "attention_mask": encoded["attention_mask"].astype(np.int64),
+                "target": np.stack(batch["target"]).astype(np.float32)}
+
+
+@functools.lru_cache(maxsize=4)
+def _parallel_tokenizer(tokenizer_dir: str, max_length: int) -> TokenizeParallel:
+    return TokenizeParallel(tokenizer_dir, max_length)
+
+
+def tokenize_parallel(batch: dict[str, np.ndarray], tokenizer_dir: str, max_length: int) -> dict[str, np.ndarray]:
+    return _parallel_tokenizer(tokenizer_dir, max_length)(batch)
+
+
+def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train",
+                          passes: int = 1, seed: int = 0) -> ray.data.Dataset:
+    """Stage 1's training stream: the cached (src, tgt, lang, split, target) Parquet rows of `split`, block order
+    randomised per pass, tgt tokenised by Ray tasks (as training_dataset does for images)."""
+    rows = ray.data.read_parquet(str(targets_dir), columns=["tgt", "split", "target"])
+    if split is not None:
+        rows = rows.filter(expr=f"split == '{split}'")
+    orders = [rows.randomize_block_order(seed=seed + i) for i in range(max(1, passes))]
+    rows = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
+    return rows.map_batches(tokenize_parallel, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length},
+                            batch_size=256, num_cpus=0.5, batch_format="numpy")

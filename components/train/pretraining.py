@@ -8,13 +8,15 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 from omegaconf import DictConfig, OmegaConf
 
-from components.models.base import SIGLIP_LOGIT_BIAS_INIT
+from components.models.base import SIGLIP_LOGIT_BIAS_INIT, ContrastiveModel
 from components.models.factory import build_model, family_class
 from components.runtime import path
 from components.tracking import mlflow_runs
@@ -64,7 +66,6 @@ def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
 
 def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
-    storage = _storage(trainer_cfg.storage_path)
     run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
     tokens = family_class(cfg.model.family).text_input == "tokens"
     tokenizer_dir = path(cfg.tokenizer.save_dir) / run_name  # read by the data workers: shared storage on clusters
@@ -72,30 +73,66 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
     spec = model_spec(cfg, tokenizer)
     model = build_model(**spec)  # on the driver too: sizes for the data pipeline, and an early config error
     mlflow_runs.log_metrics({"model.parameters": model.num_parameters()})
-    use_gpu = resolve_use_gpu(trainer_cfg.use_gpu)
-    deepspeed = resolve_precision(OmegaConf.to_container(cfg.deepspeed, resolve=True), use_gpu)
+    deepspeed = deepspeed_settings(cfg, trainer_cfg)
     print(f"[pretrain] {cfg.model.family} ({cfg.model.preset}): {model.num_parameters() / 1e6:.1f}M parameters, "
-          f"{trainer_cfg.workers} {'GPU' if use_gpu else 'CPU'} workers, "
-          f"ZeRO-{deepspeed['zero_optimization']['stage']} {'bf16' if deepspeed['bf16']['enabled'] else 'fp32'}, "
-          f"{trainer_cfg.samples} samples", flush=True)
+          f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
 
     text = TextConfig(kind=model.text_input, tokenizer_dir=str(tokenizer_dir) if tokens else None,
                       max_length=getattr(model, "max_text_length", 0) or 0,
                       text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
                       pair_columns=tuple(cfg.data.get("caption_columns") or ()),
                       font_size=int(getattr(model, "font_size", 16)))
-    augment = AugmentConfig(scale=tuple(trainer_cfg.augment.scale), hflip=trainer_cfg.augment.hflip)
-    spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
-    # Enough passes for the whole run in one stream (+1: data.train_where keeps only part of the kept rows).
-    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"]
-    passes = math.ceil(trainer_cfg.samples / max(1, kept)) + (1 if cfg.data.get("train_where") else 0)
-    dataset = training_dataset(shard_dir, spec_batch, where=_where(cfg.data.get("train_where")),
-                               preprocess_workers=trainer_cfg.preprocess_workers, passes=passes)
-
+    dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text)
     train_config = {
+        **worker_config(cfg, trainer_cfg, deepspeed, run_id),
         "task": "contrastive",
         "model": spec,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "tokenizer_dir": str(tokenizer_dir) if tokens else None,
+        "periodic_eval": periodic_eval_config(cfg, shard_dir),
+    }
+    export_dir = path(cfg.export_dir)
+    trained = train_and_export(trainer_cfg, train_config, dataset, run_name, export_dir,
+                               str(tokenizer_dir) if tokens else None)
+    print(f"[pretrain] exported to {export_dir}", flush=True)
+
+    metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
+    mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": trained.seconds})
+    log_loss_curve(run_id)
+    mlflow.set_tag("checkpoint", trained.checkpoint)
+    from components.tracking.pyfunc import log_embedding_model
+
+    info = log_embedding_model(export_dir, cfg.registry.model_name)
+    version = getattr(info, "registered_model_version", None)
+    return {"family": cfg.model.family, "export_dir": str(export_dir), "checkpoint": trained.checkpoint,
+            "step": trained.step, "samples_seen": trained.samples_seen, "train_seconds": trained.seconds,
+            "heldout": metrics, "model_uri": info.model_uri, "registered_model": cfg.registry.model_name,
+            "registered_version": version}
+
+
+# -- the pieces every training pipeline (pretraining, AltCLIP's two stages) shares -------------------------------
+@dataclass
+class TrainedRun:
+    model: ContrastiveModel  # the export, loaded
+    checkpoint: str  # the last Ray Train checkpoint (resume_from)
+    step: int
+    samples_seen: int
+    seconds: float
+
+
+def deepspeed_settings(cfg: DictConfig, trainer_cfg: DictConfig) -> dict[str, Any]:
+    return resolve_precision(OmegaConf.to_container(cfg.deepspeed, resolve=True), resolve_use_gpu(trainer_cfg.use_gpu))
+
+
+def describe_scale(trainer_cfg: DictConfig, deepspeed: dict[str, Any]) -> str:
+    device = "GPU" if resolve_use_gpu(trainer_cfg.use_gpu) else "CPU"
+    return (f"{trainer_cfg.workers} {device} workers, ZeRO-{deepspeed['zero_optimization']['stage']} "
+            f"{'bf16' if deepspeed['bf16']['enabled'] else 'fp32'}, {trainer_cfg.samples} samples")
+
+
+def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The part of train_worker's config that comes from the trainer settings (the task adds its own)."""
+    return {
         "loop": {k: trainer_cfg[k] for k in ("samples", "global_batch", "grad_accum", "lr", "weight_decay",
                                              "warmup_fraction", "log_every", "checkpoint_every",
                                              "local_shuffle_buffer", "seed")},
@@ -103,37 +140,39 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
         "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
         "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
-        "tokenizer_dir": str(tokenizer_dir) if tokens else None,
-        "periodic_eval": periodic_eval_config(cfg, shard_dir),
     }
+
+
+def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path, model,
+                       text: TextConfig) -> ray.data.Dataset:
+    """The training rows of the shards (data.train_where), augmented and tokenised/rendered, in enough passes for
+    the whole run."""
+    augment = AugmentConfig(scale=tuple(trainer_cfg.augment.scale), hflip=trainer_cfg.augment.hflip)
+    spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
+    # Enough passes for the whole run in one stream (+1: data.train_where keeps only part of the kept rows).
+    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"]
+    passes = math.ceil(trainer_cfg.samples / max(1, kept)) + (1 if cfg.data.get("train_where") else 0)
+    return training_dataset(shard_dir, spec_batch, where=_where(cfg.data.get("train_where")),
+                            preprocess_workers=trainer_cfg.preprocess_workers, passes=passes)
+
+
+def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
+                     run_name: str, export_dir: Path, tokenizer_dir: str | None) -> TrainedRun:
+    """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`."""
     scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
                           cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
-                          max_failures=trainer_cfg.max_failures, storage_path=storage, run_name=run_name,
+                          max_failures=trainer_cfg.max_failures, storage_path=_storage(trainer_cfg.storage_path),
+                          run_name=run_name,
                           resume_from=str(path(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
     started = time.perf_counter()
     result = fit(train_config, dataset, scale)
-    train_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
-
-    export_dir = path(cfg.export_dir)
     with result.checkpoint.as_directory() as checkpoint_dir:
         state = trainer_state(Path(checkpoint_dir))
-        trained = export_checkpoint(Path(checkpoint_dir), export_dir, str(tokenizer_dir) if tokens else None)
-    print(f"[pretrain] exported to {export_dir}", flush=True)
-
-    metrics = evaluate_heldout(cfg, shard_dir, trained, tokenizer)
-    mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": train_seconds})
-    _log_loss_curve(run_id)
-    mlflow.set_tag("checkpoint", result.checkpoint.path)
-    from components.tracking.pyfunc import log_embedding_model
-
-    info = log_embedding_model(export_dir, cfg.registry.model_name)
-    version = getattr(info, "registered_model_version", None)
-    return {"family": cfg.model.family, "export_dir": str(export_dir), "checkpoint": result.checkpoint.path,
-            "step": state["step"], "samples_seen": state["samples_seen"], "train_seconds": train_seconds,
-            "heldout": metrics, "model_uri": info.model_uri, "registered_model": cfg.registry.model_name,
-            "registered_version": version}
+        model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir)
+    return TrainedRun(model, result.checkpoint.path, state["step"], state["samples_seen"], seconds)
 
 
 def periodic_eval_config(cfg: DictConfig, shard_dir: Path) -> dict[str, Any] | None:
@@ -187,7 +226,7 @@ def _storage(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(path(storage_path))
 
 
-def _log_loss_curve(run_id: str) -> None:
+def log_loss_curve(run_id: str, ylabel: str = "contrastive loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +239,7 @@ def _log_loss_curve(run_id: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot([m.step for m in history], [m.value for m in history])
     axis.set_xlabel("step")
-    axis.set_ylabel("contrastive loss")
+    axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     mlflow.log_figure(figure, "plots/loss.png")

@@ -62,18 +62,41 @@ class ContrastiveTask:
         return loss, metrics
 
 
-def build_contrastive(config: dict[str, Any]) -> ContrastiveTask:
+class DistillTask:
+    """AltCLIP stage 1, teacher learning: the student's projected text features regress onto the frozen CLIP
+    teacher's (precomputed for the English side of each pair) by MSE. No images, no temperature."""
+
+    def __init__(self, model):
+        self.model = model
+        model.logit_scale.requires_grad_(False)  # no contrastive term in this stage
+
+    def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student = engine(None, text, raw_text=True).float()
+        target = batch["target"].float()
+        loss = torch.nn.functional.mse_loss(student, target)
+        cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
+        return loss, {"cosine_to_teacher": float(cosine)}
+
+
+def _model(config: dict[str, Any]):
     from components.models.factory import build_model
 
-    spec = dict(config["model"])
-    model = build_model(**spec)
+    model = build_model(**dict(config["model"]))
     if config.get("activation_checkpointing"):
         model.gradient_checkpointing_enable()
-    loss = ContrastiveLoss(**config.get("loss", {}))
-    return ContrastiveTask(model, loss)
+    return model
 
 
-TASKS = {"contrastive": build_contrastive}
+def build_contrastive(config: dict[str, Any]) -> ContrastiveTask:
+    return ContrastiveTask(_model(config), ContrastiveLoss(**config.get("loss", {})))
+
+
+def build_distill(config: dict[str, Any]) -> DistillTask:
+    return DistillTask(_model(config))
+
+
+TASKS = {"contrastive": build_contrastive, "distill": build_distill}
 
 
 def build_task(config: dict[str, Any]):

@@ -93,7 +93,12 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str
     # Training holds scalars as [1] vectors (loop.scalars_as_vectors): back to the model's own shapes.
     state = {name: t.reshape(shapes[name]) if name in shapes and t.numel() == shapes[name].numel() else t
              for name, t in state.items()}
+    # Frozen parameters (AltCLIP's locked image tower) keep the values the spec built them with: the checkpoint
+    # holds them only in the training precision (bf16 on GPUs), and training never changed them.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    state = {name: t for name, t in state.items() if name not in frozen}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if export_dir.exists():

@@ -1,0 +1,385 @@
+"""AltCLIP's two stages, driver side. pipelines/distill_altclip.py calls `run`.
+
+Stage 1, teacher learning: a multilingual student text tower learns to put every translation of an English
+sentence where the frozen CLIP teacher puts the English sentence (MSE; no images). The teacher's features are
+computed once by Ray Data batch inference and cached in Parquet beside the pairs.
+Stage 2, locked-image contrastive tuning (LiT): the student keeps training with the contrastive loss on
+image-caption pairs whose caption language is drawn per example, the teacher's image tower frozen.
+
+Both stages run on the generic Ray Train + DeepSpeed loop (components/train/loop.py) as tasks "distill" and
+"contrastive"; each is a child MLflow run of the pipeline's run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from components.data.parallel_text import builtin_parallel_text, fingerprint, read_parallel_text
+from components.models.factory import build_model, saved_family
+from components.runtime import path
+from components.tracking import mlflow_runs
+from components.train.data import TextConfig, parallel_text_dataset
+from components.train.pretraining import (
+    deepspeed_settings,
+    describe_scale,
+    evaluate_heldout,
+    image_text_dataset,
+    log_loss_curve,
+    train_and_export,
+    worker_config,
+)
+
+TARGETS_DONE = "_targets.json"
+
+
+# -- parallel text and the teacher's targets ---------------------------------------------------------------------
+def parallel_pairs(cfg: DictConfig) -> pd.DataFrame:
+    """The configured parallel text, or the built-in one (the corpus' names in its languages + CLDR)."""
+    spec = cfg.parallel_text
+    if spec.path:
+        return read_parallel_text(path(spec.path), spec.test_fraction)
+    corpus_dir = path(cfg.data.corpus_dir) if cfg.data.get("corpus_dir") else None
+    if corpus_dir is None or not corpus_dir.is_dir():
+        raise FileNotFoundError("no parallel text: set parallel_text.path to a TSV/CSV/Parquet with src, tgt, lang "
+                                "(the built-in one needs the emoji corpus, data=emoji)")
+    return builtin_parallel_text(corpus_dir, list(cfg.fields.languages), cldr=bool(spec.cldr))
+
+
+class TeacherTargets:
+    """map_batches callable (an actor): the teacher's projected text features of each row's src, each distinct
+    sentence of a batch embedded once (pairs arrive sorted by src)."""
+
+    def __init__(self, teacher_dir: str, device: str = "cpu"):
+        from transformers.utils import logging as transformers_logging
+
+        from components.eval.embed import load_with_tokenizer
+
+        transformers_logging.disable_progress_bar()
+        self.model, self.tokenizer = load_with_tokenizer(teacher_dir)
+        self.model.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from components.models.inference import text_inputs
+
+        sentences, index = np.unique(batch["src"].astype(str), return_inverse=True)
+        inputs = text_inputs(self.model, self.tokenizer, list(sentences))
+        features = self.model.text_features({k: v.to(self.device) for k, v in inputs.items()}).float().cpu().numpy()
+        return {**batch, "target": features[index]}
+
+
+def teacher_targets(pairs: pd.DataFrame, teacher_dir: Path, cache_root: Path, *, batch_size: int, actors: int,
+                    use_gpu: bool) -> Path:
+    """A Parquet directory of the pairs with the teacher's `target`, computed once per (teacher weights, pairs)."""
+    key = hashlib.sha1(f"{_file_digest(teacher_dir / 'model.safetensors')}-{fingerprint(pairs)}".encode()).hexdigest()[:16]
+    out = cache_root / key
+    if (out / TARGETS_DONE).is_file():
+        print(f"[altclip] teacher targets cached in {out}", flush=True)
+        return out
+    partial = cache_root / f"{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    # Through a Parquet file (row groups become Ray Data blocks) rather than from_pandas: the pairs of a user's
+    # file can be large, and the driver then holds them once.
+    source = cache_root / f"{key}.pairs.parquet"
+    pairs[["src", "tgt", "lang", "split"]].to_parquet(source, row_group_size=20_000, index=False)
+    dataset = ray.data.read_parquet(str(source))
+    embedded = dataset.map_batches(TeacherTargets, fn_constructor_kwargs={"teacher_dir": str(teacher_dir),
+                                                                          "device": "cuda" if use_gpu else "cpu"},
+                                   batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
+                                   batch_format="numpy")
+    embedded.write_parquet(str(partial))
+    source.unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    (out / TARGETS_DONE).write_text(json.dumps({"rows": len(pairs), "teacher": str(teacher_dir)}) + "\n")
+    print(f"[altclip] teacher targets for {len(pairs)} pairs written to {out}", flush=True)
+    return out
+
+
+def _file_digest(file: Path) -> str:
+    digest = hashlib.sha1()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_targets(targets_dir: Path, split: str) -> pd.DataFrame:
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(targets_dir), format="parquet").to_table(filter=ds.field("split") == split)
+    frame = table.drop(["target"]).to_pandas()
+    frame["target"] = list(np.stack(table.column("target").to_numpy(zero_copy_only=False)))
+    return frame
+
+
+# -- stage 1 metrics -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def student_features(model, tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
+    from components.models.inference import text_inputs
+
+    model.eval()
+    return torch.cat([model.text_features(text_inputs(model, tokenizer, texts[i:i + batch])).float()
+                      for i in range(0, len(texts), batch)]).numpy()
+
+
+def distill_metrics(model, tokenizer, heldout: pd.DataFrame, probe_language: str) -> dict[str, float]:
+    """On held-out pairs: MSE to the teacher's targets, and for `probe_language` whether each sentence lands
+    nearest (cosine) its own English sentence's teacher embedding among every held-out English sentence."""
+    student = student_features(model, tokenizer, list(heldout["tgt"]))
+    targets = np.stack(heldout["target"])
+    metrics = {"mse": float(((student - targets) ** 2).mean()),
+               "cosine": float(np.mean(np.sum(_unit(student) * _unit(targets), axis=1)))}
+    probe = heldout["lang"].to_numpy() == probe_language
+    if probe.any():
+        english = heldout.drop_duplicates("src")
+        reference = _unit(np.stack(english["target"]))
+        position = {src: i for i, src in enumerate(english["src"])}
+        scores = _unit(student[probe]) @ reference.T
+        truth = np.array([position[s] for s in heldout["src"][probe]])
+        metrics[f"{probe_language}_top1"] = float(np.mean(scores.argmax(axis=1) == truth))
+        metrics[f"{probe_language}_pairs"] = int(probe.sum())
+        metrics[f"{probe_language}_chance"] = 1.0 / len(english)
+    return metrics
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def heldout_sample(targets_dir: Path, rows: int, probe_language: str, seed: int = 0) -> pd.DataFrame:
+    """At most `rows` held-out pairs, every one of `probe_language` among them."""
+    heldout = read_targets(targets_dir, "test")
+    probe = heldout[heldout["lang"] == probe_language]
+    rest = heldout[heldout["lang"] != probe_language]
+    rest = rest.sample(n=min(len(rest), max(0, rows - len(probe))), random_state=seed)
+    return pd.concat([probe, rest], ignore_index=True)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
+    """The trainer group with the stage's own settings (samples, batch, lr, ...) on top."""
+    return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
+
+
+def prepare_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: Path):
+    """cfg.tokenizer.path (any transformers tokenizer), else student.pretrained's, else a byte-level BPE in
+    XLM-R's layout trained on both sides of the training pairs."""
+    from components.models.tokenizer import load_tokenizer, train_bpe
+
+    if cfg.tokenizer.path or cfg.student.pretrained:
+        tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.student.pretrained)
+    else:
+        train = pairs[pairs["split"] == "train"]
+        texts = pd.concat([train["src"].drop_duplicates(), train["tgt"]])
+        tokenizer = train_bpe(texts, vocab_size=cfg.tokenizer.vocab_size, layout="xlmr")
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any]:
+    """teacher: a components.eval.runner.ResolvedModel of a clip model."""
+    family = saved_family(teacher.directory)
+    if family != "clip":
+        raise ValueError(f"the teacher must be a clip model; {teacher.uri} is a {family!r} model")
+    work = path(cfg.work_dir)
+    pairs = parallel_pairs(cfg)
+    counts = pairs.groupby("split").size().to_dict()
+    print(f"[altclip] parallel text: {len(pairs)} pairs in {pairs['lang'].nunique()} languages "
+          f"({counts.get('train', 0)} train, {counts.get('test', 0)} held out)", flush=True)
+    mlflow_runs.log_metrics({"parallel.pairs": len(pairs), "parallel.languages": pairs["lang"].nunique()})
+    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"altclip-{run_id[:8]}"
+    tokenizer = prepare_tokenizer(cfg, pairs, tokenizer_dir)
+    inference = cfg.inference
+    from components.train.trainer import resolve_use_gpu
+
+    targets_dir = teacher_targets(pairs, teacher.directory, work / "teacher_targets",
+                                  batch_size=inference.batch_size, actors=inference.actors,
+                                  use_gpu=resolve_use_gpu(inference.use_gpu))
+
+    stage1 = _stage1(cfg, run_id, teacher, tokenizer, str(tokenizer_dir), targets_dir, counts.get("train", 0))
+    stage2 = _stage2(cfg, run_id, shard_dir, tokenizer, str(tokenizer_dir), stage1["export_dir"])
+    outcome = {"teacher": teacher.uri, "stage1": stage1, "stage2": stage2}
+    client = mlflow.tracking.MlflowClient()
+    if stage2.get("registered_version"):
+        lineage = _lineage_tags(teacher)
+        for key, value in lineage.items():
+            client.set_model_version_tag(cfg.registry.model_name, stage2["registered_version"], key, value)
+    if cfg.compare.enabled:
+        outcome["compare"] = compare_models(cfg, shard_dir, {"teacher": teacher.directory,
+                                                             "stage1": Path(stage1["export_dir"]),
+                                                             "altclip": Path(stage2["export_dir"])})
+    return outcome
+
+
+def _lineage_tags(teacher) -> dict[str, str]:
+    tags = {"teacher.uri": teacher.uri}
+    if teacher.run_id:
+        tags["teacher.run_id"] = teacher.run_id
+    if teacher.registered:
+        tags["teacher.model"], tags["teacher.version"] = teacher.registered
+    return tags
+
+
+def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Path, train_pairs: int) -> dict:
+    trainer_cfg = stage_trainer(cfg, "stage1")
+    spec = {"family": "altclip", "preset": cfg.student.preset, "teacher": str(teacher.directory),
+            "lock_image": True, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            **OmegaConf.to_container(cfg.student.overrides, resolve=True)}
+    if cfg.student.pretrained:
+        spec["text_pretrained"] = cfg.student.pretrained
+    with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-stage1-distill", cfg.mlflow.experiment,
+                               tags={"stage": "altclip-distill", **_lineage_tags(teacher)}) as child:
+        mlflow_runs.log_params({"stage1": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
+        model = build_model(**spec)
+        heldout = heldout_sample(targets_dir, cfg.heldout_pairs, cfg.probe_language)
+        before = distill_metrics(model, tokenizer, heldout, cfg.probe_language)
+        deepspeed = deepspeed_settings(cfg, trainer_cfg)
+        print(f"[altclip] stage 1 (teacher learning): student {model.num_parameters(trainable_only=True) / 1e6:.1f}M "
+              f"trainable parameters, {describe_scale(trainer_cfg, deepspeed)}", flush=True)
+        passes = math.ceil(trainer_cfg.samples / max(1, train_pairs))
+        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train", passes,
+                                        trainer_cfg.seed)
+        train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "distill",
+                        "model": spec, "tokenizer_dir": tokenizer_dir}
+        export_dir = path(cfg.export_dir) / "stage1"
+        trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage1-{run_id[:8]}", export_dir,
+                                   tokenizer_dir)
+        after = distill_metrics(trained.model, tokenizer, heldout, cfg.probe_language)
+        mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in after.items()},
+                                 **{f"heldout.init_{k}": v for k, v in before.items()},
+                                 "train_seconds": trained.seconds})
+        log_loss_curve(child.info.run_id, "MSE to the teacher")
+        from components.tracking.pyfunc import log_embedding_model
+
+        info = log_embedding_model(export_dir, None)
+    return {"export_dir": str(export_dir), "model_uri": info.model_uri, "run_id": child.info.run_id,
+            "step": trained.step, "train_seconds": trained.seconds, "before": before, "after": after}
+
+
+def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_dir: str) -> dict:
+    trainer_cfg = stage_trainer(cfg, "stage2")
+    spec = {"family": "altclip", "pretrained": stage1_dir, "lock_image": True}
+    with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-stage2-lit", cfg.mlflow.experiment,
+                               tags={"stage": "altclip-contrastive"}) as child:
+        mlflow_runs.log_params({"stage2": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
+        model = build_model(**spec)
+        deepspeed = deepspeed_settings(cfg, trainer_cfg)
+        print(f"[altclip] stage 2 (contrastive, image tower locked): "
+              f"{model.num_parameters(trainable_only=True) / 1e6:.1f}M trainable parameters, "
+              f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
+        text = TextConfig(kind="tokens", tokenizer_dir=tokenizer_dir, max_length=model.max_text_length,
+                          caption_choices=tuple(cfg.fields.languages.values()))
+        dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text)
+        train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "contrastive",
+                        "model": spec, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+                        "tokenizer_dir": tokenizer_dir}
+        export_dir = path(cfg.export_dir) / "final"
+        trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage2-{run_id[:8]}", export_dir,
+                                   tokenizer_dir)
+        metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
+        mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": trained.seconds})
+        log_loss_curve(child.info.run_id)
+        from components.tracking.pyfunc import log_embedding_model
+
+        info = log_embedding_model(export_dir, cfg.registry.model_name)
+    return {"export_dir": str(export_dir), "model_uri": info.model_uri, "run_id": child.info.run_id,
+            "step": trained.step, "train_seconds": trained.seconds, "heldout": metrics,
+            "registered_model": cfg.registry.model_name,
+            "registered_version": getattr(info, "registered_model_version", None)}
+
+
+# -- the comparison (the evaluation stage's multilingual retrieval) -----------------------------------------
+def compare_models(cfg: DictConfig, shard_dir: Path, models: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Multilingual retrieval on the held-out rows for each model; {model: {lang: R@5}}, a table and a chart in the
+    pipeline's MLflow run."""
+    from components.eval import runner
+    from components.eval.plots import model_language_chart
+
+    compare = cfg.compare
+    settings = {"fields": OmegaConf.to_container(cfg.fields, resolve=True), "batch_size": compare.batch_size,
+                "actors": cfg.inference.actors, "use_gpu": False, "where": dict(cfg.data.get("eval_where") or {}),
+                "limit": None, "tasks": ["multilingual_retrieval"], "block": compare.block,
+                "dataset_name": shard_dir.name,
+                "task_settings": {"multilingual_retrieval": {"languages": compare.languages,
+                                                             "metric": compare.metric}}}
+    table: dict[str, dict[str, float]] = {}
+    for name, directory in models.items():
+        scratch = runner.scratch_dir()
+        try:
+            results = runner.evaluate(settings, shard_dir, runner.ResolvedModel(directory, str(directory)), scratch,
+                                      progress=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        table[name] = {r["language"]: float(r["metrics"][compare.metric]) for r in results}
+        mlflow_runs.log_metrics({f"compare.{name}.{lang}.{compare.metric}": v for lang, v in table[name].items()})
+    summary = comparison_summary(table)
+    mlflow_runs.log_metrics({f"compare.{k}": v for k, v in summary.items()})
+    mlflow_runs.log_json({"metric": compare.metric, "per_language": table, "summary": summary},
+                         "compare/multilingual_retrieval.json")
+    mlflow.log_image(model_language_chart(table, compare.metric), "compare/multilingual_retrieval.png")
+    return table
+
+
+def comparison_summary(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per model: English, the mean over the other languages, and their ratio (the issue's goals use these)."""
+    out = {}
+    for name, per_language in table.items():
+        others = [v for lang, v in per_language.items() if lang != "en"]
+        english = per_language.get("en")
+        mean_others = float(np.mean(others)) if others else float("nan")
+        out[f"{name}.en"] = english if english is not None else float("nan")
+        out[f"{name}.mean_non_en"] = mean_others
+        out[f"{name}.non_en_over_en"] = mean_others / english if english else float("nan")
+    return out
+
+
+def comparison_table(table: dict[str, dict[str, float]], metric: str) -> str:
+    models = list(table)
+    languages = sorted({lang for values in table.values() for lang in values}, key=lambda l: (l != "en", l))
+    lines = [f"{metric:>8} " + " ".join(f"{m:>9}" for m in models)]
+    for lang in languages:
+        lines.append(f"{lang:>8} " + " ".join(f"{table[m].get(lang, float('nan')):9.3f}" for m in models))
+    summary = comparison_summary(table)
+    lines.append(f"{'non-en':>8} " + " ".join(f"{summary[f'{m}.mean_non_en']:9.3f}" for m in models))
+    return "\n".join(lines)
+
+
+def summary(outcome: dict[str, Any], cfg: DictConfig) -> str:
+    stage1, stage2 = outcome["stage1"], outcome["stage2"]
+    before, after = stage1["before"], stage1["after"]
+    probe = cfg.probe_language
+    lines = [f"AltCLIP from teacher {outcome['teacher']}",
+             f"stage 1 (teacher learning): {stage1['step']} steps in {stage1['train_seconds']:.0f} s; held-out MSE "
+             f"{before['mse']:.4f} -> {after['mse']:.4f}, cosine to teacher {before['cosine']:.3f} -> "
+             f"{after['cosine']:.3f}"]
+    if f"{probe}_top1" in after:
+        lines.append(f"  {probe} sentence nearest its English teacher embedding: {after[f'{probe}_top1']:.3f} of "
+                     f"{after[f'{probe}_pairs']} (chance {after[f'{probe}_chance']:.4f})")
+    heldout = stage2["heldout"]
+    lines.append(f"stage 2 (contrastive, image tower locked): {stage2['step']} steps in "
+                 f"{stage2['train_seconds']:.0f} s" + (f"; English held-out image->text R@5 "
+                                                       f"{heldout['image_to_text_R5']:.3f}" if heldout else ""))
+    if "compare" in outcome:
+        lines.append(f"multilingual retrieval on held-out concepts ({cfg.compare.metric}):")
+        lines.append(comparison_table(outcome["compare"], cfg.compare.metric))
+    lines.append(f"export: {stage2['export_dir']} (stage 1: {stage1['export_dir']})")
+    lines.append(f"registered: {stage2['registered_model']} version {stage2['registered_version']} "
+                 f"({stage2['model_uri']})")
+    return "\n".join(lines)
