@@ -76,7 +76,7 @@ class AltCLIP(CLIP):
                 top = {"projection_dim": p["projection_dim"]}
             else:
                 top = {"projection_dim": teacher_model.model.config.projection_dim}
-            apply_overrides(towers, top, overrides)
+            apply_overrides(towers, top, overrides, text_config_class="AltCLIPTextConfig")
             if teacher_model is not None:
                 if top["projection_dim"] != teacher_model.model.config.projection_dim:
                     raise ValueError("projection_dim is the teacher's embedding size; it cannot be overridden")

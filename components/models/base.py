@@ -78,17 +78,20 @@ def preset_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name])
 
 
-def apply_overrides(towers: dict[str, dict], top: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+def apply_overrides(towers: dict[str, dict], top: dict[str, Any], overrides: Mapping[str, Any],
+                    text_config_class: str = "CLIPTextConfig") -> None:
     """Apply `overrides` in place.
 
     towers: {"vision": {...}, "text": {...}} config dicts (CLIPPO passes only "vision");
     top: model-level keys a family exposes (e.g. projection_dim).
     Override keys: a `top` key; `vision_config` / `text_config` (a dict for one tower); or a bare config field
     (e.g. hidden_size, num_hidden_layers, hidden_act), applied to every tower whose config has that field.
+    text_config_class: the transformers config the text tower's fields are checked against (AltCLIP: XLM-R's).
     """
-    from transformers import CLIPTextConfig, CLIPVisionConfig
+    import transformers
 
-    known = {"vision": set(CLIPVisionConfig().to_dict()), "text": set(CLIPTextConfig().to_dict())}
+    classes = {"vision": "CLIPVisionConfig", "text": text_config_class}
+    known = {tower: set(getattr(transformers, name)().to_dict()) for tower, name in classes.items()}
     for key, value in dict(overrides or {}).items():
         if key in top:
             top[key] = value
@@ -98,7 +101,7 @@ def apply_overrides(towers: dict[str, dict], top: dict[str, Any], overrides: Map
                 raise ValueError(f"override {key!r}: this model has no {tower} tower")
             unknown = set(value) - known[tower]
             if unknown:
-                raise ValueError(f"override {key}: unknown CLIP{tower.title()}Config fields {sorted(unknown)}")
+                raise ValueError(f"override {key}: unknown {classes[tower]} fields {sorted(unknown)}")
             towers[tower].update(value)
         else:
             targets = [t for t in towers if key in known[t]]

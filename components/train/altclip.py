@@ -101,7 +101,9 @@ def teacher_targets(pairs: pd.DataFrame, teacher_dir: Path, cache_root: Path, *,
                                                                           "device": "cuda" if use_gpu else "cpu"},
                                    batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
                                    batch_format="numpy")
-    embedded.write_parquet(str(partial))
+    # Pairs arrive grouped by English sentence (for the per-batch dedup above); training batches must not be, or
+    # each holds a handful of sentences. Shuffled once here, for every run that reuses the cache.
+    embedded.random_shuffle(seed=0).write_parquet(str(partial))
     source.unlink()
     if out.exists():
         shutil.rmtree(out)
@@ -138,9 +140,11 @@ def student_features(model, tokenizer, texts: list[str], batch: int = 256) -> np
                       for i in range(0, len(texts), batch)]).numpy()
 
 
-def distill_metrics(model, tokenizer, heldout: pd.DataFrame, probe_language: str) -> dict[str, float]:
-    """On held-out pairs: MSE to the teacher's targets, and for `probe_language` whether each sentence lands
-    nearest (cosine) its own English sentence's teacher embedding among every held-out English sentence."""
+def distill_metrics(model, tokenizer, heldout: pd.DataFrame, probe_language: str, distractors: int = 10,
+                    seed: int = 0) -> dict[str, float]:
+    """On parallel pairs: MSE to the teacher's targets, and for `probe_language` whether each sentence lands
+    nearest (cosine) its own English sentence's teacher embedding: among every English sentence of the pairs
+    (top1, top10), and among its own plus `distractors` random others (vs<distractors>)."""
     student = student_features(model, tokenizer, list(heldout["tgt"]))
     targets = np.stack(heldout["target"])
     metrics = {"mse": float(((student - targets) ** 2).mean()),
@@ -152,7 +156,17 @@ def distill_metrics(model, tokenizer, heldout: pd.DataFrame, probe_language: str
         position = {src: i for i, src in enumerate(english["src"])}
         scores = _unit(student[probe]) @ reference.T
         truth = np.array([position[s] for s in heldout["src"][probe]])
-        metrics[f"{probe_language}_top1"] = float(np.mean(scores.argmax(axis=1) == truth))
+        # Rank of the right English sentence among all of them (0 = nearest); ties count against.
+        ranks = (scores > scores[np.arange(len(truth)), truth][:, None]).sum(axis=1)
+        metrics[f"{probe_language}_top1"] = float(np.mean(ranks < 1))
+        metrics[f"{probe_language}_top10"] = float(np.mean(ranks < 10))
+        rng = np.random.default_rng(seed)
+        count = min(distractors, len(english) - 1)
+        rows = np.arange(len(truth))
+        others = np.stack([rng.choice(np.delete(np.arange(len(english)), t), size=count, replace=False) for t in truth])
+        right = scores[rows, truth]
+        metrics[f"{probe_language}_vs{count}"] = float(np.mean(right > scores[rows[:, None], others].max(axis=1)))
+        metrics[f"{probe_language}_vs{count}_chance"] = 1.0 / (count + 1)
         metrics[f"{probe_language}_pairs"] = int(probe.sum())
         metrics[f"{probe_language}_chance"] = 1.0 / len(english)
     return metrics
@@ -162,11 +176,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def heldout_sample(targets_dir: Path, rows: int, probe_language: str, seed: int = 0) -> pd.DataFrame:
-    """At most `rows` held-out pairs, every one of `probe_language` among them."""
-    heldout = read_targets(targets_dir, "test")
-    probe = heldout[heldout["lang"] == probe_language]
-    rest = heldout[heldout["lang"] != probe_language]
+def pairs_sample(targets_dir: Path, split: str, rows: int, probe_language: str, seed: int = 0) -> pd.DataFrame:
+    """At most `rows` pairs of `split`, up to half of them in `probe_language`."""
+    pairs = read_targets(targets_dir, split)
+    probe = pairs[pairs["lang"] == probe_language]
+    probe = probe.sample(n=min(len(probe), rows // 2), random_state=seed)
+    rest = pairs[pairs["lang"] != probe_language]
     rest = rest.sample(n=min(len(rest), max(0, rows - len(probe))), random_state=seed)
     return pd.concat([probe, rest], ignore_index=True)
 
@@ -248,8 +263,10 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
                                tags={"stage": "altclip-distill", **_lineage_tags(teacher)}) as child:
         mlflow_runs.log_params({"stage1": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
         model = build_model(**spec)
-        heldout = heldout_sample(targets_dir, cfg.heldout_pairs, cfg.probe_language)
-        before = distill_metrics(model, tokenizer, heldout, cfg.probe_language)
+        # Held-out concepts (generalisation) and training concepts (what the student fitted), the same size.
+        samples = {split: pairs_sample(targets_dir, split, cfg.heldout_pairs, cfg.probe_language)
+                   for split in ("test", "train")}
+        before = distill_metrics(model, tokenizer, samples["test"], cfg.probe_language)
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[altclip] stage 1 (teacher learning): student {model.num_parameters(trainable_only=True) / 1e6:.1f}M "
               f"trainable parameters, {describe_scale(trainer_cfg, deepspeed)}", flush=True)
@@ -261,16 +278,19 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
         export_dir = path(cfg.export_dir) / "stage1"
         trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage1-{run_id[:8]}", export_dir,
                                    tokenizer_dir)
-        after = distill_metrics(trained.model, tokenizer, heldout, cfg.probe_language)
+        after = distill_metrics(trained.model, tokenizer, samples["test"], cfg.probe_language)
+        seen = distill_metrics(trained.model, tokenizer, samples["train"], cfg.probe_language)
         mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in after.items()},
                                  **{f"heldout.init_{k}": v for k, v in before.items()},
+                                 **{f"train.{k}": v for k, v in seen.items()},
                                  "train_seconds": trained.seconds})
         log_loss_curve(child.info.run_id, "MSE to the teacher")
+        mlflow.set_tag("checkpoint", trained.checkpoint)
         from components.tracking.pyfunc import log_embedding_model
 
         info = log_embedding_model(export_dir, None)
     return {"export_dir": str(export_dir), "model_uri": info.model_uri, "run_id": child.info.run_id,
-            "step": trained.step, "train_seconds": trained.seconds, "before": before, "after": after}
+            "step": trained.step, "train_seconds": trained.seconds, "before": before, "after": after, "seen": seen}
 
 
 def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_dir: str) -> dict:
@@ -296,6 +316,7 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
         metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
         mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": trained.seconds})
         log_loss_curve(child.info.run_id)
+        mlflow.set_tag("checkpoint", trained.checkpoint)
         from components.tracking.pyfunc import log_embedding_model
 
         info = log_embedding_model(export_dir, cfg.registry.model_name)
@@ -369,9 +390,12 @@ def summary(outcome: dict[str, Any], cfg: DictConfig) -> str:
              f"stage 1 (teacher learning): {stage1['step']} steps in {stage1['train_seconds']:.0f} s; held-out MSE "
              f"{before['mse']:.4f} -> {after['mse']:.4f}, cosine to teacher {before['cosine']:.3f} -> "
              f"{after['cosine']:.3f}"]
-    if f"{probe}_top1" in after:
-        lines.append(f"  {probe} sentence nearest its English teacher embedding: {after[f'{probe}_top1']:.3f} of "
-                     f"{after[f'{probe}_pairs']} (chance {after[f'{probe}_chance']:.4f})")
+    for name, metrics in (("held-out", after), ("training", stage1["seen"])):
+        if f"{probe}_top1" in metrics:
+            lines.append(f"  {name} concepts, {metrics[f'{probe}_pairs']} {probe} sentences: the nearest English "
+                         f"teacher embedding is its own {metrics[f'{probe}_top1']:.3f} (chance "
+                         f"{metrics[f'{probe}_chance']:.4f}), in the top 10 {metrics[f'{probe}_top10']:.3f}; "
+                         f"against 10 distractors {metrics[f'{probe}_vs10']:.3f} (chance 0.091)")
     heldout = stage2["heldout"]
     lines.append(f"stage 2 (contrastive, image tower locked): {stage2['step']} steps in "
                  f"{stage2['train_seconds']:.0f} s" + (f"; English held-out image->text R@5 "
