@@ -18,12 +18,11 @@ import torch
 from components.models.base import (
     apply_overrides,
     check_image_size,
-    l2_normalize,
     preset_config,
 )
 from components.models.clip import CLIP, _read_normalisation
 
-# XLM-R's special-token layout: <s> 0, <pad> 1, </s> 2, <unk> 3 (components/models/tokenizer.XLMR_SPECIAL_TOKENS).
+# XLM-R's special-token layout: <s> 0, <pad> 1, </s> 2, <unk> 3 (tokenizer.train_bpe(layout="xlmr")).
 XLMR_TOKEN_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
 IMAGE_TOWER = ("model.vision_model.", "model.visual_projection.")
 
@@ -122,20 +121,10 @@ class AltCLIP(CLIP):
             return self.text_features(batch)
         return super().forward(pixel_values, batch)
 
-    def token_embeddings(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As CLIP's, with text tokens through `transformation` (AltCLIP's pooling path) and text_projection,
-        so the <s> row equals embed_text."""
-        hidden = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
-        patches = l2_normalize(self.model.visual_projection(self.model.vision_model.post_layernorm(hidden[:, 1:])))
-        input_ids = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        projected = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        tokens = l2_normalize(self.model.text_projection(projected))
-        mask = attention_mask.to(tokens.dtype)
-        return patches, tokens * mask.unsqueeze(-1), mask
+    def text_token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every token through AltCLIP's pooling path (pre_LN, transformation): the <s> row is what is pooled, so
+        token_embeddings' <s> row equals embed_text."""
+        return self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def _pretrained_encoder(name: str):

@@ -121,14 +121,17 @@ class CLIP(ContrastiveModel):
         hidden = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, 1 + P, width]
         patches = l2_normalize(self.model.visual_projection(self.model.vision_model.post_layernorm(hidden[:, 1:])))
         input_ids = batch["input_ids"]
-        check_has_eos(input_ids, self.eos_token_id)
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        tokens = l2_normalize(self.model.text_projection(hidden))
+        tokens = l2_normalize(self.model.text_projection(self.text_token_states(input_ids, attention_mask)))
         mask = attention_mask.to(tokens.dtype)
         return patches, tokens * mask.unsqueeze(-1), mask
+
+    def text_token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] per-token states on the pooling path, just before text_projection."""
+        check_has_eos(input_ids, self.eos_token_id)
+        return self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     # -- persistence: the transformers format + side files ----------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
