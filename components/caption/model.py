@@ -1,0 +1,114 @@
+"""ClipCap (Mokady et al. 2021): a CLIP image embedding -> a mapping network -> `prefix_length` vectors that a
+GPT-2 decoder reads as the start of its input, then writes the caption.
+
+Two mappings, as in the paper:
+- "mlp": embedding -> Linear -> tanh -> Linear -> prefix_length x d_model; the decoder is fine-tuned with it.
+- "transformer": embedding -> Linear -> clip_length x d_model, concatenated with a learned constant of
+  prefix_length vectors, through a transformer encoder; the outputs at the constant's positions are the prefix.
+  The decoder stays frozen.
+
+The decoder is a `transformers.GPT2LMHeadModel` from a config (random init, or `pretrained`). The loss is the
+decoder's next-token cross-entropy on caption tokens only (not on the prefix, not on padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.caption.decoding import LogProbs, beam_search, greedy, nucleus
+
+MAPPINGS = ("mlp", "transformer")
+# GPT-2 sizes per preset (n_positions: prefix + caption tokens).
+DECODER_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 64},
+    "small": {"n_embd": 384, "n_layer": 6, "n_head": 6, "n_positions": 96},
+    "base": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 128},  # GPT-2 (124M)
+}
+
+
+class ClipCap(nn.Module):
+    def __init__(self, clip_dim: int, vocab_size: int, prefix_length: int = 10, mapping: str = "mlp",
+                 preset: str = "tiny", pretrained: str | None = None, clip_length: int = 10,
+                 mapping_layers: int = 8, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 decoder_overrides: dict[str, Any] | None = None):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {mapping!r}: use one of {MAPPINGS}")
+        if prefix_length < 1:
+            raise ValueError(f"prefix_length must be at least 1, got {prefix_length}")
+        if pretrained:
+            self.decoder = GPT2LMHeadModel.from_pretrained(pretrained)
+        else:
+            if preset not in DECODER_PRESETS:
+                raise ValueError(f"unknown decoder preset {preset!r}: use one of {sorted(DECODER_PRESETS)}")
+            config = GPT2Config(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, **{**DECODER_PRESETS[preset], **(decoder_overrides or {})})
+            self.decoder = GPT2LMHeadModel(config)
+        width = self.decoder.config.n_embd
+        self.prefix_length, self.mapping_kind, self.clip_dim = prefix_length, mapping, clip_dim
+        self.eos_token_id = self.decoder.config.eos_token_id if eos_token_id is None else eos_token_id
+        if mapping == "mlp":
+            hidden = width * prefix_length // 2
+            self.mapping = nn.Sequential(nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, width * prefix_length))
+        else:
+            self.clip_length = clip_length
+            self.project = nn.Linear(clip_dim, clip_length * width)
+            self.constant = nn.Parameter(torch.randn(prefix_length, width))
+            layer = nn.TransformerEncoderLayer(width, nhead=8 if width % 8 == 0 else 1, dim_feedforward=2 * width,
+                                               batch_first=True, norm_first=True)
+            self.mapping = nn.TransformerEncoder(layer, mapping_layers, enable_nested_tensor=False)
+            self.decoder.requires_grad_(False)  # ClipCap's transformer variant keeps the language model frozen
+
+    def prefix(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, clip_dim] -> [B, prefix_length, d_model]."""
+        width = self.decoder.config.n_embd
+        batch = clip_embeddings.shape[0]
+        if self.mapping_kind == "mlp":
+            return self.mapping(clip_embeddings).view(batch, self.prefix_length, width)
+        projected = self.project(clip_embeddings).view(batch, self.clip_length, width)
+        states = self.mapping(torch.cat([projected, self.constant.expand(batch, -1, -1)], dim=1))
+        return states[:, self.clip_length:]
+
+    def forward(self, clip_embeddings: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the caption tokens (input_ids: caption + eos, right-padded)."""
+        prefix = self.prefix(clip_embeddings)
+        embeds = torch.cat([prefix, self.decoder.transformer.wte(input_ids)], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+                          attention_mask], dim=1)
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        # Position P-1+i predicts caption token i: the last prefix vector predicts the first word.
+        predicted = logits[:, self.prefix_length - 1:-1]
+        loss = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]).float(), input_ids.reshape(-1),
+                                           reduction="none").view_as(input_ids)
+        weights = attention_mask.to(loss.dtype)
+        return (loss * weights).sum() / weights.sum().clamp(min=1)
+
+    def scorer(self, clip_embeddings: torch.Tensor) -> LogProbs:
+        """The decoders' `logprobs(rows, tokens)` for these images (each step recomputes the short sequence)."""
+        prefix = self.prefix(clip_embeddings)
+
+        def logprobs(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            embeds = torch.cat([prefix[rows], self.decoder.transformer.wte(tokens.to(prefix.device))], dim=1)
+            return self.decoder(inputs_embeds=embeds).logits[:, -1].float().log_softmax(dim=-1).cpu()
+
+        return logprobs
+
+    @torch.no_grad()
+    def generate(self, clip_embeddings: torch.Tensor, method: str = "beam", max_length: int = 24,
+                 beam_width: int = 5, top_p: float = 0.9, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Caption token ids (without eos) for each image embedding: greedy, beam or nucleus."""
+        scorer, batch = self.scorer(clip_embeddings), clip_embeddings.shape[0]
+        if method == "greedy":
+            return greedy(scorer, batch, max_length, self.eos_token_id)
+        if method == "beam":
+            return beam_search(scorer, batch, max_length, self.eos_token_id, beam_width)
+        if method == "nucleus":
+            return nucleus(scorer, batch, max_length, self.eos_token_id, top_p, temperature, generator)
+        raise ValueError(f"unknown decoding method {method!r}: use greedy, beam or nucleus")

@@ -1,0 +1,143 @@
+"""ClipCap's model and decoders: beam search against brute force on toy LMs whose best sequence is known, the
+loss on caption tokens only, and a captioner that memorises its training captions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from components.caption.decoding import beam_search, greedy, nucleus
+from components.caption.model import ClipCap
+
+EOS = 0
+
+
+def bigram_lm(table: torch.Tensor):
+    """logprobs(rows, tokens) of a bigram LM: table[previous token + 1] (row 0: the start)."""
+    log_table = table.log_softmax(dim=-1)
+
+    def logprobs(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        previous = tokens[:, -1] + 1 if tokens.shape[1] else torch.zeros(len(rows), dtype=torch.long)
+        return log_table[previous]
+
+    return logprobs, log_table
+
+
+def brute_force_best(log_table: torch.Tensor, max_length: int) -> tuple[list[int], float]:
+    """Every sequence of non-eos tokens up to max_length, ended by eos (or by the length limit)."""
+    vocab = log_table.shape[-1]
+    best, best_score = [], -math.inf
+    for length in range(0, max_length + 1):
+        for sequence in itertools.product(range(1, vocab), repeat=length):
+            previous, score = 0, 0.0
+            for token in sequence:
+                score += float(log_table[previous, token])
+                previous = token + 1
+            if length < max_length:
+                score += float(log_table[previous, EOS])
+            if score > best_score:
+                best, best_score = list(sequence), score
+    return best, best_score
+
+
+def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
+    # Tokens: 0 eos, 1 "a", 2 "b". Start: a 0.6, b 0.4. After a: a 0.4, b 0.3, eos 0.3. After b: eos 0.9.
+    # Best: "b" eos (0.36); greedy takes a, then a again and again.
+    table = torch.tensor([[1e-9, 0.6, 0.4],     # start
+                          [1.0, 1e-9, 1e-9],    # after eos (never used)
+                          [0.3, 0.4, 0.3],      # after a
+                          [0.9, 0.05, 0.05]]).log()  # after b
+    scorer, _ = bigram_lm(table)
+    assert beam_search(scorer, 1, max_length=6, eos_token_id=EOS, width=2) == [[2]]
+    assert greedy(scorer, 1, max_length=6, eos_token_id=EOS) == [[1] * 6]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exhaustive_beam_equals_brute_force_on_random_bigram_lms(seed):
+    generator = torch.Generator().manual_seed(seed)
+    vocab, max_length = 4, 4
+    table = torch.randn(vocab + 1, vocab, generator=generator) * 2
+    scorer, log_table = bigram_lm(table)
+    best, _ = brute_force_best(log_table, max_length)
+    # A batch of three copies decodes independently and identically.
+    assert beam_search(scorer, 3, max_length, EOS, width=vocab ** max_length) == [best] * 3
+    assert beam_search(scorer, 1, max_length, EOS, width=1) == greedy(scorer, 1, max_length, EOS)
+
+
+def test_nucleus_keeps_the_top_mass_and_degenerates_to_greedy():
+    table = torch.tensor([[0.05, 0.6, 0.3, 0.05], [1.0, 0, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0],
+                          [1.0, 0, 0, 0]]).clamp(min=1e-9).log()
+    scorer, _ = bigram_lm(table)
+    generator = torch.Generator().manual_seed(0)
+    assert nucleus(scorer, 4, 3, EOS, top_p=1e-6, generator=generator) == greedy(scorer, 4, 3, EOS)
+    draws = nucleus(scorer, 2000, 3, EOS, top_p=0.85, generator=generator)
+    firsts = [d[0] if d else EOS for d in draws]
+    # top_p 0.85: tokens 1 (0.6) and 2 (0.3) only, renormalised to 2/3 and 1/3.
+    assert set(firsts) == {1, 2}
+    assert abs(firsts.count(1) / len(firsts) - 2 / 3) < 0.04
+    with pytest.raises(ValueError, match="top_p"):
+        nucleus(scorer, 1, 3, EOS, top_p=0)
+
+
+def tiny_captioner(mapping: str, prefix_length: int = 4) -> ClipCap:
+    torch.manual_seed(0)
+    return ClipCap(clip_dim=16, vocab_size=12, prefix_length=prefix_length, mapping=mapping, eos_token_id=EOS,
+                   pad_token_id=EOS, mapping_layers=2)
+
+
+def test_loss_counts_caption_tokens_only():
+    model = tiny_captioner("mlp").eval()
+    clip = torch.randn(2, 16)
+    ids = torch.tensor([[3, 4, 5, EOS, EOS], [6, 7, EOS, EOS, EOS]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    loss = model(clip, ids, mask)
+    other_padding = ids.clone()
+    other_padding[0, 4], other_padding[1, 3:] = 9, 11
+    assert torch.allclose(model(clip, other_padding, mask), loss)
+    # Reference: run the decoder on prefix + tokens, score each real token from the position before it.
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for row in range(2):
+            length = int(mask[row].sum())
+            embeds = torch.cat([model.prefix(clip[row:row + 1]), model.decoder.transformer.wte(ids[row:row + 1, :length])], 1)
+            logits = model.decoder(inputs_embeds=embeds).logits[0].log_softmax(-1)
+            for i in range(length):
+                total -= float(logits[model.prefix_length - 1 + i, ids[row, i]])
+                count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("prefix_length", [1, 10])
+def test_mappings_shape_the_prefix_and_the_transformer_variant_freezes_gpt2(prefix_length):
+    mlp, transformer = tiny_captioner("mlp", prefix_length), tiny_captioner("transformer", prefix_length)
+    clip = torch.randn(3, 16)
+    for model in (mlp, transformer):
+        assert model.prefix(clip).shape == (3, prefix_length, model.decoder.config.n_embd)
+    assert all(p.requires_grad for p in mlp.decoder.parameters())
+    assert not any(p.requires_grad for p in transformer.decoder.parameters())
+    assert transformer.constant.requires_grad
+    with pytest.raises(ValueError, match="unknown mapping"):
+        ClipCap(clip_dim=16, vocab_size=12, mapping="lstm")
+
+
+def test_captioner_memorises_its_training_captions():
+    model = tiny_captioner("mlp")
+    clip = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    captions = [[3, 4, 5], [6, 7], [8, 3, 9, 10], [11]]
+    width = max(len(c) for c in captions) + 1
+    ids = torch.tensor([c + [EOS] * (width - len(c)) for c in captions])
+    mask = torch.tensor([[1] * (len(c) + 1) + [0] * (width - len(c) - 1) for c in captions])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = model(clip, ids, mask)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert loss.item() < 0.05
+    assert model.generate(clip, "greedy", max_length=8) == captions
+    assert model.generate(clip, "beam", max_length=8, beam_width=3) == captions
