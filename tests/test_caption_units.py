@@ -141,3 +141,40 @@ def test_captioner_memorises_its_training_captions():
     assert loss.item() < 0.05
     assert model.generate(clip, "greedy", max_length=8) == captions
     assert model.generate(clip, "beam", max_length=8, beam_width=3) == captions
+
+
+def test_caption_scores_rank_a_perfect_caption_above_a_wrong_one():
+    from components.caption.metrics import caption_scores, exact_match, normalise
+
+    references = {"a": ["Red heart!"], "b": ["grinning face"], "c": ["cat face", "cat"]}
+    perfect = caption_scores(references, {"a": "red heart", "b": "Grinning face.", "c": "cat face"})
+    assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["BLEU-2"] == pytest.approx(1.0, abs=1e-6)
+    wrong = caption_scores(references, {"a": "grinning face", "b": "red heart", "c": "dog"})
+    assert all(perfect[k] > wrong[k] for k in perfect)
+    assert exact_match(references, {"a": "red heart", "b": "grinning", "c": "cat"}) == pytest.approx(2 / 3)
+    assert normalise("Ça va, l’été!") == "ça va l été" and normalise("赤い・ハート") == "赤い ハート"
+    with pytest.raises(ValueError, match="same keys"):
+        caption_scores(references, {"a": "x"})
+
+
+def test_nearest_captions_scan_blocks_like_a_full_search():
+    from components.caption.metrics import nearest_captions
+
+    rng = torch.Generator().manual_seed(0)
+    candidates = torch.nn.functional.normalize(torch.randn(50, 8, generator=rng), dim=-1).numpy()
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=rng), dim=-1).numpy()
+    captions = [f"caption {i}" for i in range(50)]
+    blocks = [(candidates[i:i + 16], captions[i:i + 16]) for i in range(0, 50, 16)]
+    expected = [captions[i] for i in (queries @ candidates.T).argmax(axis=1)]
+    assert nearest_captions(queries, blocks) == expected
+
+
+def test_captioner_saves_and_loads_bit_for_bit(tmp_path):
+    model = tiny_captioner("transformer", prefix_length=3).eval()
+    model.save_pretrained(tmp_path)
+    loaded = ClipCap.from_pretrained(tmp_path)
+    clip = torch.randn(2, 16)
+    assert torch.equal(loaded.prefix(clip), model.prefix(clip))
+    assert loaded.generate(clip, "greedy", max_length=5) == model.generate(clip, "greedy", max_length=5)
+    with pytest.raises(FileNotFoundError, match="not a saved ClipCap"):
+        ClipCap.from_pretrained(tmp_path / "missing")

@@ -13,6 +13,8 @@ decoder's next-token cross-entropy on caption tokens only (not on the prefix, no
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,26 +31,39 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def build_decoder(vocab_size: int, preset: str = "tiny", pretrained: str | None = None,
+                  eos_token_id: int | None = None, pad_token_id: int | None = None,
+                  overrides: dict[str, Any] | None = None, config: dict[str, Any] | None = None):
+    """A GPT2LMHeadModel: `pretrained` (hub name or directory), a saved `config` dict, or a preset (random init)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if pretrained:
+        return GPT2LMHeadModel.from_pretrained(pretrained)
+    if config is not None:
+        return GPT2LMHeadModel(GPT2Config.from_dict(config))
+    if preset not in DECODER_PRESETS:
+        raise ValueError(f"unknown decoder preset {preset!r}: use one of {sorted(DECODER_PRESETS)}")
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id,
+                                      pad_token_id=pad_token_id, **{**DECODER_PRESETS[preset], **(overrides or {})}))
+
+
 class ClipCap(nn.Module):
     def __init__(self, clip_dim: int, vocab_size: int, prefix_length: int = 10, mapping: str = "mlp",
                  preset: str = "tiny", pretrained: str | None = None, clip_length: int = 10,
                  mapping_layers: int = 8, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 decoder_overrides: dict[str, Any] | None = None):
+                 decoder_overrides: dict[str, Any] | None = None, decoder_config: dict[str, Any] | None = None):
+        """pretrained: the decoder's weights (a GPT-2 hub name or directory, e.g. the LM pretraining export);
+        decoder_config: a saved decoder config (from_pretrained); else a `preset` decoder, random init."""
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {mapping!r}: use one of {MAPPINGS}")
         if prefix_length < 1:
             raise ValueError(f"prefix_length must be at least 1, got {prefix_length}")
-        if pretrained:
-            self.decoder = GPT2LMHeadModel.from_pretrained(pretrained)
-        else:
-            if preset not in DECODER_PRESETS:
-                raise ValueError(f"unknown decoder preset {preset!r}: use one of {sorted(DECODER_PRESETS)}")
-            config = GPT2Config(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, **{**DECODER_PRESETS[preset], **(decoder_overrides or {})})
-            self.decoder = GPT2LMHeadModel(config)
+        self.decoder = build_decoder(vocab_size, preset, pretrained, eos_token_id, pad_token_id, decoder_overrides,
+                                     decoder_config)
+        self.spec = {"clip_dim": clip_dim, "vocab_size": vocab_size, "prefix_length": prefix_length,
+                     "mapping": mapping, "clip_length": clip_length, "mapping_layers": mapping_layers,
+                     "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         width = self.decoder.config.n_embd
         self.prefix_length, self.mapping_kind, self.clip_dim = prefix_length, mapping, clip_dim
         self.eos_token_id = self.decoder.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -101,14 +116,48 @@ class ClipCap(nn.Module):
 
     @torch.no_grad()
     def generate(self, clip_embeddings: torch.Tensor, method: str = "beam", max_length: int = 24,
-                 beam_width: int = 5, top_p: float = 0.9, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
-        """Caption token ids (without eos) for each image embedding: greedy, beam or nucleus."""
+                 beam_width: int = 5, top_p: float = 0.9, temperature: float = 1.0, min_length: int = 1,
+                 length_penalty: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Caption token ids (without eos) for each image embedding: greedy, beam or nucleus (see decoding.py)."""
         scorer, batch = self.scorer(clip_embeddings), clip_embeddings.shape[0]
         if method == "greedy":
-            return greedy(scorer, batch, max_length, self.eos_token_id)
+            return greedy(scorer, batch, max_length, self.eos_token_id, min_length)
         if method == "beam":
-            return beam_search(scorer, batch, max_length, self.eos_token_id, beam_width)
+            return beam_search(scorer, batch, max_length, self.eos_token_id, beam_width, min_length, length_penalty)
         if method == "nucleus":
-            return nucleus(scorer, batch, max_length, self.eos_token_id, top_p, temperature, generator)
+            return nucleus(scorer, batch, max_length, self.eos_token_id, top_p, temperature, generator, min_length)
         raise ValueError(f"unknown decoding method {method!r}: use greedy, beam or nucleus")
+
+    # -- persistence: clipcap.json (the spec + the decoder's config) + model.safetensors ------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {**self.spec, "decoder_config": self.decoder.config.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ClipCap:
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved ClipCap captioner")
+        model = cls(**json.loads((directory / CONFIG_FILE).read_text()))
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        return model.eval()
+
+
+def caption_texts(captioner: ClipCap, tokenizer, embeddings: torch.Tensor, batch: int = 64, **settings) -> list[str]:
+    """Decoded captions for CLIP image embeddings [N, D]; settings: generate()'s keyword arguments."""
+    out = []
+    for start in range(0, len(embeddings), batch):
+        for ids in captioner.generate(embeddings[start:start + batch], **settings):
+            out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+CONFIG_FILE = "clipcap.json"
+WEIGHTS_FILE = "model.safetensors"

@@ -14,9 +14,10 @@ from typing import Any
 
 import mlflow
 import ray
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components.models.base import SIGLIP_LOGIT_BIAS_INIT, ContrastiveModel
+from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, family_class
 from components.runtime import path
 from components.tracking import mlflow_runs
@@ -113,7 +114,7 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
 # -- the pieces every training pipeline (pretraining, AltCLIP's two stages) shares -------------------------------
 @dataclass
 class TrainedRun:
-    model: ContrastiveModel  # the export, loaded
+    model: torch.nn.Module  # the export, loaded
     checkpoint: str  # the last Ray Train checkpoint (resume_from)
     step: int
     samples_seen: int
@@ -157,8 +158,9 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
 
 
 def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
-                     run_name: str, export_dir: Path, tokenizer_dir: str | None) -> TrainedRun:
-    """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`."""
+                     run_name: str, export_dir: Path, tokenizer_dir: str | None, build=None) -> TrainedRun:
+    """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`
+    (build: the task's spec -> module, when it is not a contrastive family)."""
     scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
                           cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
                           max_failures=trainer_cfg.max_failures, storage_path=_storage(trainer_cfg.storage_path),
@@ -171,7 +173,7 @@ def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], data
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as checkpoint_dir:
         state = trainer_state(Path(checkpoint_dir))
-        model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir)
+        model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir, build)
     return TrainedRun(model, result.checkpoint.path, state["step"], state["samples_seen"], seconds)
 
 

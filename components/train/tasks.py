@@ -79,6 +79,41 @@ class DistillTask:
         return loss, {"cosine_to_teacher": float(cosine)}
 
 
+class LanguageModelTask:
+    """ClipCap's decoder pretraining: GPT-2's next-token cross-entropy on captions, padding ignored."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        return loss, {"perplexity": float(loss.detach().float().exp())}
+
+
+class CaptionTask:
+    """ClipCap: cross-entropy of the caption tokens given the mapped CLIP prefix (components/caption/model.py)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = engine(batch["clip_embedding"].to(engine_dtype(engine)), batch["input_ids"], batch["attention_mask"])
+        return loss, {"perplexity": float(loss.detach().float().exp())}
+
+
+def build_decoder_module(spec: dict[str, Any]):
+    from components.caption.model import build_decoder
+
+    return build_decoder(**spec)
+
+
+def build_captioner_module(spec: dict[str, Any]):
+    from components.caption.model import ClipCap
+
+    return ClipCap(**spec)
+
+
 def _model(config: dict[str, Any]):
     from components.models.factory import build_model
 
@@ -96,7 +131,16 @@ def build_distill(config: dict[str, Any]) -> DistillTask:
     return DistillTask(_model(config))
 
 
-TASKS = {"contrastive": build_contrastive, "distill": build_distill}
+def build_language_model(config: dict[str, Any]) -> LanguageModelTask:
+    return LanguageModelTask(build_decoder_module(config["model"]))
+
+
+def build_caption(config: dict[str, Any]) -> CaptionTask:
+    return CaptionTask(build_captioner_module(config["model"]))
+
+
+TASKS = {"contrastive": build_contrastive, "distill": build_distill, "lm": build_language_model,
+         "caption": build_caption}
 
 
 def build_task(config: dict[str, Any]):

@@ -82,12 +82,13 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() for name, tensor in state.items()}
 
 
-def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str | None = None):
-    """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer)."""
+def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str | None = None, build=None):
+    """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer).
+    build: spec -> module (default: the contrastive families' build_model)."""
     from components.models.factory import build_model
 
     spec = json.loads((checkpoint_dir / MODEL_SPEC).read_text())
-    model = build_model(**spec)
+    model = (build or (lambda kwargs: build_model(**kwargs)))(spec)
     state = consolidated_state_dict(checkpoint_dir)
     shapes = {name: param.shape for name, param in model.state_dict().items()}
     # Training holds scalars as [1] vectors (loop.scalars_as_vectors): back to the model's own shapes.

@@ -1,0 +1,188 @@
+"""ClipCap training, driver side. pipelines/train_clipcap.py calls `run`.
+
+CLIP image embeddings (cached, Ray Data) -> a byte-level BPE on the training captions -> decoder LM pretraining
+on the captions (no pretrained GPT-2 here; skipped when `decoder.pretrained` is set) -> ClipCap training with the
+chosen mapping and prefix length -> held-out captions: BLEU/CIDEr vs the nearest-neighbour baseline, and the
+share of training images captioned exactly (memorisation) -> the captioner as a pyfunc in the registry.
+Both training sub-stages run on the generic Ray Train + DeepSpeed loop (tasks "lm" and "caption"), each a child
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from components.caption.data import encode_captions, image_embeddings, read_embeddings, training_stream
+from components.caption.metrics import cache_blocks, caption_scores, exact_match, nearest_captions
+from components.caption.model import caption_texts
+from components.runtime import path
+from components.tracking import mlflow_runs
+from components.train.pretraining import (
+    deepspeed_settings,
+    describe_scale,
+    log_loss_curve,
+    train_and_export,
+    worker_config,
+)
+from components.train.tasks import build_captioner_module, build_decoder_module
+
+
+def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
+    return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
+
+
+@torch.no_grad()
+def perplexity(decoder, tokenizer, captions: list[str], max_length: int, batch: int = 256) -> float:
+    """exp(mean next-token cross-entropy) of the captions under the decoder (after a leading eos)."""
+    decoder.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(captions), batch):
+        ids, mask = encode_captions(tokenizer, captions[start:start + batch], max_length, lead_eos=True)
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        labels = ids.masked_fill(mask == 0, -100)
+        tokens = int((labels[:, 1:] != -100).sum())
+        total += float(decoder(input_ids=ids, attention_mask=mask, labels=labels).loss) * tokens
+        count += tokens
+    return math.exp(total / max(1, count))
+
+
+def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
+    """clip: a components.eval.runner.ResolvedModel (any contrastive family with an image embedding)."""
+    from components.models.tokenizer import train_bpe
+    from components.train.trainer import resolve_use_gpu
+
+    work = path(cfg.work_dir)
+    inference = cfg.inference
+    cache = image_embeddings(shard_dir, clip.directory, work / "embeddings", cfg.fields.caption,
+                             cfg.fields.split, batch_size=inference.batch_size, actors=inference.actors,
+                             use_gpu=resolve_use_gpu(inference.use_gpu))
+    train, heldout = read_embeddings(cache, "train"), read_embeddings(cache, "test")
+    if train.empty or heldout.empty:
+        raise ValueError(f"no training or held-out rows in {shard_dir} (split field {cfg.fields.split!r})")
+    print(f"[clipcap] {len(train)} training and {len(heldout)} held-out images, CLIP embedding dim "
+          f"{train['emb'][0].shape[0]}", flush=True)
+    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"clipcap-{run_id[:8]}"
+    tokenizer = train_bpe(train["caption"], vocab_size=cfg.tokenizer.vocab_size)
+    tokenizer.save_pretrained(tokenizer_dir)
+
+    decoder_dir = cfg.decoder.pretrained or _pretrain_decoder(cfg, run_id, cache, tokenizer, str(tokenizer_dir),
+                                                              train, heldout)
+    outcome = _train_captioner(cfg, run_id, cache, tokenizer, str(tokenizer_dir), str(decoder_dir),
+                               int(train["emb"][0].shape[0]))
+    outcome.update(evaluate_captioner(cfg, outcome["model"], tokenizer, cache, train, heldout))
+    mlflow_runs.log_metrics({k: v for k, v in outcome.items() if isinstance(v, float)})
+    from components.caption.pyfunc import log_caption_model
+
+    info = log_caption_model(clip.directory, Path(outcome["export_dir"]), cfg.registry.model_name,
+                             OmegaConf.to_container(cfg.generate, resolve=True))
+    outcome.update(model_uri=info.model_uri, registered_model=cfg.registry.model_name,
+                   registered_version=getattr(info, "registered_model_version", None), clip=clip.uri)
+    outcome.pop("model")
+    return outcome
+
+
+def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, train: pd.DataFrame,
+                      heldout: pd.DataFrame) -> Path:
+    trainer_cfg = stage_trainer(cfg, "lm")
+    spec = {"vocab_size": len(tokenizer), "preset": cfg.decoder.preset, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.eos_token_id,
+            "overrides": OmegaConf.to_container(cfg.decoder.overrides, resolve=True)}
+    export_dir = path(cfg.export_dir) / "decoder"
+    with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-lm", cfg.mlflow.experiment, tags={"stage": "clipcap-lm"}) as child:
+        mlflow_runs.log_params({"lm": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
+        heldout_captions = list(dict.fromkeys(heldout["caption"]))
+        before = perplexity(build_decoder_module(spec), tokenizer, heldout_captions, cfg.max_caption_tokens + 1)
+        deepspeed = deepspeed_settings(cfg, trainer_cfg)
+        print(f"[clipcap] decoder LM pretraining: {describe_scale(trainer_cfg, deepspeed)}", flush=True)
+        rows = len(train) + sum(1 for f in cfg.lm.text_files for _ in open(path(f), encoding="utf-8"))
+        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=False,
+                                  passes=math.ceil(trainer_cfg.samples / max(1, rows)), seed=trainer_cfg.seed,
+                                  text_files=tuple(str(path(f)) for f in cfg.lm.text_files))
+        train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "lm", "model": spec}
+        trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-lm-{run_id[:8]}", export_dir,
+                                   tokenizer_dir, build_decoder_module)
+        after = perplexity(trained.model, tokenizer, heldout_captions, cfg.max_caption_tokens + 1)
+        mlflow_runs.log_metrics({"heldout.perplexity_init": before, "heldout.perplexity": after,
+                                 "train_seconds": trained.seconds})
+        log_loss_curve(child.info.run_id, "LM cross-entropy")
+    print(f"[clipcap] decoder held-out perplexity {before:.1f} -> {after:.1f}", flush=True)
+    return export_dir
+
+
+def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, decoder_dir: str,
+                     clip_dim: int) -> dict[str, Any]:
+    trainer_cfg = stage_trainer(cfg, "caption")
+    spec = {"clip_dim": clip_dim, "vocab_size": len(tokenizer), "prefix_length": int(cfg.caption.prefix_length),
+            "mapping": cfg.caption.mapping, "pretrained": decoder_dir, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.eos_token_id, "mapping_layers": int(cfg.caption.mapping_layers)}
+    name = f"{cfg.mlflow.run_name}-{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
+    export_dir = path(cfg.export_dir) / f"{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
+    with mlflow_runs.start_run(name, cfg.mlflow.experiment, tags={"stage": "clipcap-caption"}) as child:
+        mlflow_runs.log_params({"caption": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
+        deepspeed = deepspeed_settings(cfg, trainer_cfg)
+        print(f"[clipcap] captioner ({cfg.caption.mapping} mapping, prefix {cfg.caption.prefix_length}): "
+              f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
+        rows = json.loads((cache / "_embeddings.json").read_text())["rows"]
+        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=True,
+                                  passes=math.ceil(trainer_cfg.samples / max(1, rows)) + 1, seed=trainer_cfg.seed)
+        train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "caption",
+                        "model": spec}
+        trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-{run_id[:8]}", export_dir,
+                                   tokenizer_dir, build_captioner_module)
+        mlflow_runs.log_metrics({"train_seconds": trained.seconds})
+        log_loss_curve(child.info.run_id, "caption cross-entropy")
+    return {"model": trained.model, "export_dir": str(export_dir), "step": trained.step,
+            "train_seconds": trained.seconds, "caption_run_id": child.info.run_id}
+
+
+def evaluate_captioner(cfg, model, tokenizer, cache: Path, train: pd.DataFrame, heldout: pd.DataFrame
+                       ) -> dict[str, Any]:
+    """Held-out BLEU/CIDEr of the captioner and of the nearest-neighbour baseline; exact captions on training
+    images (memorisation)."""
+    settings = OmegaConf.to_container(cfg.generate, resolve=True)
+    evaluated = heldout.head(cfg.eval_samples)
+    generated = _captions(model, tokenizer, np.stack(evaluated["emb"]), settings)
+    references = {key: json.loads(c) for key, c in zip(evaluated["key"], evaluated["captions"])}
+    ours = caption_scores(references, dict(zip(evaluated["key"], generated)))
+    baseline = nearest_captions(np.stack(evaluated["emb"]), cache_blocks(cache, "train"))
+    theirs = caption_scores(references, dict(zip(evaluated["key"], baseline)))
+    seen = train.sample(n=min(len(train), cfg.memorise_samples), random_state=0)
+    seen_captions = _captions(model, tokenizer, np.stack(seen["emb"]), {**settings, "method": "greedy"})
+    memorised = exact_match({k: json.loads(c) for k, c in zip(seen["key"], seen["captions"])},
+                            dict(zip(seen["key"], seen_captions)))
+    examples = pd.DataFrame({"key": evaluated["key"], "reference": [r[0] for r in references.values()],
+                             "generated": generated, "nearest_neighbour": baseline})
+    mlflow_runs.log_text(examples.to_csv(index=False), "captions/heldout.csv")
+    return {**{f"heldout.{k}": v for k, v in ours.items()}, **{f"baseline.{k}": v for k, v in theirs.items()},
+            "train.exact_match": memorised, "heldout.images": float(len(evaluated)),
+            "examples": examples.head(8).to_dict("records")}
+
+
+def _captions(model, tokenizer, embeddings: np.ndarray, settings: dict) -> list[str]:
+    return caption_texts(model, tokenizer, torch.from_numpy(embeddings), **settings)
+
+
+def summary(outcome: dict[str, Any]) -> str:
+    lines = [f"ClipCap on {outcome['clip']}: {outcome['step']} steps in {outcome['train_seconds']:.0f} s",
+             f"held-out ({outcome['heldout.images']:.0f} images)      BLEU-1 BLEU-4  CIDEr",
+             f"  captioner                 {outcome['heldout.BLEU-1']:.3f}  {outcome['heldout.BLEU-4']:.3f}  "
+             f"{outcome['heldout.CIDEr']:.3f}",
+             f"  nearest-neighbour caption {outcome['baseline.BLEU-1']:.3f}  {outcome['baseline.BLEU-4']:.3f}  "
+             f"{outcome['baseline.CIDEr']:.3f}",
+             f"training images captioned exactly: {outcome['train.exact_match']:.3f}"]
+    for example in outcome["examples"][:4]:
+        lines.append(f"  {example['reference']!r} -> {example['generated']!r} (neighbour: "
+                     f"{example['nearest_neighbour']!r})")
+    lines.append(f"export: {outcome['export_dir']}")
+    lines.append(f"registered: {outcome['registered_model']} version {outcome['registered_version']} "
+                 f"({outcome['model_uri']})")
+    return "\n".join(lines)
+
