@@ -13,7 +13,6 @@ teacher, the stage-1 student and the final model on held-out concepts.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import hydra
@@ -33,16 +32,13 @@ def main(cfg: DictConfig) -> None:
 
 
 def distill(cfg: DictConfig) -> dict[str, Any]:
-    from components.eval.runner import resolve_model
+    from components.eval.runner import fetch_model
     from components.train import altclip
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "altclip")
     mlflow_runs.configure(cfg.mlflow.experiment)
-    # The teacher is downloaded under work_dir: the training workers read it (shared storage on a cluster).
-    download = path(cfg.work_dir) / "teacher"
-    shutil.rmtree(download, ignore_errors=True)
-    teacher = resolve_model(str(cfg.teacher), download)
+    teacher = fetch_model(str(cfg.teacher), path(cfg.work_dir) / "teacher")
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "altclip", "teacher.uri": teacher.uri}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))

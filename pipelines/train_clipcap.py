@@ -12,7 +12,6 @@ captions reproduced -> the captioner (image bytes -> caption) as a pyfunc in the
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import hydra
@@ -32,14 +31,12 @@ def main(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     from components.caption import training
-    from components.eval.runner import resolve_model
+    from components.eval.runner import fetch_model
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "clipcap")
     mlflow_runs.configure(cfg.mlflow.experiment)
-    download = path(cfg.work_dir) / "clip"  # the data workers read the model: shared storage on a cluster
-    shutil.rmtree(download, ignore_errors=True)
-    clip = resolve_model(str(cfg.clip), download)
+    clip = fetch_model(str(cfg.clip), path(cfg.work_dir) / "clip")
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "clipcap", "clip.uri": clip.uri}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO
+from tests.helpers import REPO, copy_store
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +26,7 @@ STAGE2_SAMPLES = 3_840
 def altclip_run(pretrained_clip, emoji_shards, tmp_path_factory):
     """The pipeline's run against a copy of the teacher's MLflow store (the registry holds clipforge-clip)."""
     work = tmp_path_factory.mktemp("altclip")
-    shutil.copy(pretrained_clip.work / "mlflow.db", work / "mlflow.db")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = copy_store(pretrained_clip.work, work)
     args = ["teacher=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
             f"data.corpus_dir={emoji_shards.parent / 'corpus'}", f"work_dir={work / 'altclip'}",
             f"export_dir={work / 'models'}", f"tokenizer.save_dir={work / 'tokenizers'}",

@@ -178,3 +178,17 @@ def test_captioner_saves_and_loads_bit_for_bit(tmp_path):
     assert loaded.generate(clip, "greedy", max_length=5) == model.generate(clip, "greedy", max_length=5)
     with pytest.raises(FileNotFoundError, match="not a saved ClipCap"):
         ClipCap.from_pretrained(tmp_path / "missing")
+
+
+def test_cached_rows_read_one_split_of_every_file(ray_local, tmp_path):
+    import pandas as pd
+
+    from components.train.data import cached_rows
+
+    for part in range(2):
+        pd.DataFrame({"n": range(part * 5, part * 5 + 5), "split": ["train", "test"] * 2 + ["train"]}).to_parquet(
+            tmp_path / f"part-{part}.parquet")
+    rows = cached_rows(tmp_path, ["n", "split"], split="train").take_all()
+    assert sorted(r["n"] for r in rows) == [0, 2, 4, 5, 7, 9]
+    with pytest.raises(FileNotFoundError, match="no Parquet files"):
+        cached_rows(tmp_path / "empty", ["n"])

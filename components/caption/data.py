@@ -8,50 +8,37 @@ embedding, float32 [D]).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import ray
 
+from components.cache import cached_parquet, content_key, file_digest
 from components.eval.dataset import EvalFields, read_eval_rows
-
-CACHE_DONE = "_embeddings.json"
-
 
 def image_embeddings(shard_dir: Path, clip_dir: Path, cache_root: Path, caption_field: str, split_field: str,
                      *, batch_size: int = 128, actors: int = 1, use_gpu: bool = False) -> Path:
     """A Parquet directory of every sample's CLIP image embedding, computed once per (model weights, shards)."""
     from components.eval.embed import Embedder
 
-    manifest = (shard_dir / "_manifest.json").read_text() if (shard_dir / "_manifest.json").is_file() else str(shard_dir)
-    digest = hashlib.sha1()
-    with open(clip_dir / "model.safetensors", "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    key = hashlib.sha1(f"{digest.hexdigest()}-{manifest}-{caption_field}-{split_field}".encode()).hexdigest()[:16]
-    out = cache_root / key
-    if (out / CACHE_DONE).is_file():
-        print(f"[clipcap] image embeddings cached in {out}", flush=True)
-        return out
-    partial = cache_root / f"{key}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    fields = EvalFields(caption=caption_field, labels={"split": split_field})
-    embedded = read_eval_rows(shard_dir, fields).map_batches(
-        Embedder, fn_constructor_kwargs={"model_dir": str(clip_dir), "side": "image",
-                                         "device": "cuda" if use_gpu else "cpu"},
-        batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
-    embedded.map_batches(_cache_columns, batch_format="pandas").write_parquet(str(partial))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    rows = sum(len(pd.read_parquet(p, columns=["key"])) for p in out.glob("*.parquet"))
-    (out / CACHE_DONE).write_text(json.dumps({"rows": rows, "model": str(clip_dir)}) + "\n")
-    print(f"[clipcap] {rows} image embeddings written to {out}", flush=True)
-    return out
+    manifest = shard_dir / "_manifest.json"
+    key = content_key(file_digest(clip_dir / "model.safetensors"),
+                      file_digest(manifest) if manifest.is_file() else str(shard_dir), caption_field, split_field)
+
+    def write(partial: Path) -> int:
+        fields = EvalFields(caption=caption_field, labels={"split": split_field})
+        embedded = read_eval_rows(shard_dir, fields).map_batches(
+            Embedder, fn_constructor_kwargs={"model_dir": str(clip_dir), "side": "image",
+                                             "device": "cuda" if use_gpu else "cpu"},
+            batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
+        # Shuffled once: shards hold a concept's images next to each other, and training reads the cache in order.
+        embedded.map_batches(_cache_columns, batch_format="pandas").random_shuffle(seed=0).write_parquet(str(partial))
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in partial.glob("*.parquet"))
+
+    return cached_parquet(cache_root, key, write, "image embeddings", "clipcap")
 
 
 def _cache_columns(batch: pd.DataFrame) -> pd.DataFrame:
@@ -109,22 +96,24 @@ def tokenize(batch: dict[str, np.ndarray], tokenizer_dir: str, max_length: int, 
 
 
 def training_stream(cache_dir: Path, split: str, tokenizer_dir: str, max_length: int, *, with_embedding: bool,
-                    passes: int, seed: int = 0, text_files: tuple[str, ...] = ()) -> ray.data.Dataset:
-    """The cached rows of `split` as a Ray Dataset for Ray Train, streamed (never held by the driver): `passes`
-    passes in randomised block order, tokenised by Ray tasks. The LM sub-stage streams captions only (after a
+                    text_files: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """One pass over the cached rows of `split` as a Ray Dataset for Ray Train, streamed (never held by the
+    driver; the cache is shuffled when written), tokenised by Ray tasks. The LM sub-stage streams captions only (after a
     leading eos), plus every line of `text_files`; captioning adds the image embedding."""
+    from components.train.data import cached_rows
+
     columns = ["captions", "split", "emb"] if with_embedding else ["captions", "split"]
-    rows = ray.data.read_parquet(str(cache_dir), columns=columns).filter(expr=f"split == '{split}'")
-    rows = rows.map_batches(_first_caption, batch_format="pandas")
+    rows = cached_rows(cache_dir, columns, split).map_batches(_first_caption, batch_format="pandas")
     if text_files:
-        lines = ray.data.read_text(list(text_files)).map_batches(
-            lambda b: pd.DataFrame({"caption": b["text"]}), batch_format="pandas")
+        lines = ray.data.read_text(list(text_files)).map_batches(_text_lines, batch_format="pandas")
         rows = rows.union(lines)
-    orders = [rows.randomize_block_order(seed=seed + i) for i in range(max(1, passes))]
-    rows = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
     return rows.map_batches(tokenize, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length,
                                                  "lead_eos": not with_embedding},
                             batch_size=256, num_cpus=0.5, batch_format="numpy")
+
+
+def _text_lines(batch: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"caption": batch["text"]})
 
 
 def _first_caption(batch: pd.DataFrame) -> pd.DataFrame:

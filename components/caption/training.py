@@ -102,9 +102,7 @@ def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, t
         before = perplexity(build_decoder_module(spec), tokenizer, heldout_captions, cfg.max_caption_tokens + 1)
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[clipcap] decoder LM pretraining: {describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        rows = len(train) + sum(1 for f in cfg.lm.text_files for _ in open(path(f), encoding="utf-8"))
         dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=False,
-                                  passes=math.ceil(trainer_cfg.samples / max(1, rows)), seed=trainer_cfg.seed,
                                   text_files=tuple(str(path(f)) for f in cfg.lm.text_files))
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "lm", "model": spec}
         trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-lm-{run_id[:8]}", export_dir,
@@ -130,9 +128,7 @@ def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, de
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[clipcap] captioner ({cfg.caption.mapping} mapping, prefix {cfg.caption.prefix_length}): "
               f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        rows = json.loads((cache / "_embeddings.json").read_text())["rows"]
-        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=True,
-                                  passes=math.ceil(trainer_cfg.samples / max(1, rows)) + 1, seed=trainer_cfg.seed)
+        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=True)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "caption",
                         "model": spec}
         trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-{run_id[:8]}", export_dir,

@@ -67,6 +67,15 @@ def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
     return ResolvedModel(_export_in(directory, uri), uri)
 
 
+def fetch_model(uri: str, directory: Path) -> ResolvedModel:
+    """resolve_model into a fresh `directory`: for a stage whose training workers read the model (on a cluster,
+    `directory` is on shared storage)."""
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    return resolve_model(uri, directory)
+
+
 def _export_in(root: Path, uri: str) -> Path:
     """The saved model inside a downloaded pyfunc model (its artifacts) or the directory itself."""
     if (root / "config.json").is_file():

@@ -12,9 +12,6 @@ Both stages run on the generic Ray Train + DeepSpeed loop (components/train/loop
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from components.cache import cached_parquet, content_key, file_digest
 from components.data.parallel_text import builtin_parallel_text, fingerprint, read_parallel_text
 from components.models.factory import build_model, saved_family
 from components.runtime import path
@@ -40,9 +38,6 @@ from components.train.pretraining import (
     train_and_export,
     worker_config,
 )
-
-TARGETS_DONE = "_targets.json"
-
 
 # -- parallel text and the teacher's targets ---------------------------------------------------------------------
 def parallel_pairs(cfg: DictConfig) -> pd.DataFrame:
@@ -84,41 +79,24 @@ class TeacherTargets:
 def teacher_targets(pairs: pd.DataFrame, teacher_dir: Path, cache_root: Path, *, batch_size: int, actors: int,
                     use_gpu: bool) -> Path:
     """A Parquet directory of the pairs with the teacher's `target`, computed once per (teacher weights, pairs)."""
-    key = hashlib.sha1(f"{_file_digest(teacher_dir / 'model.safetensors')}-{fingerprint(pairs)}".encode()).hexdigest()[:16]
-    out = cache_root / key
-    if (out / TARGETS_DONE).is_file():
-        print(f"[altclip] teacher targets cached in {out}", flush=True)
-        return out
-    partial = cache_root / f"{key}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    # Through a Parquet file (row groups become Ray Data blocks) rather than from_pandas: the pairs of a user's
-    # file can be large, and the driver then holds them once.
-    source = cache_root / f"{key}.pairs.parquet"
-    pairs[["src", "tgt", "lang", "split"]].to_parquet(source, row_group_size=20_000, index=False)
-    dataset = ray.data.read_parquet(str(source))
-    embedded = dataset.map_batches(TeacherTargets, fn_constructor_kwargs={"teacher_dir": str(teacher_dir),
-                                                                          "device": "cuda" if use_gpu else "cpu"},
-                                   batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0,
-                                   batch_format="numpy")
-    # Pairs arrive grouped by English sentence (for the per-batch dedup above); training batches must not be, or
-    # each holds a handful of sentences. Shuffled once here, for every run that reuses the cache.
-    embedded.random_shuffle(seed=0).write_parquet(str(partial))
-    source.unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    (out / TARGETS_DONE).write_text(json.dumps({"rows": len(pairs), "teacher": str(teacher_dir)}) + "\n")
-    print(f"[altclip] teacher targets for {len(pairs)} pairs written to {out}", flush=True)
-    return out
+    key = content_key(file_digest(teacher_dir / "model.safetensors"), fingerprint(pairs))
 
+    def write(partial: Path) -> int:
+        # Through a Parquet file (row groups become Ray Data blocks) rather than from_pandas: the pairs of a
+        # user's file can be large, and the driver then holds them once.
+        source = cache_root / f"{key}.pairs.parquet"
+        pairs[["src", "tgt", "lang", "split"]].to_parquet(source, row_group_size=20_000, index=False)
+        embedded = ray.data.read_parquet(str(source)).map_batches(
+            TeacherTargets, fn_constructor_kwargs={"teacher_dir": str(teacher_dir),
+                                                   "device": "cuda" if use_gpu else "cpu"},
+            batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
+        # Pairs arrive grouped by English sentence (for the per-batch dedup above); training batches must not
+        # be, or each holds a handful of sentences. Shuffled once here, for every run that reuses the cache.
+        embedded.random_shuffle(seed=0).write_parquet(str(partial))
+        source.unlink()
+        return len(pairs)
 
-def _file_digest(file: Path) -> str:
-    digest = hashlib.sha1()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return cached_parquet(cache_root, key, write, f"teacher targets of {len(pairs)} pairs", "altclip")
 
 
 def read_targets(targets_dir: Path, split: str) -> pd.DataFrame:
@@ -227,7 +205,7 @@ def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any
                                   batch_size=inference.batch_size, actors=inference.actors,
                                   use_gpu=resolve_use_gpu(inference.use_gpu))
 
-    stage1 = _stage1(cfg, run_id, teacher, tokenizer, str(tokenizer_dir), targets_dir, counts.get("train", 0))
+    stage1 = _stage1(cfg, run_id, teacher, tokenizer, str(tokenizer_dir), targets_dir)
     stage2 = _stage2(cfg, run_id, shard_dir, tokenizer, str(tokenizer_dir), stage1["export_dir"])
     outcome = {"teacher": teacher.uri, "stage1": stage1, "stage2": stage2}
     client = mlflow.tracking.MlflowClient()
@@ -251,7 +229,7 @@ def _lineage_tags(teacher) -> dict[str, str]:
     return tags
 
 
-def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Path, train_pairs: int) -> dict:
+def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Path) -> dict:
     trainer_cfg = stage_trainer(cfg, "stage1")
     spec = {"family": "altclip", "preset": cfg.student.preset, "teacher": str(teacher.directory),
             "lock_image": True, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
@@ -270,9 +248,7 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[altclip] stage 1 (teacher learning): student {model.num_parameters(trainable_only=True) / 1e6:.1f}M "
               f"trainable parameters, {describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        passes = math.ceil(trainer_cfg.samples / max(1, train_pairs))
-        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train", passes,
-                                        trainer_cfg.seed)
+        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train")
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "distill",
                         "model": spec, "tokenizer_dir": tokenizer_dir}
         export_dir = path(cfg.export_dir) / "stage1"

@@ -209,14 +209,22 @@ def tokenize_parallel(batch: dict[str, np.ndarray], tokenizer_dir: str, max_leng
     return _parallel_tokenizer(tokenizer_dir, max_length)(batch)
 
 
-def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train",
-                          passes: int = 1, seed: int = 0) -> ray.data.Dataset:
-    """Stage 1's training stream: the cached (src, tgt, lang, split, target) Parquet rows of `split`, block order
-    randomised per pass, tgt tokenised by Ray tasks (as training_dataset does for images)."""
-    rows = ray.data.read_parquet(str(targets_dir), columns=["tgt", "split", "target"])
-    if split is not None:
-        rows = rows.filter(expr=f"split == '{split}'")
-    orders = [rows.randomize_block_order(seed=seed + i) for i in range(max(1, passes))]
-    rows = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
+def cached_rows(directory: str | Path, columns: list[str], split: str | None = None) -> ray.data.Dataset:
+    """One pass over a cache of Parquet files (shuffled when written), optionally only the rows whose `split`
+    column equals `split`. Longer runs start the next pass when this one ends (train_worker's batch stream);
+    a union of per-pass reads instead makes Ray Data reserve resources per branch, which on a small cluster
+    left none to run them (a hang seen here with 5 passes)."""
+    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {directory}")
+    rows = ray.data.read_parquet(files).select_columns(columns)
+    return rows.filter(expr=f"split == '{split}'") if split is not None else rows
+
+
+def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train"
+                          ) -> ray.data.Dataset:
+    """Stage 1's training stream: the cached (src, tgt, lang, split, target) Parquet rows of `split` (shuffled
+    when cached), tgt tokenised by Ray tasks (as training_dataset does for images)."""
+    rows = cached_rows(targets_dir, ["tgt", "split", "target"], split)
     return rows.map_batches(tokenize_parallel, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length},
                             batch_size=256, num_cpus=0.5, batch_format="numpy")

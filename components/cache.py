@@ -1,0 +1,42 @@
+"""Computed-once Parquet caches (teacher targets, image embeddings): a directory per content key, written under
+a temporary name and renamed when complete, with a marker file recording what it holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+DONE = "_cache.json"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_key(*parts: str) -> str:
+    return hashlib.sha1("-".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_parquet(cache_root: Path, key: str, write: Callable[[Path], int], what: str, stage: str) -> Path:
+    """cache_root/key, calling write(partial_dir) -> rows only when no complete copy exists."""
+    out = cache_root / key
+    if (out / DONE).is_file():
+        print(f"[{stage}] {what} cached in {out}", flush=True)
+        return out
+    partial = cache_root / f"{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    rows = write(partial)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    (out / DONE).write_text(json.dumps({"rows": rows, "what": what}) + "\n")
+    print(f"[{stage}] {what}: {rows} rows written to {out}", flush=True)
+    return out
