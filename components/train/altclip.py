@@ -308,10 +308,12 @@ def compare_models(cfg: DictConfig, shard_dir: Path, models: dict[str, Path]) ->
     pipeline's MLflow run."""
     from components.eval import runner
     from components.eval.plots import model_language_chart
+    from components.train.trainer import resolve_use_gpu
 
     compare = cfg.compare
     settings = {"fields": OmegaConf.to_container(cfg.fields, resolve=True), "batch_size": compare.batch_size,
-                "actors": cfg.inference.actors, "use_gpu": False, "where": dict(cfg.data.get("eval_where") or {}),
+                "actors": cfg.inference.actors, "use_gpu": resolve_use_gpu(cfg.inference.use_gpu),
+                "where": dict(cfg.data.get("eval_where") or {}),
                 "limit": None, "tasks": ["multilingual_retrieval"], "block": compare.block,
                 "dataset_name": shard_dir.name,
                 "task_settings": {"multilingual_retrieval": {"languages": compare.languages,
