@@ -35,7 +35,11 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path, monkeypatch):
-    """Every test gets its own sqlite MLflow store: nothing leaks into the working directory."""
+    """Every test gets its own sqlite MLflow store: nothing leaks into the working directory, nor from a test that
+    set mlflow's process-wide URI (which would outrank the environment variable)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 

@@ -50,7 +50,7 @@ def test_decoder_pretraining_lowers_heldout_perplexity_and_captions_are_scored(c
     assert "nearest-neighbour caption" in output
 
 
-def test_registered_captioner_round_trips_through_pyfunc(clipcap_run, emoji_shards):
+def test_registered_captioner_round_trips_through_pyfunc(clipcap_run, emoji_shards, monkeypatch):
     import pandas as pd
 
     from components.caption.model import ClipCap
@@ -60,7 +60,7 @@ def test_registered_captioner_round_trips_through_pyfunc(clipcap_run, emoji_shar
     from tests.helpers import read_shards
 
     work, uri, _ = clipcap_run
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     samples = [s for s in read_shards(emoji_shards) if s["json"]["split"] == "test"][:6]
     images = [s["image"] for s in samples]
     loaded = mlflow.pyfunc.load_model("models:/clipforge-clipcap/latest")
