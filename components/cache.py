@@ -1,5 +1,5 @@
-"""Computed-once Parquet caches (teacher targets, image embeddings): a directory per content key, written under
-a temporary name and renamed when complete, with a marker file recording what it holds."""
+"""Computed-once caches (teacher targets, image embeddings, a pretrained decoder): a directory per content key,
+written under a temporary name and renamed when complete, with a marker file recording what it holds."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def content_key(*parts: str) -> str:
     return hashlib.sha1("-".join(parts).encode()).hexdigest()[:16]
 
 
-def cached_parquet(cache_root: Path, key: str, write: Callable[[Path], int], what: str, stage: str) -> Path:
-    """cache_root/key, calling write(partial_dir) -> rows only when no complete copy exists."""
+def computed_once(cache_root: Path, key: str, write: Callable[[Path], dict], what: str, stage: str) -> Path:
+    """cache_root/key, calling write(partial_dir) -> a summary (recorded in the marker) only when no complete
+    copy exists."""
     out = cache_root / key
     if (out / DONE).is_file():
         print(f"[{stage}] {what} cached in {out}", flush=True)
@@ -33,10 +34,15 @@ def cached_parquet(cache_root: Path, key: str, write: Callable[[Path], int], wha
     partial = cache_root / f"{key}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    rows = write(partial)
+    summary = write(partial)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
-    (out / DONE).write_text(json.dumps({"rows": rows, "what": what}) + "\n")
-    print(f"[{stage}] {what}: {rows} rows written to {out}", flush=True)
+    (out / DONE).write_text(json.dumps({**summary, "what": what}) + "\n")
+    print(f"[{stage}] {what} written to {out} ({', '.join(f'{k} {v}' for k, v in summary.items())})", flush=True)
     return out
+
+
+def cached_parquet(cache_root: Path, key: str, write: Callable[[Path], int], what: str, stage: str) -> Path:
+    """computed_once for Parquet files: write(partial_dir) -> rows written."""
+    return computed_once(cache_root, key, lambda partial: {"rows": write(partial)}, what, stage)

@@ -192,3 +192,32 @@ def test_cached_rows_read_one_split_of_every_file(ray_local, tmp_path):
     assert sorted(r["n"] for r in rows) == [0, 2, 4, 5, 7, 9]
     with pytest.raises(FileNotFoundError, match="no Parquet files"):
         cached_rows(tmp_path / "empty", ["n"])
+
+
+def test_whitening_spreads_crowded_embeddings_and_travels_with_the_captioner(tmp_path):
+    from components.caption.model import EmbeddingWhitening
+
+    # A small CLIP's embeddings: one common direction plus tiny, unevenly scaled differences.
+    rng = torch.Generator().manual_seed(0)
+    crowded = torch.ones(16) + torch.randn(400, 16, generator=rng) * torch.logspace(-4, -1, 16)
+    whitening = EmbeddingWhitening.fit(crowded.numpy(), ridge=1e-9)
+    white = whitening(crowded)
+    assert white.mean(dim=0).abs().max() < 1e-3
+    assert torch.allclose(torch.cov(white.T, correction=0), torch.eye(16), atol=2e-2)
+    with pytest.raises(ValueError, match="ridge must be > 0"):
+        EmbeddingWhitening.fit(crowded.numpy(), ridge=0)
+
+    whitening.save(tmp_path / "whitening.safetensors")
+    model = ClipCap(clip_dim=16, vocab_size=12, prefix_length=2, eos_token_id=EOS, pad_token_id=EOS,
+                    decoder_overrides={"n_embd": 16, "n_layer": 1, "n_head": 2},
+                    whitening=tmp_path / "whitening.safetensors").eval()
+    plain = ClipCap(clip_dim=16, vocab_size=12, prefix_length=2, eos_token_id=EOS, pad_token_id=EOS,
+                    decoder_overrides={"n_embd": 16, "n_layer": 1, "n_head": 2}).eval()
+    plain.load_state_dict(model.state_dict())  # same weights: only the whitening differs
+    assert torch.allclose(model.prefix(crowded[:3]), plain.prefix(white[:3]), atol=1e-5)
+    # bf16 weights still see the embeddings whitened in float32 (rounding first would erase the small directions)
+    assert torch.allclose(model.to(torch.bfloat16).prefix(crowded[:3]).float(),
+                          plain.to(torch.bfloat16).prefix(white[:3]).float())
+    model.float().save_pretrained(tmp_path / "saved")
+    loaded = ClipCap.from_pretrained(tmp_path / "saved")
+    assert torch.equal(loaded.prefix(crowded[:3]), model.prefix(crowded[:3]))

@@ -9,6 +9,8 @@ Two mappings, as in the paper:
 
 The decoder is a `transformers.GPT2LMHeadModel` from a config (random init, or `pretrained`). The loss is the
 decoder's next-token cross-entropy on caption tokens only (not on the prefix, not on padding).
+
+Optionally the CLIP embedding is whitened before the mapping (`EmbeddingWhitening`, fit on the training images).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,13 +50,53 @@ def build_decoder(vocab_size: int, preset: str = "tiny", pretrained: str | None 
                                       pad_token_id=pad_token_id, **{**DECODER_PRESETS[preset], **(overrides or {})}))
 
 
+class EmbeddingWhitening:
+    """PCA whitening of CLIP image embeddings, fit on the training images. A small CLIP's embeddings crowd into a
+    few directions (the test suite's tiny CLIP: 90% of the variance in 2 of 128, nearest neighbours at cosine
+    0.998), and the mapping learns far faster from unit-variance inputs: training captions reproduced exactly after
+    400 steps rise from 0.12 to 0.98 (BENCHMARKS.md). Held as float32 tensors outside the module's parameters and
+    buffers, so bf16 training never rounds it; saved beside the weights."""
+
+    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor):
+        self.mean, self.matrix = mean.float(), matrix.float()
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, ridge: float) -> EmbeddingWhitening:
+        """ridge: added to every eigenvalue, relative to the largest (keeps near-empty directions from exploding)."""
+        if ridge <= 0:
+            raise ValueError(f"whitening ridge must be > 0, got {ridge}")
+        data = np.asarray(embeddings, dtype=np.float64)
+        mean = data.mean(axis=0)
+        values, vectors = np.linalg.eigh(np.cov(data - mean, rowvar=False, bias=True))
+        matrix = vectors / np.sqrt(np.clip(values, 0, None) + ridge * values.max())
+        return cls(torch.from_numpy(mean), torch.from_numpy(matrix))
+
+    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
+        device = embeddings.device
+        return (embeddings.float() - self.mean.to(device)) @ self.matrix.to(device)
+
+    def save(self, file: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"mean": self.mean.contiguous(), "matrix": self.matrix.contiguous()}, str(file))
+
+    @classmethod
+    def load(cls, file: str | Path) -> EmbeddingWhitening:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+        return cls(tensors["mean"], tensors["matrix"])
+
+
 class ClipCap(nn.Module):
     def __init__(self, clip_dim: int, vocab_size: int, prefix_length: int = 10, mapping: str = "mlp",
                  preset: str = "tiny", pretrained: str | None = None, clip_length: int = 10,
                  mapping_layers: int = 8, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 decoder_overrides: dict[str, Any] | None = None, decoder_config: dict[str, Any] | None = None):
+                 decoder_overrides: dict[str, Any] | None = None, decoder_config: dict[str, Any] | None = None,
+                 whitening: str | Path | None = None):
         """pretrained: the decoder's weights (a GPT-2 hub name or directory, e.g. the LM pretraining export);
-        decoder_config: a saved decoder config (from_pretrained); else a `preset` decoder, random init."""
+        decoder_config: a saved decoder config (from_pretrained); else a `preset` decoder, random init.
+        whitening: an EmbeddingWhitening file applied to the CLIP embeddings first."""
         super().__init__()
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {mapping!r}: use one of {MAPPINGS}")
@@ -63,7 +106,8 @@ class ClipCap(nn.Module):
                                      decoder_config)
         self.spec = {"clip_dim": clip_dim, "vocab_size": vocab_size, "prefix_length": prefix_length,
                      "mapping": mapping, "clip_length": clip_length, "mapping_layers": mapping_layers,
-                     "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+                     "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "whitening": bool(whitening)}
+        self.whitening = EmbeddingWhitening.load(whitening) if whitening else None
         width = self.decoder.config.n_embd
         self.prefix_length, self.mapping_kind, self.clip_dim = prefix_length, mapping, clip_dim
         self.eos_token_id = self.decoder.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -80,12 +124,15 @@ class ClipCap(nn.Module):
             self.decoder.requires_grad_(False)  # ClipCap's transformer variant keeps the language model frozen
 
     def prefix(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, clip_dim] -> [B, prefix_length, d_model]."""
+        """[B, clip_dim] -> [B, prefix_length, d_model]. Embeddings come in float32: whitening amplifies small
+        directions, where bf16 rounding would drown the signal."""
         width = self.decoder.config.n_embd
         batch = clip_embeddings.shape[0]
+        features = self.whitening(clip_embeddings) if self.whitening is not None else clip_embeddings
+        features = features.to(next(self.mapping.parameters()).dtype)
         if self.mapping_kind == "mlp":
-            return self.mapping(clip_embeddings).view(batch, self.prefix_length, width)
-        projected = self.project(clip_embeddings).view(batch, self.clip_length, width)
+            return self.mapping(features).view(batch, self.prefix_length, width)
+        projected = self.project(features).view(batch, self.clip_length, width)
         states = self.mapping(torch.cat([projected, self.constant.expand(batch, -1, -1)], dim=1))
         return states[:, self.clip_length:]
 
@@ -137,6 +184,8 @@ class ClipCap(nn.Module):
         config = {**self.spec, "decoder_config": self.decoder.config.to_dict()}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_model(self, str(directory / WEIGHTS_FILE))
+        if self.whitening is not None:
+            self.whitening.save(directory / WHITENING_FILE)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ClipCap:
@@ -145,7 +194,9 @@ class ClipCap(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved ClipCap captioner")
-        model = cls(**json.loads((directory / CONFIG_FILE).read_text()))
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        config["whitening"] = directory / WHITENING_FILE if config.get("whitening") else None
+        model = cls(**config)
         load_model(model, str(directory / WEIGHTS_FILE), strict=True)
         return model.eval()
 
@@ -161,3 +212,4 @@ def caption_texts(captioner: ClipCap, tokenizer, embeddings: torch.Tensor, batch
 
 CONFIG_FILE = "clipcap.json"
 WEIGHTS_FILE = "model.safetensors"
+WHITENING_FILE = "whitening.safetensors"

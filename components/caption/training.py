@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.caption.data import encode_captions, image_embeddings, read_embeddings, training_stream
 from components.caption.metrics import cache_blocks, caption_scores, exact_match, nearest_captions
-from components.caption.model import caption_texts
+from components.caption.model import EmbeddingWhitening, caption_texts
 from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.pretraining import (
@@ -56,7 +57,7 @@ def perplexity(decoder, tokenizer, captions: list[str], max_length: int, batch: 
 
 def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
     """clip: a components.eval.runner.ResolvedModel (any contrastive family with an image embedding)."""
-    from components.models.tokenizer import train_bpe
+    from components.models.tokenizer import load_tokenizer
     from components.train.trainer import resolve_use_gpu
 
     work = path(cfg.work_dir)
@@ -69,15 +70,18 @@ def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
         raise ValueError(f"no training or held-out rows in {shard_dir} (split field {cfg.fields.split!r})")
     print(f"[clipcap] {len(train)} training and {len(heldout)} held-out images, CLIP embedding dim "
           f"{train['emb'][0].shape[0]}", flush=True)
-    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"clipcap-{run_id[:8]}"
-    tokenizer = train_bpe(train["caption"], vocab_size=cfg.tokenizer.vocab_size)
-    tokenizer.save_pretrained(tokenizer_dir)
-
-    decoder_dir = cfg.decoder.pretrained or _pretrain_decoder(cfg, run_id, cache, tokenizer, str(tokenizer_dir),
-                                                              train, heldout)
-    outcome = _train_captioner(cfg, run_id, cache, tokenizer, str(tokenizer_dir), str(decoder_dir),
-                               int(train["emb"][0].shape[0]))
+    decoder_dir, tokenizer_dir = _decoder(cfg, run_id, cache, train, heldout)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    mlflow.set_tag("decoder.dir", decoder_dir)
+    whitening = None
+    if cfg.caption.whiten_ridge is not None:
+        whitening = work / "whitening" / f"{run_id[:8]}.safetensors"
+        whitening.parent.mkdir(parents=True, exist_ok=True)
+        EmbeddingWhitening.fit(np.stack(train["emb"]), float(cfg.caption.whiten_ridge)).save(whitening)
+    outcome = _train_captioner(cfg, run_id, cache, tokenizer, tokenizer_dir, decoder_dir,
+                               int(train["emb"][0].shape[0]), len(train), whitening)
     outcome.update(evaluate_captioner(cfg, outcome["model"], tokenizer, cache, train, heldout))
+    log_caption_grid(cfg, shard_dir, outcome["model"], tokenizer, heldout)
     mlflow_runs.log_metrics({k: v for k, v in outcome.items() if isinstance(v, float)})
     from components.caption.pyfunc import log_caption_model
 
@@ -89,13 +93,36 @@ def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
     return outcome
 
 
+def _decoder(cfg, run_id, cache: Path, train: pd.DataFrame, heldout: pd.DataFrame) -> tuple[str, str]:
+    """(decoder, tokenizer) directories: `decoder.pretrained` with its own tokenizer, else a byte-level BPE on the
+    training captions and LM pretraining, computed once per (captions, settings) so that the runs of a sweep
+    share them."""
+    from components.cache import computed_once, content_key, file_digest
+    from components.models.tokenizer import train_bpe
+
+    if cfg.decoder.pretrained:
+        return str(cfg.decoder.pretrained), str(cfg.decoder.pretrained)
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("tokenizer", "decoder", "lm", "deepspeed")}
+    key = content_key(cache.name, json.dumps(settings, sort_keys=True), str(cfg.max_caption_tokens),
+                      *(file_digest(path(f)) for f in cfg.lm.text_files))
+    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"clipcap-{key}"  # read by the data workers: shared storage
+
+    def pretrain(partial: Path) -> dict[str, float]:
+        tokenizer = train_bpe(train["caption"], vocab_size=cfg.tokenizer.vocab_size)
+        tokenizer.save_pretrained(tokenizer_dir)
+        return _pretrain_decoder(cfg, run_id, cache, tokenizer, str(tokenizer_dir), train, heldout,
+                                 partial / "decoder")
+
+    decoder_dir = computed_once(path(cfg.work_dir) / "decoders", key, pretrain, "decoder LM", "clipcap") / "decoder"
+    return str(decoder_dir), str(decoder_dir)
+
+
 def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, train: pd.DataFrame,
-                      heldout: pd.DataFrame) -> Path:
+                      heldout: pd.DataFrame, export_dir: Path) -> dict[str, float]:
     trainer_cfg = stage_trainer(cfg, "lm")
     spec = {"vocab_size": len(tokenizer), "preset": cfg.decoder.preset, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.eos_token_id,
             "overrides": OmegaConf.to_container(cfg.decoder.overrides, resolve=True)}
-    export_dir = path(cfg.export_dir) / "decoder"
     with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-lm", cfg.mlflow.experiment, tags={"stage": "clipcap-lm"}) as child:
         mlflow_runs.log_params({"lm": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
         heldout_captions = list(dict.fromkeys(heldout["caption"]))
@@ -103,7 +130,8 @@ def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, t
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[clipcap] decoder LM pretraining: {describe_scale(trainer_cfg, deepspeed)}", flush=True)
         dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=False,
-                                  text_files=tuple(str(path(f)) for f in cfg.lm.text_files))
+                                  text_files=tuple(str(path(f)) for f in cfg.lm.text_files),
+                                  in_memory=len(train) <= cfg.in_memory_rows)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "lm", "model": spec}
         trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-lm-{run_id[:8]}", export_dir,
                                    tokenizer_dir, build_decoder_module)
@@ -112,15 +140,16 @@ def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, t
                                  "train_seconds": trained.seconds})
         log_loss_curve(child.info.run_id, "LM cross-entropy")
     print(f"[clipcap] decoder held-out perplexity {before:.1f} -> {after:.1f}", flush=True)
-    return export_dir
+    return {"heldout_perplexity_init": round(before, 2), "heldout_perplexity": round(after, 2)}
 
 
 def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, decoder_dir: str,
-                     clip_dim: int) -> dict[str, Any]:
+                     clip_dim: int, training_rows: int, whitening: Path | None) -> dict[str, Any]:
     trainer_cfg = stage_trainer(cfg, "caption")
     spec = {"clip_dim": clip_dim, "vocab_size": len(tokenizer), "prefix_length": int(cfg.caption.prefix_length),
             "mapping": cfg.caption.mapping, "pretrained": decoder_dir, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.eos_token_id, "mapping_layers": int(cfg.caption.mapping_layers)}
+            "pad_token_id": tokenizer.eos_token_id, "mapping_layers": int(cfg.caption.mapping_layers),
+            "whitening": str(whitening) if whitening else None}
     name = f"{cfg.mlflow.run_name}-{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
     export_dir = path(cfg.export_dir) / f"{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
     with mlflow_runs.start_run(name, cfg.mlflow.experiment, tags={"stage": "clipcap-caption"}) as child:
@@ -128,7 +157,8 @@ def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, de
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[clipcap] captioner ({cfg.caption.mapping} mapping, prefix {cfg.caption.prefix_length}): "
               f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=True)
+        dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=True,
+                                  in_memory=training_rows <= cfg.in_memory_rows)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "caption",
                         "model": spec}
         trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-{run_id[:8]}", export_dir,
@@ -162,6 +192,24 @@ def evaluate_captioner(cfg, model, tokenizer, cache: Path, train: pd.DataFrame, 
             "examples": examples.head(8).to_dict("records")}
 
 
+def log_caption_grid(cfg, shard_dir: Path, model, tokenizer, heldout: pd.DataFrame, count: int = 12) -> None:
+    """captions/heldout_grid.png: the first held-out images of the shards with the generated caption over the
+    reference."""
+    from components.eval.dataset import EvalFields, read_eval_rows
+    from components.tracking.plots import sample_grid
+
+    embeddings = dict(zip(heldout["key"], heldout["emb"]))
+    fields = EvalFields(caption=cfg.fields.caption, labels={"split": cfg.fields.split})
+    rows = [r for r in read_eval_rows(shard_dir, fields, where={cfg.fields.split: "test"}).limit(4 * count).take(
+        4 * count) if r["key"] in embeddings][:count]
+    if not rows:
+        return
+    generated = _captions(model, tokenizer, np.stack([embeddings[r["key"]] for r in rows]),
+                          OmegaConf.to_container(cfg.generate, resolve=True))
+    pairs = [(r["image"], f"{g} | ref: {(json.loads(r['captions']) or [''])[0]}") for r, g in zip(rows, generated)]
+    mlflow_runs.log_image(sample_grid(pairs), "captions/heldout_grid.png")
+
+
 def _captions(model, tokenizer, embeddings: np.ndarray, settings: dict) -> list[str]:
     return caption_texts(model, tokenizer, torch.from_numpy(embeddings), **settings)
 
@@ -182,3 +230,60 @@ def summary(outcome: dict[str, Any]) -> str:
                  f"({outcome['model_uri']})")
     return "\n".join(lines)
 
+
+
+SWEEP_COLUMNS = {"heldout.BLEU-4": "BLEU-4", "heldout.CIDEr": "CIDEr", "baseline.BLEU-4": "NN BLEU-4",
+                 "baseline.CIDEr": "NN CIDEr", "train.exact_match": "train exact"}
+
+
+def sweep_summary(client, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per finished captioning run under the sweep's parent: its mapping, prefix length and metrics."""
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                   "tags.stage = 'clipcap' and attributes.status = 'FINISHED'")
+    rows = [{"mapping": run.data.params.get("caption.mapping"),
+             "prefix_length": int(run.data.params.get("caption.prefix_length", 0)),
+             **{label: run.data.metrics.get(metric) for metric, label in SWEEP_COLUMNS.items()},
+             "run_id": run.info.run_id} for run in children]
+    columns = ["mapping", "prefix_length", *SWEEP_COLUMNS.values(), "run_id"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["mapping", "prefix_length"]).reset_index(drop=True)
+
+
+def log_sweep_summary(client, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """The sweep's table (Markdown + CSV) and a bar chart of held-out CIDEr/BLEU-4 per setting against the
+    nearest-neighbour baseline, logged to the parent run; rewritten after every run of the sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = sweep_summary(client, experiment_id, parent_run_id)
+    if table.empty:
+        return table
+    client.log_text(parent_run_id, markdown_table(table.drop(columns="run_id")), "sweep/summary.md")
+    client.log_text(parent_run_id, table.to_csv(index=False), "sweep/summary.csv")
+    labels = [f"{m}\nprefix {p}" for m, p in zip(table["mapping"], table["prefix_length"])]
+    figure, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(table), 3.6))
+    for axis, metric in zip(axes, ("CIDEr", "BLEU-4")):
+        axis.bar(range(len(table)), table[metric].fillna(0), color="tab:blue", label="captioner")
+        axis.axhline(table[f"NN {metric}"].mean(), color="tab:red", linestyle="--", label="nearest neighbour")
+        axis.set_xticks(range(len(table)), labels, fontsize=8)
+        axis.set_title(f"held-out {metric}")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    client.log_figure(parent_run_id, figure, "sweep/summary.png")
+    plt.close(figure)
+    best = table.loc[table["CIDEr"].fillna(-1).idxmax()]
+    for name, value in (("best.CIDEr", best["CIDEr"]), ("best.prefix_length", best["prefix_length"]),
+                        ("runs", len(table))):
+        client.log_metric(parent_run_id, name, float(value))
+    return table
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A Markdown table, floats to 3 decimals (printed at the end of a sweep and logged to its parent run)."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

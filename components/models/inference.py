@@ -52,13 +52,21 @@ def text_features(model: ContrastiveModel, tokenizer, texts: list[str]) -> Featu
                     for i in range(0, len(texts), BATCH)])
 
 
+def _device(model: ContrastiveModel) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_images(model: ContrastiveModel, images: list[bytes]) -> np.ndarray:
-    return torch.cat([model.embed_image(image_tensor(model, images[i:i + BATCH]))
+    """L2-normalised image embeddings, computed on the model's device."""
+    device = _device(model)
+    return torch.cat([model.embed_image(image_tensor(model, images[i:i + BATCH]).to(device)).cpu()
                       for i in range(0, len(images), BATCH)]).float().numpy()
 
 
 @torch.no_grad()
 def embed_texts(model: ContrastiveModel, tokenizer, texts: list[str]) -> np.ndarray:
-    return torch.cat([model.embed_text(text_inputs(model, tokenizer, texts[i:i + BATCH]))
+    device = _device(model)
+    return torch.cat([model.embed_text({k: v.to(device) for k, v in text_inputs(model, tokenizer,
+                                                                                texts[i:i + BATCH]).items()}).cpu()
                       for i in range(0, len(texts), BATCH)]).float().numpy()

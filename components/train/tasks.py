@@ -98,7 +98,8 @@ class CaptionTask:
         self.model = model
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = engine(batch["clip_embedding"].to(engine_dtype(engine)), batch["input_ids"], batch["attention_mask"])
+        # float32 in: the model casts after its (optional) whitening
+        loss = engine(batch["clip_embedding"], batch["input_ids"], batch["attention_mask"])
         return loss, {"perplexity": float(loss.detach().float().exp())}
 
 
