@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup system-deps ingest pretrain evaluate altclip clipcap mlflow-ui bench clean
+.PHONY: demo test test-fast setup system-deps ingest pretrain evaluate altclip clipcap caption mlflow-ui bench clean
 
 demo: setup  ## ingest the built-in corpus over 127.0.0.1 (if not yet), pretrain a tiny CLIP, register it, evaluate it
 	$(PY) pipelines/pretrain_clip.py
@@ -50,6 +50,9 @@ altclip: setup  ## distil a multilingual AltCLIP from the latest clipforge-clip 
 
 clipcap: setup  ## train a ClipCap captioner on the latest clipforge-clip (run make demo first)
 	$(PY) pipelines/train_clipcap.py $(ARGS)
+
+caption: setup  ## caption the corpus shards (or DATA=<shards or image folder>) with the latest clipforge-clipcap
+	$(PY) pipelines/caption.py data=$(or $(DATA),data/shards/emoji) $(ARGS)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -11,15 +11,17 @@ output) and an MLflow run with the counts and a preview.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from components.runtime import init_ray, one_line_errors, path
+from components.runtime import init_ray, one_line_errors, path, route_overrides
 from components.tracking import mlflow_runs
 
+REPO = Path(__file__).resolve().parents[1]
 
 @hydra.main(config_path="../conf", config_name="caption", version_base="1.3")
 def main(cfg: DictConfig) -> None:
@@ -31,21 +33,21 @@ def caption(cfg: DictConfig) -> dict:
     from components.caption import inference
     from components.train.trainer import resolve_use_gpu
 
-    if not cfg.data:
+    if not cfg.data_path:
         raise ValueError("give data=<shard directory, Parquet file or folder of images>")
     if cfg.output_format not in inference.OUTPUT_FORMATS:
         raise ValueError(f"output_format {cfg.output_format!r}: use one of {inference.OUTPUT_FORMATS}")
-    data = path(cfg.data)
+    data = path(cfg.data_path)
     output = path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "captions"
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output {output} already holds files: choose another output=")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     mlflow_runs.configure(cfg.mlflow.experiment)
-    settings = OmegaConf.to_container(cfg.generate, resolve=True)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.generate, resolve=True).items() if v is not None}
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
-                               tags={"stage": "caption", "model_uri": str(cfg.model), "data": str(data)}):
+                               tags={"stage": "caption", "model_uri": str(cfg.model_uri), "data": str(data)}):
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
-        model = str(cfg.model) if ":/" in str(cfg.model) else str(path(cfg.model))
+        model = str(cfg.model_uri) if ":/" in str(cfg.model_uri) else str(path(cfg.model_uri))
         rows = inference.read_images(data, cfg.caption_field)
         expected = rows.count()
         captioned = inference.caption_dataset(rows, model, mlflow_runs.tracking_uri(), settings,
@@ -70,4 +72,6 @@ def caption(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    # `model=` and `data=` name config groups elsewhere in conf/: here they are values
+    sys.argv = route_overrides(sys.argv, {"model": "model_uri", "data": "data_path"}, REPO / "conf")
     main()

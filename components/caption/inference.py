@@ -47,12 +47,14 @@ def _shard_rows(batch: pd.DataFrame) -> pd.DataFrame:
 
 def decode_error(image: bytes) -> str | None:
     """None when Pillow reads the whole image, else the reason in one line."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(image)) as opened:
             opened.load()
-    except Exception as error:  # Pillow raises many types for corrupt data
+    except UnidentifiedImageError:
+        return "cannot decode image: not an image format Pillow reads"
+    except Exception as error:  # Pillow raises many types for truncated or corrupt data
         return f"cannot decode image: {type(error).__name__}: {error}".splitlines()[0]
     return None
 
