@@ -70,14 +70,15 @@ def train(variant: str, ridge: float | None, embeddings: np.ndarray, captions: l
         loss = model(clip[batch], ids[batch], mask[batch])
         optimizer.zero_grad()
         loss.backward()
+        loss = loss.item()
         optimizer.step()
         schedule.step()
         if step % max(1, steps // 4) == 0:
             model.eval()
             generated = caption_texts(model, tokenizer, clip[checks], method="greedy", max_length=24)
             exact = exact_match(references, dict(zip(references, generated)))
-            history.append({"step": step, "loss": round(float(loss), 4), "exact": round(exact, 3)})
-            print(f"{variant:>18} step {step:4d}  loss {float(loss):.3f}  training captions exact {exact:.3f}  "
+            history.append({"step": step, "loss": round(loss, 4), "exact": round(exact, 3)})
+            print(f"{variant:>18} step {step:4d}  loss {loss:.3f}  training captions exact {exact:.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     return history
 
@@ -89,7 +90,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--ridges", default="1e-3,1e-5", help="whitening ridges tried besides raw embeddings")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     cache = latest(args.work / "embeddings", "*/_cache.json").parent
     decoder = latest(args.work / "decoders", "*/decoder/config.json").parent
