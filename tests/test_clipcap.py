@@ -17,9 +17,10 @@ from tests.helpers import REPO, copy_store
 pytestmark = pytest.mark.slow
 
 
-def train_clipcap(work, uri: str, emoji_shards, *overrides: str) -> subprocess.CompletedProcess:
+def train_clipcap(work, uri: str, emoji_shards, *overrides: str, multirun: bool = False
+                  ) -> subprocess.CompletedProcess:
     """pipelines/train_clipcap.py on the session's CLIP and shards; LM pretraining as the first run did it."""
-    args = ["clip=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
+    args = [*(["-m"] if multirun else []), "clip=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
             f"work_dir={work / 'clipcap'}", f"tokenizer.save_dir={work / 'tok'}", f"trainer.storage_path={work / 'ray'}",
             "lm.trainer.samples=6400", "progress=false", *overrides]
     return subprocess.run([sys.executable, str(REPO / "pipelines" / "train_clipcap.py"), *args], cwd=work,
@@ -144,9 +145,10 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(c
 
 def test_sweep_nests_its_runs_under_a_parent_with_a_summary_and_reuses_the_decoder(clipcap_run, emoji_shards):
     work, uri, _ = clipcap_run
-    done = train_clipcap(work, uri, emoji_shards, "-m", "caption.prefix_length=1,2", "caption.trainer.samples=1280",
+    done = train_clipcap(work, uri, emoji_shards, "caption.prefix_length=1,2", "caption.trainer.samples=1280",
                          "eval_samples=40", "memorise_samples=20", f"export_dir={work / 'sweep-models'}",
-                         "registry.model_name=clipforge-clipcap-sweep", f"hydra.sweep.dir={work / 'sweep'}")
+                         "registry.model_name=clipforge-clipcap-sweep", f"hydra.sweep.dir={work / 'sweep'}",
+                         multirun=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("decoder LM cached in") == 2  # pretrained once, by the first run
     client = MlflowClient(tracking_uri=uri)

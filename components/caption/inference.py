@@ -91,9 +91,8 @@ def caption_dataset(rows: ray.data.Dataset, model_uri: str, tracking_uri: str, s
 
 
 def write_captions(captioned: ray.data.Dataset, output: Path, output_format: str) -> None:
-    """A directory of Parquet or JSON Lines files (one per block: the rows stream, never gathered)."""
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format {output_format!r}: use one of {OUTPUT_FORMATS}")
+    """A directory of Parquet or JSON Lines files (one per block: the rows stream, never gathered);
+    output_format: one of OUTPUT_FORMATS (the pipeline checks it before any work)."""
     if output_format == "parquet":
         captioned.write_parquet(str(output))
     else:
