@@ -53,3 +53,77 @@ def test_schema_check_rejects_a_broken_config():
     del config["available_node_types"]["cpu_worker"]["resources"]
     with pytest.raises(jsonschema.ValidationError, match="'resources' is a required property"):
         launcher_view(config)
+
+
+# The parts of KubeRay's ray.io/v1 CRDs (RayCluster, RayJob) that our manifests use: required keys, types,
+# enums and Kubernetes' quantity pattern, as the operator's OpenAPI schema states them.
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+RESOURCES = {"type": "object", "additionalProperties": {"type": "string", "pattern": QUANTITY}}
+CONTAINER = {"type": "object", "required": ["name", "image"], "properties": {
+    "name": {"type": "string"}, "image": {"type": "string"},
+    "command": {"type": "array", "items": {"type": "string"}},
+    "resources": {"type": "object", "properties": {"requests": RESOURCES, "limits": RESOURCES}},
+    "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
+                                        "properties": {"containerPort": {"type": "integer"}}}}}}
+POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
+    "type": "object", "required": ["containers"],
+    "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
+START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+CLUSTER_SPEC = {"type": "object", "required": ["headGroupSpec"], "properties": {
+    "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"},
+    "autoscalerOptions": {"type": "object", "properties": {
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "idleTimeoutSeconds": {"type": "integer"}}},
+    "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"], "properties": {
+        "rayStartParams": START_PARAMS, "template": POD_TEMPLATE, "serviceType": {"type": "string"}}},
+    "workerGroupSpecs": {"type": "array", "items": {
+        "type": "object", "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
+        "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer"},
+                       "minReplicas": {"type": "integer"}, "maxReplicas": {"type": "integer"},
+                       "rayStartParams": START_PARAMS, "template": POD_TEMPLATE}}}}}
+KUBERAY = {
+    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "ray.io/v1"}, "spec": CLUSTER_SPEC}},
+    "RayJob": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "ray.io/v1"}, "spec": {
+            "type": "object", "required": ["entrypoint", "rayClusterSpec"], "properties": {
+                "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
+                "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer"},
+                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+                "rayClusterSpec": CLUSTER_SPEC}}}},
+}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests_match_the_crd_structure_and_the_cluster_shapes(name):
+    import jsonschema
+
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / name).read_text())
+    jsonschema.validate(manifest, KUBERAY[manifest["kind"]])
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "8" and groups["gpu"]["minReplicas"] == 0
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    broken = copy.deepcopy(manifest)
+    del (broken["spec"].get("rayClusterSpec", broken["spec"]))["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(jsonschema.ValidationError, match="'groupName' is a required property"):
+        jsonschema.validate(broken, KUBERAY[manifest["kind"]])
+
+
+def test_rayjob_entrypoint_is_a_pipeline_whose_overrides_compose():
+    """Hydra composes the RayJob's command line (--cfg job prints the config, runs nothing)."""
+    import shlex
+    import subprocess
+    import sys
+
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    program, script, *overrides = shlex.split(manifest["spec"]["entrypoint"])
+    assert program == "python" and (REPO / script).is_file()
+    done = subprocess.run([sys.executable, str(REPO / script), *overrides, "--cfg", "job"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    composed = yaml.safe_load(done.stdout)
+    assert composed["model"]["preset"] == "base" and composed["trainer"]["workers"] == 16
+    assert composed["data"]["output_dir"].startswith("s3://")
