@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core
+DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast setup system-deps ingest pretrain evaluate altclip clipcap caption mlflow-ui bench clean
@@ -19,7 +19,8 @@ test-fast: setup  ## skip the slow end-to-end tests
 
 setup: system-deps $(STAMP)
 
-# Debian packages the built-in corpus and CLIPPO need: installed when we are root, else one line says which.
+# Debian packages the built-in corpus and CLIPPO need (and Chromium, for the MLflow UI test): installed when we
+# are root, else one line says which.
 system-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -54,8 +55,9 @@ clipcap: setup  ## train a ClipCap captioner on the latest clipforge-clip (run m
 caption: setup  ## caption the corpus shards (or DATA=<shards or image folder>) with the latest clipforge-clipcap
 	$(PY) pipelines/caption.py data=$(or $(DATA),data/shards/emoji) $(ARGS)
 
-mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+mlflow-ui: setup  ## the MLflow server over this directory's store (sqlite) and artifacts: http://127.0.0.1:5000
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlruns \
+	    --host 127.0.0.1 --port 5000
 
 bench: setup
 	$(PY) benchmarks/ingest_throughput.py

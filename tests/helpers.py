@@ -18,6 +18,33 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILTERS = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "filters" / "default.yaml"))
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits or the time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stdout.read() if process.stdout and process.poll() is not None else ""
+            raise AssertionError(f"{what} did not come up at {url}:\n{output[-3000:]}")
+        time.sleep(2)
+
+
 def read_shards(shard_dir: Path) -> list[dict]:
     """Every sample of every tar, sorted by key: {"key", "txt", "json", "image"}."""
     samples: dict[str, dict] = {}

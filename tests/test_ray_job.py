@@ -8,30 +8,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, pretrain_args
+from tests.helpers import REPO, free_port, pretrain_args, wait_for_http
 
 pytestmark = pytest.mark.slow
 
 HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
               "ray-client-server-port")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -50,17 +41,7 @@ def ray_head():
                             start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the Ray head did not come up:\n{head.stdout.read()[-3000:]}")
-            time.sleep(2)
+        wait_for_http(f"{url}/", head, "the Ray head")  # its /api/ routes answer 401 without the auth token
         yield url
     finally:
         # `ray stop` would also stop the test session's own Ray: end exactly this head's processes.
