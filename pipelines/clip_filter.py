@@ -1,0 +1,101 @@
+"""CLIP-score filter (DataComp): a trained model scores every image-text pair of a shard directory; the best
+pairs become a new shard directory to train on.
+
+    python pipelines/clip_filter.py                                   # the latest clipforge-clip, salted corpus
+    python pipelines/clip_filter.py model=models:/clipforge-clip/3 data=/data/pool output=/data/pool_top30 \\
+        filter.keep_fraction=0.3
+    python pipelines/pretrain_clip.py data=emoji_salted data.output_dir=data/shards/emoji_salted_filtered
+
+Steps: resolve the model -> Ray Data actors score each shard (cosine of the image and caption embeddings) ->
+threshold or top fraction over the rows in scope -> filtered shards + _dropped/ (with scores) + manifest ->
+MLflow run: counts, threshold, score histogram, precision/recall against a truth column when there is one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from components.runtime import init_ray, one_line_errors, path, route_overrides
+from components.tracking import mlflow_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@hydra.main(config_path="../conf", config_name="clip_filter", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors("clip-filter", ValueError, FileNotFoundError):
+        clip_filter(cfg)
+
+
+def clip_filter(cfg: DictConfig) -> dict[str, Any]:
+    from components.data import model_filter
+    from components.data.sources import ensure_shards
+    from components.eval.runner import fetch_model
+    from components.train.trainer import resolve_use_gpu
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    source = path(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
+    if not (source / "_manifest.json").is_file():
+        raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
+    output = path(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
+    salted = not cfg.data_path and float(cfg.data.get("mismatch", {}).get("fraction") or 0) > 0
+    where = cfg.filter.where if cfg.filter.where is not None else (
+        {} if cfg.data_path else cfg.data.get("train_where") or {})
+    spec = model_filter.ScoreFilter(
+        threshold=cfg.filter.threshold, keep_fraction=cfg.filter.keep_fraction,
+        where=dict(OmegaConf.to_container(OmegaConf.create(where), resolve=True)),
+        truth_column=cfg.filter.truth_column or ("caption_mismatched" if salted else None))
+    mlflow_runs.configure(cfg.mlflow.experiment)
+    model = fetch_model(str(cfg.model_uri), output.with_name(f".{output.name}.model"))
+    with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
+                               tags={"stage": "clip_filter", "model_uri": model.uri, "data": str(source)}) as run:
+        mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
+        manifest = model_filter.run_filter(
+            source, output, model.directory, spec, actors=cfg.inference.actors,
+            use_gpu=resolve_use_gpu(cfg.inference.use_gpu), batch_size=cfg.inference.batch_size,
+            progress=cfg.progress)
+        truth = manifest.get("against_truth") or {}
+        mlflow_runs.log_metrics({"input_rows": manifest["input_rows"], "kept": manifest["kept"],
+                                 "dropped.model_score": manifest["dropped_total"], "threshold": manifest["threshold"],
+                                 **{f"truth.{k}": v for k, v in truth.items()}})
+        mlflow_runs.log_json(manifest, "filter/manifest.json")
+        mlflow_runs.log_image(filter_plot(output, manifest, spec), "filter/scores.png")
+    print(summary(manifest, output))
+    print(f"MLflow run {run.info.run_id} at {mlflow_runs.tracking_uri()}", flush=True)
+    return {**manifest, "output_dir": str(output)}
+
+
+def filter_plot(output: Path, manifest: dict[str, Any], spec):
+    """The histogram of the in-scope scores (split by the truth column when there is one)."""
+    import pyarrow.parquet as pq
+
+    from components.eval.plots import score_histogram
+
+    scores = pq.read_table(output / "_scores.parquet").to_pandas()
+    scores = scores[scores["in_scope"]]
+    wrong = scores[spec.truth_column].to_numpy(bool) if spec.truth_column else None
+    return score_histogram(scores["model_score"].to_numpy(), manifest["threshold"], wrong)
+
+
+def summary(manifest: dict[str, Any], output: Path) -> str:
+    lines = [f"accounting: input {manifest['input_rows']} = kept {manifest['kept']} + dropped (model_score) "
+             f"{manifest['dropped_total']}; {manifest['in_scope']} rows in the filter's scope, threshold "
+             f"{manifest['threshold']:.4f}"]
+    truth = manifest.get("against_truth")
+    if truth:
+        lines.append(f"known-wrong captions: {truth['wrong']} ({truth['wrong_fraction_before']:.1%} of the scope) -> "
+                     f"{truth['wrong_fraction_after']:.1%} after; precision {truth['precision']:.3f}, "
+                     f"recall {truth['recall']:.3f} of the removal")
+    lines.append(f"filtered shards: {output}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.argv = route_overrides(sys.argv, {"model": "model_uri", "data": "data_path"}, REPO / "conf",
+                               keep_choices=("data",))
+    main()
