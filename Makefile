@@ -5,11 +5,14 @@ PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core chromium
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup system-deps ingest pretrain evaluate altclip clipcap caption mlflow-ui bench clean
+.PHONY: demo bootstrap test test-fast setup system-deps ingest pretrain evaluate clip-filter altclip clipcap caption mlflow-ui bench clean
 
-demo: setup  ## ingest the built-in corpus over 127.0.0.1 (if not yet), pretrain a tiny CLIP, register it, evaluate it
-	$(PY) pipelines/pretrain_clip.py
-	$(PY) pipelines/evaluate.py
+demo: setup  ## the whole chain on the built-in corpus: ingest, pretrain, evaluate, AltCLIP, ClipCap, caption (a re-run skips what is unchanged)
+	$(PY) pipelines/end_to_end.py $(ARGS)
+
+bootstrap: setup  ## DataComp-style: train on the salted corpus, filter it with that model, train again, compare
+	$(PY) pipelines/end_to_end.py corpus=emoji_salted \
+	    stages=[ingest,pretrain,evaluate,clip_filter,pretrain_filtered,evaluate_filtered] $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
@@ -45,6 +48,9 @@ pretrain: setup
 
 evaluate: setup
 	$(PY) pipelines/evaluate.py $(ARGS)
+
+clip-filter: setup  ## score the salted corpus with the latest clipforge-clip and keep the best pairs
+	$(PY) pipelines/clip_filter.py $(ARGS)
 
 altclip: setup  ## distil a multilingual AltCLIP from the latest clipforge-clip (run make demo first)
 	$(PY) pipelines/distill_altclip.py $(ARGS)

@@ -87,7 +87,7 @@ def shard_outputs(shard_dir: Path, **extra: Any) -> Outputs:
 
 
 def build_stages(cfg: DictConfig) -> list[Stage]:
-    corpus = [f"data={cfg.corpus}"]
+    corpus = [f"data={cfg.corpus}", *cfg.data_overrides]
     common = [f"ray.address={quoted(cfg.ray.address)}" if cfg.ray.address else None, f"++progress={cfg.progress}"]
     common = [c for c in common if c]
 
