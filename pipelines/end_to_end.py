@@ -113,9 +113,15 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         outcome = pipeline("pretrain_clip").pretrain(c)
         return {"model_uri": registered_uri(outcome), "heldout": outcome.get("heldout")}
 
+    def on_model(config_name: str, stage: str, up: dict[str, Outputs], setting: str, *extra: str,
+                 model: str = "pretrain") -> DictConfig:
+        """A stage reading the corpus' shards and a registered model (given as `setting`)."""
+        return stage_config(config_name, overrides(stage, *corpus, shards_of(up),
+                                                   f"{setting}={quoted(up[model]['model_uri'])}", *extra))
+
     def evaluate(up, out, stage="evaluate", model="pretrain"):
-        return stage_config("evaluate", overrides(stage, *corpus, shards_of(up), f"model_uri={quoted(up[model]['model_uri'])}",
-                                                  f"output_dir={quoted(out)}", f"mlflow.run_name={stage}"))
+        return on_model("evaluate", stage, up, "model_uri", f"output_dir={quoted(out)}", f"mlflow.run_name={stage}",
+                        model=model)
 
     def run_evaluate(c):
         from components.eval.runner import headline_metrics
@@ -124,9 +130,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return {"results_dir": str(Path(c.output_dir) / "results"), "metrics": headline_metrics(results)}
 
     def clip_filter(up, out):
-        return stage_config("clip_filter", overrides("clip_filter", *corpus, shards_of(up),
-                                                     f"model_uri={quoted(up['pretrain']['model_uri'])}",
-                                                     f"output={quoted(out)}"))
+        return on_model("clip_filter", "clip_filter", up, "model_uri", f"output={quoted(out)}")
 
     def run_clip_filter(c):
         manifest = pipeline("clip_filter").clip_filter(c)
@@ -134,18 +138,15 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
                              against_truth=manifest.get("against_truth"))
 
     def altclip(up, out):
-        return stage_config("distill_altclip", overrides("altclip", *corpus, shards_of(up),
-                                                         f"teacher={quoted(up['pretrain']['model_uri'])}",
-                                                         f"export_dir={quoted(out)}", f"work_dir={quoted(out + '-work')}"))
+        return on_model("distill_altclip", "altclip", up, "teacher", f"export_dir={quoted(out)}",
+                        f"work_dir={quoted(out + '-work')}")
 
     def run_altclip(c):
         outcome = pipeline("distill_altclip").distill(c)
         return {"model_uri": registered_uri(outcome["stage2"])}
 
     def clipcap(up, out):
-        return stage_config("train_clipcap", overrides("clipcap", *corpus, shards_of(up),
-                                                       f"clip={quoted(up['pretrain']['model_uri'])}",
-                                                       f"export_dir={quoted(out)}"))
+        return on_model("train_clipcap", "clipcap", up, "clip", f"export_dir={quoted(out)}")
 
     def run_clipcap(c):
         outcome = pipeline("train_clipcap").train(c)

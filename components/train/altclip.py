@@ -370,10 +370,14 @@ def summary(outcome: dict[str, Any], cfg: DictConfig) -> str:
              f"{after['cosine']:.3f}"]
     for name, metrics in (("held-out", after), ("training", stage1["seen"])):
         if f"{probe}_top1" in metrics:
+            # Small sets have fewer than 10 distractors per sentence (distill_metrics names the count).
+            count = next(k for k in metrics if k.startswith(f"{probe}_vs") and not k.endswith("_chance"))
+            distractors = (f"; against {count.removeprefix(f'{probe}_vs')} distractors {metrics[count]:.3f} "
+                           f"(chance {metrics[f'{count}_chance']:.3f})")
             lines.append(f"  {name} concepts, {metrics[f'{probe}_pairs']} {probe} sentences: the nearest English "
                          f"teacher embedding is its own {metrics[f'{probe}_top1']:.3f} (chance "
-                         f"{metrics[f'{probe}_chance']:.4f}), in the top 10 {metrics[f'{probe}_top10']:.3f}; "
-                         f"against 10 distractors {metrics[f'{probe}_vs10']:.3f} (chance 0.091)")
+                         f"{metrics[f'{probe}_chance']:.4f}), in the top 10 {metrics[f'{probe}_top10']:.3f}"
+                         + distractors)
     heldout = stage2["heldout"]
     lines.append(f"stage 2 (contrastive, image tower locked): {stage2['step']} steps in "
                  f"{stage2['train_seconds']:.0f} s" + (f"; English held-out image->text R@5 "
