@@ -77,7 +77,7 @@ def test_chain_runs_once_then_skips_and_reruns_only_what_changed(tmp_path, small
     second = end_to_end(work, small_corpus)
     assert actions(second.stdout) == {stage: "unchanged" for stage in CHAIN}
     assert json.loads((work / "data" / "workflow" / "emoji_local" / "state.json").read_text()) == state
-    assert {v.version for v in client.search_model_versions("name = 'clipforge-clip'")} == {"1"}
+    assert {str(v.version) for v in client.search_model_versions("name = 'clipforge-clip'")} == {"1"}
 
     third = end_to_end(work, small_corpus, {**SHORT, "evaluate": ["tasks=[retrieval]"]})
     assert actions(third.stdout) == {**{stage: "unchanged" for stage in CHAIN}, "evaluate": "running"}
