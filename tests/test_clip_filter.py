@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.data.emoji_corpus import MISMATCH_COLUMN, Mismatch, _rows, _salted
+from components.data.model_filter import ScoreFilter, decide_threshold, removal_quality
 from tests.conftest import SHARD_CONCEPTS
 from tests.helpers import REPO, copy_store, read_shards, run_pipeline
 
@@ -34,6 +35,24 @@ def test_salting_moves_whole_caption_sets_between_training_rows_only(small_corpu
     assert _salted(rows, None) is rows and _salted(rows, Mismatch(0.0)) is rows
     with pytest.raises(ValueError, match="mismatch.fraction"):
         _salted(rows, Mismatch(1.5))
+
+
+def test_cut_keeps_the_top_fraction_or_the_threshold_and_scores_the_removal():
+    scores = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    for fraction in (0.05, 0.3, 0.7, 1.0):
+        cut = decide_threshold(scores, ScoreFilter(keep_fraction=fraction))
+        assert (scores >= cut).sum() == round(fraction * 1000)
+    assert decide_threshold(scores, ScoreFilter(threshold=0.25)) == 0.25
+    with pytest.raises(ValueError, match="exactly one"):
+        ScoreFilter()
+    with pytest.raises(ValueError, match="keep_fraction must be in"):
+        ScoreFilter(keep_fraction=0.0)
+
+    wrong = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], bool)
+    removed = np.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 0], bool)
+    quality = removal_quality(wrong, removed)
+    assert (quality["precision"], quality["recall"]) == pytest.approx((2 / 3, 2 / 3))
+    assert (quality["wrong_fraction_before"], quality["wrong_fraction_after"]) == pytest.approx((0.3, 1 / 7))
 
 
 @pytest.mark.slow
