@@ -44,7 +44,13 @@ def route_overrides(argv: list[str], routes: dict[str, str], conf_dir: Path, kee
 
 
 def path(value: str | os.PathLike) -> Path:
-    """A config path relative to where the user launched the pipeline (Hydra may change the cwd)."""
+    """A config path relative to where the user launched the pipeline (Hydra may change the cwd).
+
+    Directories the pipelines write file by file (shards, exports, caches) must be a filesystem path; on a
+    cluster, a shared mount (e.g. the bucket mounted with Mountpoint for S3 or gcsfuse on every node)."""
+    if "://" in str(value):
+        raise ValueError(f"{value}: this setting takes a filesystem path (on a cluster, a shared mount of the bucket); "
+                         "object-store URLs work for data.url_list, trainer.storage_path and MLflow artifacts")
     return Path(to_absolute_path(str(value)))
 
 
