@@ -242,3 +242,11 @@ def test_bands_cover_64_bits():
         assert len(masks) == d + 1
         assert sum(bin(mask).count("1") for _, mask in masks) == 64
         assert json.dumps(masks)  # plain ints, picklable into Ray tasks
+
+
+def test_written_directories_refuse_object_store_urls_in_one_line():
+    from components.runtime import path
+
+    assert path("data/shards").is_absolute()
+    with pytest.raises(ValueError, match="takes a filesystem path .*shared mount"):
+        path("s3://bucket/shards")
