@@ -181,8 +181,16 @@ def run_filter(source_dir: Path, output_dir: Path, model_dir: Path, spec: ScoreF
     in_scope = _in_scope(scores, spec.where)
     threshold = decide_threshold(scores.column(REASON).to_numpy(zero_copy_only=False)[in_scope], spec)
 
-    stats = [write_filtered_part(scored_dir / f"{p}.parquet", output_dir, spec, threshold)
-             for p in tqdm(parts, desc="write filtered shards", unit="shard", disable=not progress)]
+    # One Ray task per part, so the write pass spreads over the cluster like the scoring pass.
+    write = ray.remote(num_cpus=1)(write_filtered_part)
+    pending = {write.remote(scored_dir / f"{p}.parquet", output_dir, spec, threshold): p for p in parts}
+    by_part = {}
+    with tqdm(total=len(parts), desc="write filtered shards", unit="shard", disable=not progress) as bar:
+        while pending:
+            (done,), _ = ray.wait(list(pending))
+            by_part[pending.pop(done)] = ray.get(done)
+            bar.update(1)
+    stats = [by_part[p] for p in parts]
     scores = scores.append_column("in_scope", pa.array(in_scope))
     pq.write_table(scores, output_dir / "_scores.parquet")
     manifest = _manifest(source_dir, source_manifest, spec, threshold, stats, scores, time.perf_counter() - started)
