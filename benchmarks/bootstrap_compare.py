@@ -1,12 +1,13 @@
-"""The DataComp-style bootstrap loop, read back: how well did the filter find the wrong captions, and does the
+r"""The DataComp-style bootstrap loop, read back: how well did the filter find the wrong captions, and does the
 model trained on the filtered pool (B) evaluate better than the one trained on the raw pool (A)?
 
     make bootstrap                                            # salted 30%, keep 70% (the defaults)
     python benchmarks/bootstrap_compare.py data/workflow/emoji_salted
 
-    make bootstrap ARGS="work_dir=data/workflow/salted50 \\
-        'data_overrides=[\"data.mismatch.fraction=0.5\",\"data.output_dir=data/shards/emoji_salted50\"]' \\
-        'overrides.clip_filter=[\"filter.keep_fraction=0.5\"]'"
+    make bootstrap ARGS="work_dir=data/workflow/salted50 \
+        'data_overrides=[\"data.mismatch.fraction=0.5\",\"data.output_dir=data/shards/emoji_salted50\"]' \
+        'overrides.clip_filter=[\"filter.keep_fraction=0.5\"]' \
+        'overrides.pretrain=[\"trainer.samples=25600\"]' 'overrides.pretrain_filtered=[\"trainer.samples=25600\"]'"
     python benchmarks/bootstrap_compare.py data/workflow/salted50
 
 Reads a workflow directory's state.json (pipelines/end_to_end.py): the clip_filter stage's manifest and
