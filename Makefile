@@ -69,6 +69,7 @@ bench: setup
 	$(PY) benchmarks/ingest_throughput.py
 	$(PY) benchmarks/dedup_scale.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/clippo_patch_size.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db

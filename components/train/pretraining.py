@@ -148,7 +148,8 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
                        text: TextConfig) -> ray.data.Dataset:
     """The training rows of the shards (data.train_where), augmented and tokenised/rendered, in enough passes for
     the whole run."""
-    augment = AugmentConfig(scale=tuple(trainer_cfg.augment.scale), hflip=trainer_cfg.augment.hflip)
+    augment = None if trainer_cfg.augment is None else AugmentConfig(scale=tuple(trainer_cfg.augment.scale),
+                                                                     hflip=trainer_cfg.augment.hflip)
     spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
     # Enough passes for the whole run in one stream (+1: data.train_where keeps only part of the kept rows).
     kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"]
