@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.train_throughput import ingest  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
 
 OUT = "benchmarks/results/clippo_patch_size.json"
 
@@ -126,10 +126,7 @@ def main() -> None:
         print(f"{patch_size:>5} {last['loss']:6.3f} {last['heldout_R5']:12.3f} {last['chance_R5']:6.3f} "
               f"{last['train_R5_of_256']:9.3f} {last['caption_cosine']:11.3f} "
               f"{last['seconds'] / (last['step'] + 1):6.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.report import write_results  # noqa: E402
 from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
@@ -315,10 +316,7 @@ def main() -> None:
     cost = results["bucket_cost"]
     print(f"in-process kernel, {cost['rows']} rows in one bucket: records {cost['records_us_per_row']} us/row, "
           f"bucket dedup {cost['bucket_us_per_row']} us/row")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"results: {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from components.data.emoji_corpus import build_corpus, load_corpus  # noqa: E402
 from components.data.loopback_server import LoopbackServer  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
 from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
@@ -348,10 +349,7 @@ def main() -> None:
         for n, r in memory.items():
             print(f"{str(n) + ' URLs':14} {r['wall_s']:7.1f} {r['rows_per_s']:7.1f} {r['peak_rss_mib']:12.0f} "
                   f"{r['peak_rss_private_mib']:10.0f} {r['peak_pss_mib']:8.0f} {r['peak_largest_process_rss_mib']:16.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nresults: {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import shutil
@@ -33,6 +32,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.report import write_results  # noqa: E402
 from benchmarks.sampling import PeriodicSampler  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
@@ -197,10 +197,7 @@ def main() -> None:
         results["memory_ratio_zero3_vs_zero0"] = round(zero3 / zero0, 3)
         print(f"\n{MEMORY_PRESET} preset ({results['memory_zero0']['parameters'] / 1e6:.0f}M parameters), 2 workers, "
               f"peak RSS per worker: ZeRO-0 {zero0} MiB, ZeRO-3 {zero3} MiB ({zero3 / zero0:.2f}x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
