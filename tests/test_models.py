@@ -138,6 +138,13 @@ def test_unifont_rendering_draws_text_and_wraps():
     assert (images[2, 48:, :, 0] < 128).any()  # a long caption wraps down to the last line
 
 
+def test_clippo_patches_cover_a_unifont_line_unless_overridden():
+    # The tiny preset's 8 px patches would cut each 16 px line of rendered text in two (BENCHMARKS.md).
+    assert build_model("clippo", "tiny").vision.config.patch_size == 16
+    assert build_model("clippo", "tiny", patch_size=8).vision.config.patch_size == 8
+    assert build_model("clippo", "small").vision.config.patch_size == 16
+
+
 def test_bad_model_configs_fail_with_clear_errors(tokenizer):
     with pytest.raises(ValueError, match="unknown model family"):
         build_model("clap")
