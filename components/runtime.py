@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -12,6 +14,10 @@ import ray
 from hydra.utils import to_absolute_path
 
 from components import QUIET_ENV
+
+# A pipeline process ends with a garbage collection over every object torch, Ray and MLflow created: seconds on a
+# small machine, freeing nothing the exit would not. Frozen objects are left out of it.
+atexit.register(gc.freeze)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

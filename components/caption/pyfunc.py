@@ -52,6 +52,8 @@ def log_caption_model(clip_dir: Path, captioner_dir: Path, registered_name: str 
     import components
     from mlflow.models import infer_signature
 
+    from components.tracking.pyfunc import serving_requirements
+
     # The decoding settings are the signature's params: predict(..., params={"method": "greedy"}) overrides them.
     signature = infer_signature(pd.DataFrame({"image": [b""]}), pd.DataFrame({"caption": [""]}), params=settings)
     return mlflow.pyfunc.log_model(
@@ -61,5 +63,6 @@ def log_caption_model(clip_dir: Path, captioner_dir: Path, registered_name: str 
         model_config=settings,
         signature=signature,
         code_paths=[str(Path(components.__file__).parent)],
+        pip_requirements=serving_requirements(),
         registered_model_name=registered_name,
     )

@@ -13,6 +13,17 @@ import numpy as np
 import pandas as pd
 
 MODEL_ARTIFACT = "model_dir"
+# What a logged model needs at predict time (the package itself travels as code_paths).
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas", "cloudpickle")
+
+
+def serving_requirements() -> list[str]:
+    """SERVING_PACKAGES pinned to the versions that trained the model. Given explicitly because MLflow's own
+    inference loads the model in a subprocess (~15 s per logged model) and lists this package, which is not on
+    PyPI."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVING_PACKAGES]
 
 
 class EmbeddingModel(mlflow.pyfunc.PythonModel):
@@ -58,5 +69,6 @@ def log_embedding_model(export_dir: Path, registered_name: str | None):
         python_model=EmbeddingModel(),
         artifacts={MODEL_ARTIFACT: str(export_dir)},
         code_paths=[str(Path(components.__file__).parent)],
+        pip_requirements=serving_requirements(),
         registered_model_name=registered_name,
     )
