@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
@@ -131,19 +132,31 @@ def test_killed_worker_resumes_from_checkpoint_without_resetting_the_step(emoji_
                          "trainer.log_every=2", "eval_samples=64")
     process = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "pretrain_clip.py"), *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
+        # Kill once step 14 is logged: the step-10 checkpoint is then written and registered, and steps remain.
+        # (Killing right after the checkpoint directory appears could land inside its report on a slow machine,
+        # leaving nothing to resume from.)
         deadline = time.monotonic() + 600
-        while not list((tmp_path / "ray").glob("*/checkpoint_*")):
-            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.5)
-        time.sleep(3)  # past the checkpoint, into the next steps
+        while not any(int(step) >= 14 for step in re.findall(r"\[train\] step (\d+)/20", "".join(lines))):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
         victims = _train_workers()
         assert victims, "no Ray Train worker process found"
         os.kill(victims[-1].pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=900)
+        process.wait(timeout=900)
+        reader.join(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+    output = "".join(lines)
     assert process.returncode == 0, output[-3000:]
     resumed = re.search(r"resumed from step (\d+)", output)
     assert resumed and int(resumed.group(1)) in (10, 20), output[-3000:]

@@ -1,6 +1,9 @@
-"""`ray job submit` against a real Ray head, as README's "Cluster use" documents it: start a head, submit
-pipelines/pretrain_clip.py and then pipelines/end_to_end.py with the repository as working dir, wait for
-SUCCEEDED, read the MLflow runs and the registered models, stop the head."""
+"""Cluster use as README documents it: a real Ray head (`ray start --head`) and a real MLflow server (as `make
+mlflow-ui` runs it, artifacts proxied). `ray job submit` of pipelines/pretrain_clip.py and then of
+pipelines/end_to_end.py (ingest -> pretrain -> evaluate), both logging to the server over HTTP; wait for
+SUCCEEDED, read the runs and the registered versions, open the UI in headless Chromium (the experiment, the
+stage runs nested under their parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop
+the head."""
 
 from __future__ import annotations
 
@@ -20,6 +23,51 @@ from tests.conftest import SHARD_CONCEPTS
 from tests.helpers import REPO, free_port, pretrain_args, wait_for_http
 
 pytestmark = pytest.mark.slow
+
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # Its log goes to a file: an unread pipe fills with access-log lines and then blocks the server mid-request.
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", server, f"mlflow server (log: {tmp_path / 'server.log'})")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def browser() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        raise AssertionError("headless Chromium is missing: `make setup` installs the Debian package chromium")
+    return found
+
+
+def rendered(url: str, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran (the UI is a single-page app that fetches from the server)."""
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=25000",
+             "--window-size=1600,1000"]
+    if screenshot is not None:
+        subprocess.run([browser(), *flags, f"--screenshot={screenshot}", url], check=True, capture_output=True,
+                       timeout=180)
+    done = subprocess.run([browser(), *flags, "--dump-dom", url], check=True, capture_output=True, text=True,
+                          timeout=180)
+    return done.stdout
+
 
 HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
@@ -75,31 +123,47 @@ def submit(head: str, tracking_uri: str, script: str, args: list[str]) -> str:
     return job_id
 
 
-def test_ray_job_submit_trains_and_registers_through_a_real_head(ray_head, emoji_shards, tmp_path):
+def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflow_server, emoji_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    submit(ray_head, tracking_uri, "pretrain_clip.py", pretrain_args(emoji_shards, tmp_path, "trainer.samples=640"))
-    client = MlflowClient(tracking_uri=tracking_uri)
+    submit(ray_head, mlflow_server, "pretrain_clip.py", pretrain_args(emoji_shards, tmp_path, "trainer.samples=640"))
+    client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("clipforge")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
     assert run.info.status == "FINISHED" and run.data.metrics["samples_seen"] >= 640 and "loss" in run.data.metrics
     (version,) = client.search_model_versions("name = 'clipforge-clip'")
     assert version.run_id == run.info.run_id
     assert (tmp_path / "model" / "model.safetensors").is_file()  # the export, written by the job's driver
+    # The model's artifacts went through the server's artifact proxy into its artifact store.
+    assert list((tmp_path / "artifacts").rglob("model.safetensors"))
 
-    # The chained workflow as a job: its stages run on the head's cluster and nest under one parent run.
+    # The chained workflow as a job: its stages run on the head's cluster and nest under one parent run; the
+    # evaluation reads the new version back from the server's registry.
     work_dir, corpus = tmp_path / "workflow", emoji_shards.parent / "corpus"
-    pretrain_overrides = ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={tmp_path / 'tok'}",
-                          f"trainer.storage_path={tmp_path / 'ray'}"]
-    submit(ray_head, tracking_uri, "end_to_end.py", [
-        "stages=[ingest,pretrain]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
+    stage_overrides = {"pretrain": ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={tmp_path / 'tok'}",
+                                    f"trainer.storage_path={tmp_path / 'ray'}"],
+                       "evaluate": ["tasks=[retrieval]"]}
+    submit(ray_head, mlflow_server, "end_to_end.py", [
+        "stages=[ingest,pretrain,evaluate]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
         # The session's shards as they were ingested: the ingest stage finds them finished.
         f'data_overrides=["data.output_dir={emoji_shards}","data.corpus_dir={corpus}","data.limit={SHARD_CONCEPTS}"]',
-        "overrides.pretrain=[" + ",".join(f'"{o}"' for o in pretrain_overrides) + "]",
+        *[f"overrides.{stage}=[" + ",".join(f'"{o}"' for o in values) + "]" for stage, values in stage_overrides.items()],
         f"hydra.run.dir={tmp_path / 'hydra'}"])
     state = json.loads((work_dir / "state.json").read_text())
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-clip/2"
+    assert state["evaluate"]["outputs"]["metrics"]["zeroshot_retrieval.image_to_text_R5"] >= 0
     (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'end-to-end'")
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["stage"] for r in children) == ["ingest", "pretrain"]
+    children = {r.data.tags["stage"]: r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert sorted(children) == ["evaluate", "ingest", "pretrain"]
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    runs_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs",
+                         screenshot=ARTIFACTS / "mlflow-ui-runs.png")
+    assert "clipforge" in runs_page and run.info.run_name in runs_page and parent.info.run_name in runs_page
+    child_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/"
+                          f"{children['evaluate'].info.run_id}")
+    assert "Parent run" in child_page and parent.info.run_name in child_page
+    models_page = rendered(f"{mlflow_server}/#/models/clipforge-clip", screenshot=ARTIFACTS / "mlflow-ui-model.png")
+    assert "Version 1" in models_page and "Version 2" in models_page
+    assert (ARTIFACTS / "mlflow-ui-runs.png").stat().st_size > 10_000
