@@ -84,35 +84,22 @@ def test_filip_learns_with_token_wise_similarity(emoji_shards, tmp_path):
     assert_learned("filip", min_ratio=2.0)
 
 
-def test_zero_stages_0_and_3_in_bf16_clippo_and_siglip_train_and_export(emoji_shards, tmp_path):
-    """ZeRO-0: CLIPPO end to end (no tokenizer). ZeRO-3: CLIP with SigLIP (its bias is one more partitioned
-    parameter) and zero-shot evaluation inside the loop (every rank takes part in the forward passes that
-    gather the weights). Both in bf16, 4 steps each."""
+def test_zero0_bf16_clippo_trains_exports_and_evaluates(emoji_shards, tmp_path):
+    """CLIPPO end to end (no tokenizer) under ZeRO-0 in bf16, 4 steps. (ZeRO-3 runs in tests/test_ray_job.py,
+    ZeRO-2 everywhere else.)"""
     from components.models.factory import load_model
 
-    runs = {0: ("clippo", "infonce"), 3: ("clip", "siglip")}
-    for stage, (family, loss) in runs.items():
-        work = tmp_path / f"zero{stage}"
-        work.mkdir()
-        run_pipeline(pretrain_args(emoji_shards, work, f"model={family}", f"deepspeed=zero{stage}",
-                                   "deepspeed.bf16.enabled=true", f"loss.kind={loss}",
-                                   f"periodic_eval.every={2 if stage == 3 else 0}", "periodic_eval.rows=64",
-                                   "trainer.samples=256", "trainer.global_batch=64", "trainer.log_every=1",
-                                   "eval_samples=64", f"mlflow.run_name=zero{stage}"), work, "pretrain_clip", timeout=900)
-        model = load_model(work / "model")
-        assert model.family == family and model.num_parameters() > 500_000
-        assert (model.logit_bias is not None) == (loss == "siglip")
-        assert (work / "model" / "tokenizer.json").exists() == (family != "clippo")  # CLIPPO reads rendered text
-    client = MlflowClient()
-    for stage, (_, loss) in runs.items():
-        run = client.search_runs([mlflow.get_experiment_by_name("clipforge").experiment_id],
-                                 f"attributes.run_name = 'zero{stage}'")[0]
-        curve = loss_curve(client, run)
-        assert [step for step, _ in curve] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in curve)
-        assert ("logit_bias" in run.data.metrics) == (loss == "siglip")
-        evaluated = client.get_metric_history(run.info.run_id, "eval.zeroshot_classification.acc5")
-        assert sorted(m.step for m in evaluated) == ([2, 4] if stage == 3 else [])
-        assert all(0 <= m.value <= 1 for m in evaluated)
+    work = tmp_path / "zero0"
+    work.mkdir()
+    run_pipeline(pretrain_args(emoji_shards, work, "model=clippo", "deepspeed=zero0", "deepspeed.bf16.enabled=true",
+                               "trainer.samples=256", "trainer.global_batch=64", "trainer.log_every=1",
+                               "eval_samples=64"), work, "pretrain_clip", timeout=900)
+    model = load_model(work / "model")
+    assert model.family == "clippo" and model.num_parameters() > 500_000
+    assert not (work / "model" / "tokenizer.json").exists()  # CLIPPO reads rendered text
+    client, run = finished_run("clippo")
+    curve = loss_curve(client, run)
+    assert [step for step, _ in curve] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in curve)
 
     # The evaluation stage takes CLIPPO through the same interface (rendered text; no token maps to draw).
     out = run_pipeline([f"model={tmp_path / 'zero0' / 'model'}", "data=emoji_local", f"data.output_dir={emoji_shards}",

@@ -8,6 +8,7 @@ the head."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -126,14 +127,28 @@ def submit(head: str, tracking_uri: str, script: str, args: list[str]) -> str:
 def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflow_server, emoji_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    submit(ray_head, mlflow_server, "pretrain_clip.py", pretrain_args(emoji_shards, tmp_path, "trainer.samples=640"))
+    from components.models.factory import load_model
+
+    # ZeRO-3 in bf16 with the SigLIP loss (its bias is one more partitioned parameter) and zero-shot evaluation
+    # inside the loop (every rank takes part in the forward passes that gather the weights): 4 steps.
+    submit(ray_head, mlflow_server, "pretrain_clip.py", pretrain_args(
+        emoji_shards, tmp_path, "deepspeed=zero3", "deepspeed.bf16.enabled=true", "loss.kind=siglip",
+        "periodic_eval.every=2", "periodic_eval.rows=64", "trainer.samples=256", "trainer.global_batch=64",
+        "trainer.log_every=1", "eval_samples=64"))
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("clipforge")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
-    assert run.info.status == "FINISHED" and run.data.metrics["samples_seen"] >= 640 and "loss" in run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.metrics["samples_seen"] == 256
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [step for step, _ in curve] == [1, 2, 3, 4] and all(math.isfinite(v) for _, v in curve)
+    assert "logit_bias" in run.data.metrics
+    evaluated = client.get_metric_history(run.info.run_id, "eval.zeroshot_classification.acc5")
+    assert sorted(m.step for m in evaluated) == [2, 4] and all(0 <= m.value <= 1 for m in evaluated)
     (version,) = client.search_model_versions("name = 'clipforge-clip'")
     assert version.run_id == run.info.run_id
-    assert (tmp_path / "model" / "model.safetensors").is_file()  # the export, written by the job's driver
+    # The export, written by the job's driver from the partitioned checkpoint.
+    model = load_model(tmp_path / "model")
+    assert model.family == "clip" and model.logit_bias is not None and model.num_parameters() > 500_000
     # The model's artifacts went through the server's artifact proxy into its artifact store.
     assert list((tmp_path / "artifacts").rglob("model.safetensors"))
 
