@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -43,6 +44,33 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, timeout: float
             output = process.stdout.read() if process.stdout and process.poll() is not None else ""
             raise AssertionError(f"{what} did not come up at {url}:\n{output[-3000:]}")
         time.sleep(2)
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], health_url: str, what: str, log_path: Path,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A server in its own process group, up once `health_url` answers 200; on exit its group gets SIGTERM, then
+    SIGKILL if it lingers. Its output goes to `log_path`: an unread pipe fills up and then blocks the server."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            try:
+                wait_for_http(health_url, process, what)
+            except AssertionError as error:
+                raise AssertionError(f"{error}{Path(log_path).read_text()[-3000:]}") from None
+            yield process
+        finally:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has exited already
+        os.killpg(process.pid, signum)
 
 
 def read_shards(shard_dir: Path) -> list[dict]:

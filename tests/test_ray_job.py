@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARD_CONCEPTS
-from tests.helpers import REPO, free_port, pretrain_args, wait_for_http
+from tests.helpers import REPO, free_port, pretrain_args, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +33,9 @@ def mlflow_server(tmp_path):
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # Its log goes to a file: an unread pipe fills with access-log lines and then blocks the server mid-request.
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", server, f"mlflow server (log: {tmp_path / 'server.log'})")
+    with server_process(command, f"{url}/health", "mlflow server", tmp_path / "server.log"):
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 def browser() -> str:
@@ -87,19 +74,13 @@ def ray_head():
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
                "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "4", "--temp-dir", temp_dir,
                "--disable-usage-stats", *[f"--{name}={port}" for name, port in ports.items()]]
-    head = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        wait_for_http(f"{url}/", head, "the Ray head")  # its /api/ routes answer 401 without the auth token
-        yield url
+        # Its /api/ routes answer 401 without the auth token; / does not.
+        with server_process(command, f"{url}/", "the Ray head", Path(temp_dir) / "head.log", env=env):
+            yield url
     finally:
         # `ray stop` would also stop the test session's own Ray: end exactly this head's processes.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
         for process in psutil.process_iter(["cmdline"]):
             if any(temp_dir in part for part in process.info["cmdline"] or []):
                 process.kill()
