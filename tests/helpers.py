@@ -48,9 +48,9 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, timeout: float
 
 @contextlib.contextmanager
 def server_process(command: list[str], health_url: str, what: str, log_path: Path,
-                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+                   env: dict[str, str] | None = None, grace_s: float = 30) -> Iterator[subprocess.Popen]:
     """A server in its own process group, up once `health_url` answers 200; on exit its group gets SIGTERM, then
-    SIGKILL if it lingers. Its output goes to `log_path`: an unread pipe fills up and then blocks the server."""
+    SIGKILL after `grace_s`. Its output goes to `log_path`: an unread pipe fills up and then blocks the server."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -62,7 +62,7 @@ def server_process(command: list[str], health_url: str, what: str, log_path: Pat
         finally:
             _signal_group(process, signal.SIGTERM)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()

@@ -1,6 +1,6 @@
 """Cluster use as README documents it: a real Ray head (`ray start --head`) and a real MLflow server (as `make
 mlflow-ui` runs it, artifacts proxied). `ray job submit` of pipelines/pretrain_clip.py and then of
-pipelines/end_to_end.py (ingest -> pretrain -> evaluate), both logging to the server over HTTP; wait for
+pipelines/end_to_end.py (ingest -> pretrain), both logging to the server over HTTP; wait for
 SUCCEEDED, read the runs and the registered versions, open the UI in headless Chromium (the experiment, the
 stage runs nested under their parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop
 the head."""
@@ -77,7 +77,8 @@ def ray_head():
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         # Its /api/ routes answer 401 without the auth token; / does not.
-        with server_process(command, f"{url}/", "the Ray head", Path(temp_dir) / "head.log", env=env):
+        # A test head needs no orderly shutdown (it takes ~20 s): SIGKILL follows the SIGTERM at once.
+        with server_process(command, f"{url}/", "the Ray head", Path(temp_dir) / "head.log", env=env, grace_s=1):
             yield url
     finally:
         # `ray stop` would also stop the test session's own Ray: end exactly this head's processes.
@@ -133,32 +134,29 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflo
     # The model's artifacts went through the server's artifact proxy into its artifact store.
     assert list((tmp_path / "artifacts").rglob("model.safetensors"))
 
-    # The chained workflow as a job: its stages run on the head's cluster and nest under one parent run; the
-    # evaluation reads the new version back from the server's registry.
+    # The chained workflow as a job: its stages run on the head's cluster and nest under one parent run.
     work_dir, corpus = tmp_path / "workflow", emoji_shards.parent / "corpus"
     stage_overrides = {"pretrain": ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={tmp_path / 'tok'}",
-                                    f"trainer.storage_path={tmp_path / 'ray'}"],
-                       "evaluate": ["tasks=[retrieval]"]}
+                                    f"trainer.storage_path={tmp_path / 'ray'}"]}
     submit(ray_head, mlflow_server, "end_to_end.py", [
-        "stages=[ingest,pretrain,evaluate]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
+        "stages=[ingest,pretrain]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
         # The session's shards as they were ingested: the ingest stage finds them finished.
         f'data_overrides=["data.output_dir={emoji_shards}","data.corpus_dir={corpus}","data.limit={SHARD_CONCEPTS}"]',
         *[f"overrides.{stage}=[" + ",".join(f'"{o}"' for o in values) + "]" for stage, values in stage_overrides.items()],
         f"hydra.run.dir={tmp_path / 'hydra'}"])
     state = json.loads((work_dir / "state.json").read_text())
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-clip/2"
-    assert state["evaluate"]["outputs"]["metrics"]["zeroshot_retrieval.image_to_text_R5"] >= 0
     (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'end-to-end'")
     children = {r.data.tags["stage"]: r for r in client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert sorted(children) == ["evaluate", "ingest", "pretrain"]
+    assert sorted(children) == ["ingest", "pretrain"]
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     runs_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs",
                          screenshot=ARTIFACTS / "mlflow-ui-runs.png")
     assert "clipforge" in runs_page and run.info.run_name in runs_page and parent.info.run_name in runs_page
     child_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/"
-                          f"{children['evaluate'].info.run_id}")
+                          f"{children['pretrain'].info.run_id}")
     assert "Parent run" in child_page and parent.info.run_name in child_page
     models_page = rendered(f"{mlflow_server}/#/models/clipforge-clip", screenshot=ARTIFACTS / "mlflow-ui-model.png")
     assert "Version 1" in models_page and "Version 2" in models_page
