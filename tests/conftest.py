@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray for the session, a small built-in corpus, its shards, one trained CLIP."""
+"""Shared fixtures: one local Ray for the session, a small built-in corpus, and the end-to-end chain whose
+stages' outputs (shards, CLIP, AltCLIP, ClipCap) the slow tests read."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ import pytest
 import ray
 
 from components.data.emoji_corpus import build_corpus
-from tests.helpers import REPO, pretrain_args
+from tests.helpers import REPO
 
 CORPUS_LIMIT = 40  # concepts -> 80 images (two art styles)
 SHARD_CONCEPTS = 900  # of ~1870: ~1440 training images, ~360 held-out images (~180 captions)
@@ -43,36 +46,105 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+# The chain's stage settings: each stage long enough for the tests that read its outputs (test_pretrain,
+# test_evaluate, test_clip_filter read the CLIP; test_altclip the AltCLIP; test_clipcap the captioner).
+ALTCLIP_STAGE1_SAMPLES = 60_000  # Japanese-vs-10 at 40k was 0.159 against the 0.146 bar: too thin
+ALTCLIP_STAGE2_SAMPLES = 3_840
+# 200 steps over 1,309 training images: measured 0.99 of training captions exact after 250 steps, 0.08 after
+# 150 (memorisation comes late and fast).
+CLIPCAP_SAMPLES = 25_600
+CLIPCAP_LM_SAMPLES = 6_400
+
+
+def clipcap_settings(work: Path) -> list[str]:
+    """train_clipcap.py overrides the chain's clipcap stage and test_clipcap's sweep share, so that the sweep
+    finds the chain's decoder LM pretraining in its cache (keyed by these settings)."""
+    return [f"work_dir={work / 'clipcap'}", f"tokenizer.save_dir={work / 'tokenizers'}",
+            f"trainer.storage_path={work / 'ray'}", f"lm.trainer.samples={CLIPCAP_LM_SAMPLES}"]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """pipelines/end_to_end.py run twice in `work` on the built-in corpus (SHARD_CONCEPTS concepts)."""
+    work: Path  # the runs' working directory: corpus/, shards/, data/workflow/..., the live store mlflow.db
+    first: str  # stdout of the first run (every stage ran)
+    second: str  # stdout of the second run (every stage skipped)
+    state: dict  # state.json after the first run
+    snapshot: Path  # the MLflow store as the first run left it (the second run adds its "unchanged" runs)
+
+    @property
+    def shards(self) -> Path:
+        return Path(self.state["ingest"]["outputs"]["shards"])
+
+    def output_dir(self, stage: str) -> Path:
+        """A stage's output directory (named by its cache key)."""
+        return self.work / "data" / "workflow" / "emoji_local" / stage / self.state[stage]["key"]
+
+    def store_copy(self, work: Path) -> str:
+        """A copy of the snapshot store in `work` (registry included); returns its URI. Artifact locations are
+        absolute, so the copy reads the chain's artifacts."""
+        shutil.copy(self.snapshot, work / "mlflow.db")
+        return f"sqlite:///{work / 'mlflow.db'}"
+
+
+def run_end_to_end(work: Path, *args: str, timeout: float) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "end_to_end.py"), *args,
+                           f"hydra.run.dir={work / 'hydra'}"], cwd=work,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"},
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"end_to_end failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def listed(values: list[str]) -> str:
+    """A Hydra list override's value with every item quoted (paths hold characters Hydra would parse)."""
+    return "[" + ",".join(f'"{value}"' for value in values) + "]"
+
+
 @pytest.fixture(scope="session")
-def emoji_shards(tmp_path_factory) -> Path:
-    """The built-in corpus (local bytes, no HTTP: the download path has its own tests), ingested once."""
-    work = tmp_path_factory.mktemp("emoji_shards")
-    out = work / "shards"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
-                    f"data.corpus_dir={work / 'corpus'}", f"data.limit={SHARD_CONCEPTS}", f"data.output_dir={out}",
-                    "progress=false", f"hydra.run.dir={work / 'hydra'}"], check=True, cwd=work, env=env,
-                   capture_output=True, timeout=600)
-    return out
+def chain(tmp_path_factory) -> Chain:
+    """The whole chain once per session, as users run it (ingest -> pretrain -> evaluate -> AltCLIP -> ClipCap ->
+    caption), then again (every stage skipped). Its stages' outputs are the trained models the other tests read:
+    one chain instead of a pipeline run per model."""
+    work = tmp_path_factory.mktemp("chain")
+    overrides = {
+        "pretrain": [f"trainer.samples={TRAINED_SAMPLES}"],
+        "evaluate": ["tasks=[retrieval,zeroshot_classification]"],
+        "altclip": [f"stage1.trainer.samples={ALTCLIP_STAGE1_SAMPLES}",
+                    f"stage2.trainer.samples={ALTCLIP_STAGE2_SAMPLES}"],
+        "clipcap": [*clipcap_settings(work), f"caption.trainer.samples={CLIPCAP_SAMPLES}", "eval_samples=300",
+                    "memorise_samples=200"],
+    }
+    data = [f"data.corpus_dir={work / 'corpus'}", f"data.output_dir={work / 'shards'}", f"data.limit={SHARD_CONCEPTS}"]
+    args = ["corpus=emoji_local", f"data_overrides={listed(data)}", "progress=false",
+            *[f"overrides.{stage}={listed(values)}" for stage, values in overrides.items()]]
+    first = run_end_to_end(work, *args, timeout=3600)
+    state = json.loads((work / "data" / "workflow" / "emoji_local" / "state.json").read_text())
+    snapshot = work / "snapshot" / "mlflow.db"
+    snapshot.parent.mkdir()
+    shutil.copy(work / "mlflow.db", snapshot)
+    second = run_end_to_end(work, *args, timeout=600)
+    return Chain(work, first, second, state, snapshot)
+
+
+@pytest.fixture(scope="session")
+def emoji_shards(chain) -> Path:
+    """The built-in corpus (SHARD_CONCEPTS concepts, local bytes: the download path has its own tests) as the
+    chain's ingest stage wrote it; its corpus lies beside it in corpus/."""
+    return chain.shards
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    work: Path  # export in work/model, its MLflow store in work/mlflow.db
-    tracking_uri: str
-    output: str  # the pipeline's stdout
+    export: Path  # the exported model directory
+    tracking_uri: str  # an MLflow store whose registry holds it as clipforge-clip version 1
+    output: str  # the stdout of the pipeline that trained it
 
 
 @pytest.fixture(scope="session")
-def pretrained_clip(emoji_shards, tmp_path_factory) -> TrainedModel:
-    """A tiny CLIP trained by pipelines/pretrain_clip.py once per session (the pretraining and evaluation tests
-    both read it), registered as clipforge-clip in its own MLflow store."""
-    work = tmp_path_factory.mktemp("pretrained_clip")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "pretrain_clip.py"),
-                           *pretrain_args(emoji_shards, work, f"trainer.samples={TRAINED_SAMPLES}")],
-                          cwd=work, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode != 0:
-        raise AssertionError(f"pretraining failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return TrainedModel(work, uri, done.stdout)
+def pretrained_clip(chain, tmp_path_factory) -> TrainedModel:
+    """The chain's tiny CLIP (TRAINED_SAMPLES), with a copy of the chain's store that the pretraining, evaluation
+    and filter tests share."""
+    return TrainedModel(chain.output_dir("pretrain"), chain.store_copy(tmp_path_factory.mktemp("pretrained_clip")),
+                        chain.first)

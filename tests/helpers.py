@@ -132,12 +132,3 @@ def kill_when(args: list[str], condition: Callable[[], bool], cwd: Path, pipelin
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-
-
-def copy_store(trained_work: Path, work: Path) -> str:
-    """A copy of a trained model's sqlite MLflow store in `work` (its registry included); returns its URI.
-    Artifact locations are absolute, so the copy reads the original artifacts."""
-    import shutil
-
-    shutil.copy(trained_work / "mlflow.db", work / "mlflow.db")
-    return f"sqlite:///{work / 'mlflow.db'}"

@@ -1,6 +1,6 @@
-"""AltCLIP end to end, as users run it: pipelines/distill_altclip.py with the session's trained CLIP as teacher
-(from its MLflow registry), real Ray Train + DeepSpeed for both stages, then the registered model through
-pipelines/evaluate.py."""
+"""AltCLIP end to end, as users run it: the session chain's altclip stage (pipelines/distill_altclip.py with the
+chain's trained CLIP as teacher, from its MLflow registry; real Ray Train + DeepSpeed for both stages), then the
+registered model through pipelines/evaluate.py."""
 
 from __future__ import annotations
 
@@ -8,36 +8,31 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, copy_store
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE1_SAMPLES = 60_000
-STAGE2_SAMPLES = 3_840
+
+@dataclass(frozen=True)
+class AltclipRun:
+    work: Path  # this module's scratch directory
+    uri: str  # a copy of the chain's store
+    output: str  # the chain's stdout
+    teacher: Path  # the teacher's export
+    exports: Path  # the AltCLIP stage's export_dir: stage1/ and final/
 
 
 @pytest.fixture(scope="module")
-def altclip_run(pretrained_clip, emoji_shards, tmp_path_factory):
-    """The pipeline's run against a copy of the teacher's MLflow store (the registry holds clipforge-clip)."""
+def altclip_run(chain, pretrained_clip, tmp_path_factory) -> AltclipRun:
     work = tmp_path_factory.mktemp("altclip")
-    uri = copy_store(pretrained_clip.work, work)
-    args = ["teacher=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
-            f"data.corpus_dir={emoji_shards.parent / 'corpus'}", f"work_dir={work / 'altclip'}",
-            f"export_dir={work / 'models'}", f"tokenizer.save_dir={work / 'tokenizers'}",
-            f"trainer.storage_path={work / 'ray'}", f"stage1.trainer.samples={STAGE1_SAMPLES}",
-            f"stage2.trainer.samples={STAGE2_SAMPLES}", "progress=false", f"hydra.run.dir={work / 'hydra'}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill_altclip.py"), *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1500)
-    if done.returncode != 0:
-        raise AssertionError(f"altclip failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return work, uri, done.stdout, pretrained_clip.work / "model"
+    return AltclipRun(work, chain.store_copy(work), chain.first, pretrained_clip.export, chain.output_dir("altclip"))
 
 
 def runs_by_stage(client: MlflowClient) -> dict[str, object]:
@@ -47,10 +42,9 @@ def runs_by_stage(client: MlflowClient) -> dict[str, object]:
 
 
 def test_stage1_distils_the_teacher_into_a_multilingual_student(altclip_run):
-    work, uri, output, _ = altclip_run
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=altclip_run.uri)
     runs = runs_by_stage(client)
-    assert set(runs) == {"altclip", "altclip-distill", "altclip-contrastive"}, output
+    assert set(runs) == {"altclip", "altclip-distill", "altclip-contrastive"}, altclip_run.output
     parent = runs["altclip"].info.run_id
     assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in ("altclip-distill", "altclip-contrastive"))
     metrics = runs["altclip-distill"].data.metrics
@@ -72,8 +66,8 @@ def test_stage2_keeps_the_image_tower_bit_identical_and_registers_with_lineage(a
     from components.models.factory import load_model
     from components.train.trainer import consolidated_state_dict
 
-    work, uri, output, teacher_dir = altclip_run
-    teacher = image_tower_state(load_model(teacher_dir))
+    uri, output, exports = altclip_run.uri, altclip_run.output, altclip_run.exports
+    teacher = image_tower_state(load_model(altclip_run.teacher))
     client = MlflowClient(tracking_uri=uri)
     stage2 = runs_by_stage(client)["altclip-contrastive"]
     # What training itself holds (fp32 on CPU), not only the export: the optimizer never touched the image tower.
@@ -83,17 +77,17 @@ def test_stage2_keeps_the_image_tower_bit_identical_and_registers_with_lineage(a
         ("model.vision_model.", "model.visual_projection."))}
     assert trained.keys() == teacher.keys()
     assert all(torch.equal(trained[k].reshape(teacher[k].shape), teacher[k]) for k in teacher)
-    final = load_model(work / "models" / "final")
+    final = load_model(exports / "final")
     exported = image_tower_state(final)
     assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
     # ... while the text tower moved in stage 2.
-    stage1 = load_model(work / "models" / "stage1")
+    stage1 = load_model(exports / "stage1")
     name = "model.text_projection.weight"
     assert not torch.equal(stage1.state_dict()[name], final.state_dict()[name])
 
     from transformers import AltCLIPModel
 
-    AltCLIPModel.from_pretrained(work / "models" / "final")
+    AltCLIPModel.from_pretrained(exports / "final")
     versions = client.search_model_versions("name = 'clipforge-altclip'")
     assert len(versions) == 1
     tags = versions[0].tags
@@ -106,7 +100,7 @@ def test_stage2_keeps_the_image_tower_bit_identical_and_registers_with_lineage(a
 
 
 def test_registered_altclip_evaluates_through_the_evaluation_stage(altclip_run, emoji_shards):
-    work, uri, _, _ = altclip_run
+    work, uri = altclip_run.work, altclip_run.uri
     out = work / "evaluation"
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"),
                            "model=models:/clipforge-altclip/latest", "data=emoji_local",

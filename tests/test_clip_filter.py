@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from components.data.emoji_corpus import MISMATCH_COLUMN, Mismatch, _rows, _salted
 from components.data.model_filter import ScoreFilter, decide_threshold, removal_quality
 from tests.conftest import SHARD_CONCEPTS
-from tests.helpers import REPO, copy_store, read_shards, run_pipeline
+from tests.helpers import REPO, read_shards, run_pipeline
 
 
 def test_salting_moves_whole_caption_sets_between_training_rows_only(small_corpus):
@@ -56,12 +56,12 @@ def test_cut_keeps_the_top_fraction_or_the_threshold_and_scores_the_removal():
 
 
 @pytest.mark.slow
-def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(pretrained_clip, emoji_shards, tmp_path):
+def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(chain, emoji_shards, tmp_path):
     salted = tmp_path / "salted"
     run_pipeline(["data=emoji_local", f"data.corpus_dir={emoji_shards.parent / 'corpus'}",
                   f"data.limit={SHARD_CONCEPTS}", "data.mismatch.fraction=0.3", f"data.output_dir={salted}",
                   "progress=false", f"hydra.run.dir={tmp_path / 'hydra-ingest'}"], cwd=tmp_path)
-    uri = copy_store(pretrained_clip.work, tmp_path)
+    uri = chain.store_copy(tmp_path)  # its registry holds the chain's CLIP
     filtered = tmp_path / "filtered"
     args = ["model=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={salted}",
             "data.mismatch.fraction=0.3", f"output={filtered}", "filter.keep_fraction=0.7", "progress=false",

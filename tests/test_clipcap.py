@@ -1,63 +1,57 @@
-"""ClipCap end to end, as users run it: pipelines/train_clipcap.py on the session's trained CLIP (from its MLflow
-registry): decoder LM pretraining and captioning on real Ray Train + DeepSpeed, metrics against the
-nearest-neighbour baseline, and the registered pyfunc captioner."""
+"""ClipCap end to end, as users run it: the session chain's clipcap stage (pipelines/train_clipcap.py on the
+chain's CLIP, from its MLflow registry: decoder LM pretraining and captioning on real Ray Train + DeepSpeed, metrics
+against the nearest-neighbour baseline), the registered pyfunc captioner, pipelines/caption.py, and a sweep."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, copy_store
+from tests.conftest import clipcap_settings
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
 
-def train_clipcap(work, uri: str, emoji_shards, *overrides: str, multirun: bool = False
-                  ) -> subprocess.CompletedProcess:
-    """pipelines/train_clipcap.py on the session's CLIP and shards; LM pretraining as the first run did it."""
-    args = [*(["-m"] if multirun else []), "clip=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
-            f"work_dir={work / 'clipcap'}", f"tokenizer.save_dir={work / 'tok'}", f"trainer.storage_path={work / 'ray'}",
-            "lm.trainer.samples=6400", "progress=false", *overrides]
-    return subprocess.run([sys.executable, str(REPO / "pipelines" / "train_clipcap.py"), *args], cwd=work,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=1500)
+@dataclass(frozen=True)
+class ClipcapRun:
+    work: Path  # the chain's working directory (its clipcap stage's work_dir, tokenizers and checkpoints)
+    uri: str  # a copy of the chain's store
+    output: str  # the chain's stdout
+    exports: Path  # the clipcap stage's export_dir: <mapping>-prefix<N>/
 
 
 @pytest.fixture(scope="module")
-def clipcap_run(pretrained_clip, emoji_shards, tmp_path_factory):
-    work = tmp_path_factory.mktemp("clipcap")
-    uri = copy_store(pretrained_clip.work, work)
-    # 200 steps over 1,309 training images: measured 0.99 of training captions exact after 250 steps, 0.08 after
-    # 150 (memorisation comes late and fast).
-    done = train_clipcap(work, uri, emoji_shards, f"export_dir={work / 'models'}", "caption.trainer.samples=25600",
-                         "eval_samples=300", "memorise_samples=200", f"hydra.run.dir={work / 'hydra'}")
-    if done.returncode != 0:
-        raise AssertionError(f"clipcap failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return work, uri, done.stdout
+def clipcap_run(chain, tmp_path_factory) -> ClipcapRun:
+    """The chain's clipcap stage (CLIPCAP_SAMPLES on the chain's CLIP), read through a copy of its store."""
+    return ClipcapRun(chain.work, chain.store_copy(tmp_path_factory.mktemp("clipcap")), chain.first,
+                      chain.output_dir("clipcap"))
 
 
 def test_decoder_pretraining_lowers_heldout_perplexity_and_captions_are_scored(clipcap_run):
-    work, uri, output = clipcap_run
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=clipcap_run.uri)
     experiment = client.get_experiment_by_name("clipforge")
     runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id],
                                                                  "tags.stage LIKE 'clipcap%'")}
-    assert set(runs) == {"clipcap", "clipcap-lm", "clipcap-caption"}, output
+    assert set(runs) == {"clipcap", "clipcap-lm", "clipcap-caption"}, clipcap_run.output
     lm = runs["clipcap-lm"].data.metrics
     assert lm["heldout.perplexity"] < 0.5 * lm["heldout.perplexity_init"], lm
     metrics = runs["clipcap"].data.metrics
     # Memorisation: a clear majority of training images get their caption back exactly.
-    assert metrics["train.exact_match"] > 0.6, output
+    assert metrics["train.exact_match"] > 0.6, clipcap_run.output
     # Held out: the captioner against the nearest training caption, printed and in MLflow. Measured once
     # (250 steps): BLEU-1 0.163 vs 0.155, CIDEr 0.430 vs 0.286, BLEU-4 0.000 vs 0.049; reported, not asserted.
     for name in ("BLEU-1", "BLEU-4", "CIDEr"):
         assert f"heldout.{name}" in metrics and f"baseline.{name}" in metrics
     assert metrics["baseline.BLEU-1"] > 0  # neighbours share words with the references
-    assert "nearest-neighbour caption" in output
+    assert "nearest-neighbour caption" in clipcap_run.output
     artifacts = {a.path for a in client.list_artifacts(runs["clipcap"].info.run_id, "captions")}
     assert {"captions/heldout.csv", "captions/heldout_grid.png"} <= artifacts
 
@@ -71,14 +65,13 @@ def test_registered_captioner_round_trips_through_pyfunc(clipcap_run, emoji_shar
     from components.models.tokenizer import load_tokenizer
     from tests.helpers import read_shards
 
-    work, uri, _ = clipcap_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", clipcap_run.uri)
     samples = [s for s in read_shards(emoji_shards) if s["json"]["split"] == "test"][:6]
     images = [s["image"] for s in samples]
     loaded = mlflow.pyfunc.load_model("models:/clipforge-clipcap/latest")
     predicted = loaded.predict(pd.DataFrame({"image": images}))["caption"].tolist()
-    export = next(p for p in (work / "models").iterdir() if p.name.startswith("mlp-prefix"))
-    clip_dir = work / "clipcap" / "clip"
+    export = next(p for p in clipcap_run.exports.iterdir() if p.name.startswith("mlp-prefix"))
+    clip_dir = clipcap_run.work / "clipcap" / "clip"
     clip_export = next(p.parent for p in clip_dir.rglob("config.json") if (p.parent / "model.safetensors").is_file())
     direct = caption_images(load_model(clip_export), ClipCap.from_pretrained(export), load_tokenizer(export), images)
     assert predicted == direct and all(isinstance(c, str) for c in predicted)
@@ -89,14 +82,21 @@ def test_registered_captioner_round_trips_through_pyfunc(clipcap_run, emoji_shar
                                     images, **{**loaded.model_config, "method": "greedy"})
 
 
+def caption_run_ids(uri: str) -> set[str]:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("clipforge").experiment_id
+    return {run.info.run_id for run in client.search_runs([experiment], "tags.stage = 'caption'")}
+
+
 def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(clipcap_run, emoji_shards,
                                                                                tmp_path, monkeypatch):
     import pandas as pd
 
     from tests.helpers import read_shards
 
-    work, uri, _ = clipcap_run
+    uri = clipcap_run.uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    caption_runs = caption_run_ids(uri)  # the chain's caption stage
     samples = [s for s in read_shards(emoji_shards) if s["json"]["split"] == "test"][:4]
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
@@ -133,9 +133,9 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(c
     assert sorted(written.index) == sorted(s["key"] for s in samples)
     assert all(written.loc[s["key"], "reference"] == s["txt"] for s in samples)
     assert written["caption"].map(lambda c: isinstance(c, str)).all()
-    runs = MlflowClient(tracking_uri=uri).search_runs(
-        [mlflow.get_experiment_by_name("clipforge").experiment_id], "tags.stage = 'caption'")
-    assert sorted(r.data.metrics["failed"] for r in runs) == [0, 1]
+    client = MlflowClient(tracking_uri=uri)
+    ours = caption_run_ids(uri) - caption_runs
+    assert sorted(client.get_run(run_id).data.metrics["failed"] for run_id in ours) == [0, 1]
 
     # The same output twice is refused in one line, nothing overwritten.
     again = subprocess.run([sys.executable, str(REPO / "pipelines" / "caption.py"), f"data={table}",
@@ -144,12 +144,16 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(c
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("caption: output")
 
 
-def test_sweep_nests_its_runs_under_a_parent_with_a_summary_and_reuses_the_decoder(clipcap_run, emoji_shards):
-    work, uri, _ = clipcap_run
-    done = train_clipcap(work, uri, emoji_shards, "caption.prefix_length=1,2", "caption.trainer.samples=256",
-                         "eval_samples=16", "memorise_samples=8", f"export_dir={work / 'sweep-models'}",
-                         "registry.model_name=clipforge-clipcap-sweep", f"hydra.sweep.dir={work / 'sweep'}",
-                         multirun=True)
+def test_sweep_nests_its_runs_under_a_parent_with_a_summary_and_reuses_the_decoder(clipcap_run, emoji_shards,
+                                                                                   tmp_path):
+    uri, work = clipcap_run.uri, tmp_path
+    # The chain's clipcap settings (work_dir, tokenizers, LM pretraining): the decoder LM comes from its cache.
+    args = ["-m", "clip=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={emoji_shards}",
+            *clipcap_settings(clipcap_run.work), "progress=false", "caption.prefix_length=1,2",
+            "caption.trainer.samples=256", "eval_samples=16", "memorise_samples=8", f"export_dir={work / 'models'}",
+            "registry.model_name=clipforge-clipcap-sweep", f"hydra.sweep.dir={work / 'sweep'}"]
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "train_clipcap.py"), *args], cwd=work,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("decoder LM cached in") == 2  # pretrained once, by the first run
     client = MlflowClient(tracking_uri=uri)

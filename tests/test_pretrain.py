@@ -58,7 +58,7 @@ def test_clip_learns_exports_for_transformers_and_registers(pretrained_clip, mon
     from components.models.factory import load_model
     from components.models.inference import embed_texts
 
-    export = pretrained_clip.work / "model"
+    export = pretrained_clip.export
     plain, tokenizer = CLIPModel.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
     ours = load_model(export)
     captions = ["grinning face", "red apple", "flag: japan"]
