@@ -2,14 +2,17 @@
 
     python benchmarks/train_throughput.py                     # tiny CLIP, batch 128; ZeRO-0 vs ZeRO-3 on `base`
     python benchmarks/train_throughput.py --samples 12800 --skip-memory
+    python benchmarks/train_throughput.py --skip-throughput
 
 (a) plain: one process, the same model, batch and optimizer, images and token ids already in memory (decoded
     once from the same shards), fp32, torch threads = all cores: the ceiling for this machine.
 (b) ours, 1 Ray Train worker and (c) 2 workers: `pipelines/pretrain_clip.py` as users run it (Ray Data
     decoding/augmenting/tokenising on the same machine, DeepSpeed ZeRO-2, fp32 on CPU). Rates are the
     samples/s and data-wait fraction the loop logs to MLflow, median over log windows after the first.
-Memory: ZeRO-0 vs ZeRO-3 with the `base` preset (>= 100M parameters) at 2 workers, a few steps each; the peak
-    RSS of each Ray Train worker process is sampled with psutil.
+Memory: ZeRO-0 vs ZeRO-3 with the `base` preset (>= 100M parameters) at 2 workers, a few steps each: the peak
+    RSS of each Ray Train worker process (sampled with psutil), and what training itself took in rank 0's worker:
+    its peak RSS minus its RSS when the loop started (imports, Ray, the data client), as the loop logs them
+    (memory.peak_rss_mib, memory.start_rss_mib). On a GPU the latter is what device memory would show.
 All contenders run in this one invocation, one after the other, on an otherwise idle machine.
 """
 
@@ -145,6 +148,8 @@ def pipeline_run(shards: Path, work: Path, name: str, env: dict, args: list[str]
             "data_wait_fraction": round(sum(w * t for w, t in zip(waits, seconds)) / sum(seconds), 3) if rates else None,
             "train_seconds": round(run.data.metrics.get("train_seconds", 0), 1), "wall_s": round(wall, 1),
             "parameters": int(run.data.metrics["model.parameters"]),
+            "rank0_training_memory_mib": round(run.data.metrics["memory.peak_rss_mib"]
+                                               - run.data.metrics["memory.start_rss_mib"]),
             "peak_worker_rss_mib": sorted(round(v / 2**20) for v in sampler.peak.values())}
 
 
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -167,13 +173,14 @@ def main() -> None:
         shards = ingest(work, env)
         common = [f"trainer.samples={args.samples}", f"trainer.global_batch={args.batch}", "trainer.log_every=5",
                   "eval_samples=64"]
-        print("[a] plain PyTorch loop ...", flush=True)
-        results["plain"] = plain_loop(shards, args.samples, args.batch)
-        for workers in (1, 2):
-            print(f"[{'bc'[workers - 1]}] ours, {workers} worker(s) ...", flush=True)
-            results[f"ours_{workers}_workers"] = pipeline_run(
-                shards, work, f"ours_{workers}", env, [*common, f"trainer.workers={workers}",
-                                                      f"trainer.torch_threads={(os.cpu_count() or 1) // workers}"])
+        if not args.skip_throughput:
+            print("[a] plain PyTorch loop ...", flush=True)
+            results["plain"] = plain_loop(shards, args.samples, args.batch)
+            for workers in (1, 2):
+                print(f"[{'bc'[workers - 1]}] ours, {workers} worker(s) ...", flush=True)
+                results[f"ours_{workers}_workers"] = pipeline_run(
+                    shards, work, f"ours_{workers}", env, [*common, f"trainer.workers={workers}",
+                                                          f"trainer.torch_threads={(os.cpu_count() or 1) // workers}"])
         if not args.skip_memory:
             for stage in (0, 3):
                 print(f"[memory] ZeRO-{stage}, {MEMORY_PRESET} preset, 2 workers ...", flush=True)
@@ -184,19 +191,24 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    plain = results["plain"]["samples_per_s"]
-    print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
-    print(f"{'(a) plain PyTorch':22} {plain:9.1f} {1:8.2f}")
-    for workers in (1, 2):
-        r = results[f"ours_{workers}_workers"]
-        r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
-        print(f"{f'({chr(97 + workers)}) ours, {workers} worker(s)':22} {r['samples_per_s']:9.1f} "
-              f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
+    if not args.skip_throughput:
+        plain = results["plain"]["samples_per_s"]
+        print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
+        print(f"{'(a) plain PyTorch':22} {plain:9.1f} {1:8.2f}")
+        for workers in (1, 2):
+            r = results[f"ours_{workers}_workers"]
+            r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
+            print(f"{f'({chr(97 + workers)}) ours, {workers} worker(s)':22} {r['samples_per_s']:9.1f} "
+                  f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
     if not args.skip_memory:
         zero0, zero3 = (max(results[f"memory_zero{s}"]["peak_worker_rss_mib"]) for s in (0, 3))
+        state0, state3 = (results[f"memory_zero{s}"]["rank0_training_memory_mib"] for s in (0, 3))
         results["memory_ratio_zero3_vs_zero0"] = round(zero3 / zero0, 3)
+        results["training_memory_ratio_zero3_vs_zero0"] = round(state3 / state0, 3)
         print(f"\n{MEMORY_PRESET} preset ({results['memory_zero0']['parameters'] / 1e6:.0f}M parameters), 2 workers, "
-              f"peak RSS per worker: ZeRO-0 {zero0} MiB, ZeRO-3 {zero3} MiB ({zero3 / zero0:.2f}x)")
+              f"peak RSS per worker: ZeRO-0 {zero0} MiB, ZeRO-3 {zero3} MiB ({zero3 / zero0:.2f}x); "
+              f"training's own (peak - start, rank 0): ZeRO-0 {state0} MiB, ZeRO-3 {state3} MiB "
+              f"({state3 / state0:.2f}x)")
     write_results(results, args.out)
 
 

@@ -46,6 +46,20 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+@pytest.fixture(scope="session")
+def emoji_shards(tmp_path_factory) -> Path:
+    """The built-in corpus (SHARD_CONCEPTS concepts; local bytes, no HTTP: the download path has its own tests),
+    ingested once; the corpus lies beside the shards in corpus/."""
+    work = tmp_path_factory.mktemp("emoji_shards")
+    out = work / "shards"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
+                    f"data.corpus_dir={work / 'corpus'}", f"data.limit={SHARD_CONCEPTS}", f"data.output_dir={out}",
+                    "progress=false", f"hydra.run.dir={work / 'hydra'}"], check=True, cwd=work, env=env,
+                   capture_output=True, timeout=600)
+    return out
+
+
 # The chain's stage settings: each stage long enough for the tests that read its outputs (test_pretrain,
 # test_evaluate, test_clip_filter read the CLIP; test_altclip the AltCLIP; test_clipcap the captioner).
 ALTCLIP_STAGE1_SAMPLES = 60_000  # Japanese-vs-10 at 40k was 0.159 against the 0.146 bar: too thin
@@ -66,7 +80,7 @@ def clipcap_settings(work: Path) -> list[str]:
 @dataclass(frozen=True)
 class Chain:
     """pipelines/end_to_end.py run twice in `work` on the built-in corpus (SHARD_CONCEPTS concepts)."""
-    work: Path  # the runs' working directory: corpus/, shards/, data/workflow/..., the live store mlflow.db
+    work: Path  # the runs' working directory: data/workflow/..., the live store mlflow.db
     first: str  # stdout of the first run (every stage ran)
     second: str  # stdout of the second run (every stage skipped)
     state: dict  # state.json after the first run
@@ -103,7 +117,7 @@ def listed(values: list[str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def chain(tmp_path_factory) -> Chain:
+def chain(emoji_shards, tmp_path_factory) -> Chain:
     """The whole chain once per session, as users run it (ingest -> pretrain -> evaluate -> AltCLIP -> ClipCap ->
     caption), then again (every stage skipped). Its stages' outputs are the trained models the other tests read:
     one chain instead of a pipeline run per model."""
@@ -117,7 +131,9 @@ def chain(tmp_path_factory) -> Chain:
                     "memorise_samples=200"],
         "caption": ["generate.method=greedy"],  # every kept image (~1,800): beam search took 208 s of the chain
     }
-    data = [f"data.corpus_dir={work / 'corpus'}", f"data.output_dir={work / 'shards'}", f"data.limit={SHARD_CONCEPTS}"]
+    # The session's shards as they were ingested: the ingest stage finds every part finished.
+    data = [f"data.corpus_dir={emoji_shards.parent / 'corpus'}", f"data.output_dir={emoji_shards}",
+            f"data.limit={SHARD_CONCEPTS}"]
     args = ["corpus=emoji_local", f"data_overrides={listed(data)}", "progress=false",
             *[f"overrides.{stage}={listed(values)}" for stage, values in overrides.items()]]
     first = run_end_to_end(work, *args, timeout=3600)
@@ -127,13 +143,6 @@ def chain(tmp_path_factory) -> Chain:
     shutil.copy(work / "mlflow.db", snapshot)
     second = run_end_to_end(work, *args, timeout=600)
     return Chain(work, first, second, state, snapshot)
-
-
-@pytest.fixture(scope="session")
-def emoji_shards(chain) -> Path:
-    """The built-in corpus (SHARD_CONCEPTS concepts, local bytes: the download path has its own tests) as the
-    chain's ingest stage wrote it; its corpus lies beside it in corpus/."""
-    return chain.shards
 
 
 @dataclass(frozen=True)

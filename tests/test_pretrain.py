@@ -5,6 +5,7 @@ Ray, 2 Ray Train workers, real DeepSpeed on CPU, MLflow on sqlite. Models must l
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -84,22 +85,30 @@ def test_filip_learns_with_token_wise_similarity(emoji_shards, tmp_path):
     assert_learned("filip", min_ratio=2.0)
 
 
-def test_zero0_bf16_clippo_trains_exports_and_evaluates(emoji_shards, tmp_path):
-    """CLIPPO end to end (no tokenizer) under ZeRO-0 in bf16, 4 steps. (ZeRO-3 runs in tests/test_ray_job.py,
-    ZeRO-2 everywhere else.)"""
+def test_clippo_learns_under_zero0_exports_and_evaluates(emoji_shards, tmp_path):
+    """CLIPPO end to end (no tokenizer: captions rendered with Unifont) under ZeRO-0. (ZeRO-3 in bf16 runs in
+    tests/test_ray_job.py, ZeRO-2 everywhere else.)"""
     from components.models.factory import load_model
 
     work = tmp_path / "zero0"
     work.mkdir()
-    run_pipeline(pretrain_args(emoji_shards, work, "model=clippo", "deepspeed=zero0", "deepspeed.bf16.enabled=true",
-                               "trainer.samples=256", "trainer.global_batch=64", "trainer.log_every=1",
-                               "eval_samples=64"), work, "pretrain_clip", timeout=900)
+    run_pipeline(pretrain_args(emoji_shards, work, "model=clippo", "deepspeed=zero0", "trainer.samples=25600"), work,
+                 "pretrain_clip", timeout=1200)
     model = load_model(work / "model")
     assert model.family == "clippo" and model.num_parameters() > 500_000
     assert not (work / "model" / "tokenizer.json").exists()  # CLIPPO reads rendered text
     client, run = finished_run("clippo")
+    metrics = run.data.metrics
+    # Measured here (200 steps of 128): held-out image->text mean rank 76 (median 72.5) of 194 captions, chance
+    # 97.5; R@5 0.054 against chance 0.026; loss 5.03 at step 25 -> 4.54, below log(128) = 4.85, the loss of a
+    # model that cannot tell its batch apart. CLIPPO learns slowly at `tiny` on CPU (README): the mean rank,
+    # which every held-out image moves, carries the margin; R@5 over 370 images is too noisy for one.
+    chance_rank = (metrics["heldout.texts"] + 1) / 2
+    assert metrics["heldout.image_to_text_mean_rank"] < 0.85 * chance_rank, metrics
+    assert metrics["heldout.image_to_text_R5"] > metrics["heldout.chance_image_to_text_R5"], metrics
     curve = loss_curve(client, run)
-    assert [step for step, _ in curve] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in curve)
+    assert curve[-1][1] < min(math.log(128), curve[0][1] - 0.3), curve
+    assert metrics["memory.peak_rss_mib"] > metrics["memory.start_rss_mib"] > 100  # rank 0's worker memory
 
     # The evaluation stage takes CLIPPO through the same interface (rendered text; no token maps to draw).
     out = run_pipeline([f"model={tmp_path / 'zero0' / 'model'}", "data=emoji_local", f"data.output_dir={emoji_shards}",

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from components.train.tasks import build_task
 
+    # DeepSpeed's ZeRO calls the collectives torch 2.13 renamed, and torch warns on every call (every step).
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                              r"is deprecated", category=FutureWarning)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     settings = LoopSettings(**config["loop"])
@@ -113,6 +117,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if config.get("torch_threads"):
         torch.set_num_threads(config["torch_threads"])
 
+    memory = _WorkerMemory()
     task = build_task(config)
     scalars_as_vectors(task.model)
     optimizer = torch.optim.AdamW(param_groups(task.model, settings.weight_decay), lr=settings.lr,
@@ -166,7 +171,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if step % settings.log_every == 0 or step == settings.total_steps:
             summary = window.summary(settings.global_batch)
             lr = scheduler.get_last_lr()[0] if scheduler is not None else settings.lr
-            logger.log({**summary, **metrics, "lr": lr, "samples_seen": samples_seen}, step)
+            logger.log({**summary, **metrics, **memory.metrics(), "lr": lr, "samples_seen": samples_seen}, step)
             _say(rank, f"step {step}/{settings.total_steps}  loss {summary['loss']:.4f}  "
                        f"{summary['samples_per_second']:.0f} samples/s  data wait {summary['data_wait_fraction']:.0%}")
         if periodic is not None and periodic.due(step):
@@ -238,6 +243,26 @@ class _Window:
                "data_wait_fraction": self.wait / elapsed if elapsed else 0.0}
         self.losses, self.wait, self.busy = [], 0.0, 0.0
         return out
+
+
+class _WorkerMemory:
+    """This worker's memory, logged with every status line: its RSS when the loop starts (imports, Ray, the data
+    client) and its peak since process start, whose difference is what the model, optimizer state, ZeRO buffers
+    and activations take on a CPU; on GPUs also the device's peak allocation."""
+
+    def __init__(self):
+        import psutil
+
+        self.start_rss = psutil.Process().memory_info().rss
+
+    def metrics(self) -> dict[str, float]:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        memory = {"memory.start_rss_mib": self.start_rss / 2**20, "memory.peak_rss_mib": peak / 2**20}
+        if torch.cuda.is_available():
+            memory["memory.device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return memory
 
 
 class _MetricLogger:

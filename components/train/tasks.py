@@ -56,9 +56,9 @@ class ContrastiveTask:
             image, text_features = select_tokens(image, text_features)
         loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float(),
                          None if logit_bias is None else logit_bias.float())
-        metrics = {"logit_scale": float(logit_scale.float().exp().clamp(max=self.loss.max_logit_scale))}
+        metrics = {"logit_scale": float(logit_scale.detach().float().exp().clamp(max=self.loss.max_logit_scale))}
         if logit_bias is not None:
-            metrics["logit_bias"] = float(logit_bias.float())
+            metrics["logit_bias"] = float(logit_bias.detach().float())
         return loss, metrics
 
 
