@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARD_CONCEPTS
+from tests.conftest import SHARD_CONCEPTS, listed
 from tests.helpers import REPO, free_port, pretrain_args, server_process
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflo
         "stages=[ingest,pretrain]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
         # The session's shards as they were ingested: the ingest stage finds them finished.
         f'data_overrides=["data.output_dir={emoji_shards}","data.corpus_dir={corpus}","data.limit={SHARD_CONCEPTS}"]',
-        *[f"overrides.{stage}=[" + ",".join(f'"{o}"' for o in values) + "]" for stage, values in stage_overrides.items()],
+        *[f"overrides.{stage}={listed(values)}" for stage, values in stage_overrides.items()],
         f"hydra.run.dir={tmp_path / 'hydra'}"])
     state = json.loads((work_dir / "state.json").read_text())
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-clip/2"
