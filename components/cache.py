@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from upath import UPath
+
 DONE = "_cache.json"
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-1 of a file, local or in an object store."""
     digest = hashlib.sha1()
-    with open(path, "rb") as handle:
+    with UPath(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

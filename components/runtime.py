@@ -50,13 +50,15 @@ def route_overrides(argv: list[str], routes: dict[str, str], conf_dir: Path, kee
 
 
 def path(value: str | os.PathLike) -> Path:
-    """A config path relative to where the user launched the pipeline (Hydra may change the cwd).
-
-    Directories the pipelines write file by file (shards, exports, caches) must be a filesystem path; on a
-    cluster, a shared mount (e.g. the bucket mounted with Mountpoint for S3 or gcsfuse on every node)."""
+    """A config path relative to where the user launched the pipeline (Hydra may change the cwd), for settings
+    that take a filesystem path: caches under work_dir, AltCLIP's and ClipCap's exports, caption outputs. On a
+    cluster that is a shared mount (e.g. the bucket mounted with Mountpoint for S3 or gcsfuse on every node).
+    Shards, pretraining exports and tokenizers take object-store URLs too (components/storage.py)."""
     if "://" in str(value):
         raise ValueError(f"{value}: this setting takes a filesystem path (on a cluster, a shared mount of the bucket); "
-                         "object-store URLs work for data.url_list, trainer.storage_path and MLflow artifacts")
+                         "object-store URLs work for data.output_dir, data.url_list, pretrain_clip.py's export_dir "
+                         "and tokenizer.save_dir, trainer.storage_path and resume_from, evaluate.py's model, "
+                         "and MLflow artifacts")
     return Path(to_absolute_path(str(value)))
 
 

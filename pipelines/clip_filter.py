@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from components.runtime import init_ray, one_line_errors, path, route_overrides
+from components.storage import is_remote
 from components.tracking import mlflow_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,9 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     source = path(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
+    if is_remote(source):
+        raise ValueError(f"{source}: the CLIP-score filter reads and writes shards on a filesystem (on a cluster, a "
+                         "shared mount of the bucket)")
     if not (source / "_manifest.json").is_file():
         raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
     output = path(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")

@@ -25,10 +25,12 @@ from typing import Any
 import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
 from components.cache import file_digest
 from components.data.ingest import IngestError
 from components.runtime import init_ray, one_line_errors, path
+from components.storage import location
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage, StateFile, WorkflowError, run_stages
 
@@ -78,11 +80,11 @@ def model_exists(outputs: Outputs) -> bool:
 
 
 def shards_exist(outputs: Outputs) -> bool:
-    manifest = Path(outputs["shards"]) / "_manifest.json"
+    manifest = UPath(outputs["shards"]) / "_manifest.json"
     return manifest.is_file() and file_digest(manifest) == outputs["manifest_digest"]
 
 
-def shard_outputs(shard_dir: Path, **extra: Any) -> Outputs:
+def shard_outputs(shard_dir: UPath, **extra: Any) -> Outputs:
     return {"shards": str(shard_dir), "manifest_digest": file_digest(shard_dir / "_manifest.json"), **extra}
 
 
@@ -102,7 +104,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
 
     def run_ingest(c):
         pipeline("ingest").ingest(c)
-        return shard_outputs(path(c.data.output_dir))
+        return shard_outputs(location(c.data.output_dir))
 
     def pretrain(up, out, stage="pretrain", shards="ingest", suffix=""):
         extra = [f"registry.model_name=clipforge-${{model.family}}{suffix}", f"mlflow.run_name=pretrain{suffix}"]

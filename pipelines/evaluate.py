@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from components.runtime import init_ray, one_line_errors, path, route_overrides
+from components.storage import location
 from components.tracking import mlflow_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     from components.eval import runner
 
     settings = OmegaConf.to_container(cfg, resolve=True)
-    data = path(cfg.data_path or cfg.data.output_dir)
+    data = location(cfg.data_path or cfg.data.output_dir)
     settings["dataset_name"] = cfg.dataset_name or data.name
     # A corpus knows its held-out and training rows; other data is evaluated whole unless `where` says.
     corpus = not cfg.data_path

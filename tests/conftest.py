@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,29 @@ def mlflow_store(tmp_path, monkeypatch):
 
     mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture
+def object_store(monkeypatch) -> Iterator[str]:
+    """A real S3 API on loopback (moto's server) with an empty bucket; yields its URL, s3://<bucket>. The AWS_*
+    variables point this process and every child it starts (pipelines, a Ray head, an MLflow server) at it, as
+    they would point a cluster at its bucket."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "clipforge",
+                            "AWS_SECRET_ACCESS_KEY": "clipforge", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still talk to an earlier test's server
+        boto3.client("s3").create_bucket(Bucket="clipforge-test")
+        yield "s3://clipforge-test"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

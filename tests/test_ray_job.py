@@ -1,9 +1,9 @@
-"""Cluster use as README documents it: a real Ray head (`ray start --head`) and a real MLflow server (as `make
-mlflow-ui` runs it, artifacts proxied). `ray job submit` of pipelines/pretrain_clip.py and then of
-pipelines/end_to_end.py (ingest -> pretrain), both logging to the server over HTTP; wait for
-SUCCEEDED, read the runs and the registered versions, open the UI in headless Chromium (the experiment, the
-stage runs nested under their parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop
-the head."""
+"""Cluster use as README documents it: a real Ray head (`ray start --head`), a real MLflow server (as `make
+mlflow-ui` runs it, artifacts proxied) and a real S3 API on loopback as the cluster's bucket. `ray job submit` of
+pipelines/pretrain_clip.py and then of pipelines/end_to_end.py (ingest into the bucket -> pretrain from it), both
+logging to the server over HTTP; wait for SUCCEEDED, read the runs, the registered versions and the bucket, open
+the UI in headless Chromium (the experiment, the stage runs nested under their parent, the model's versions;
+screenshots kept in outputs/test-artifacts/), stop the head."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from components import storage
 from tests.conftest import SHARD_CONCEPTS, listed
 from tests.helpers import REPO, free_port, pretrain_args, server_process
 
@@ -28,10 +29,11 @@ ARTIFACTS = REPO / "outputs" / "test-artifacts"
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(object_store, tmp_path):
+    """`mlflow server` as on a cluster's head: sqlite runs, artifacts in the bucket (proxied by the server)."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", f"{object_store}/mlflow",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
     with server_process(command, f"{url}/health", "mlflow server", tmp_path / "server.log"):
@@ -106,7 +108,8 @@ def submit(head: str, tracking_uri: str, script: str, args: list[str]) -> str:
     return job_id
 
 
-def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflow_server, emoji_shards, tmp_path):
+def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, ray_head, mlflow_server, emoji_shards,
+                                                                  tmp_path):
     from mlflow.tracking import MlflowClient
 
     from components.models.factory import load_model
@@ -131,21 +134,34 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(ray_head, mlflo
     # The export, written by the job's driver from the partitioned checkpoint.
     model = load_model(tmp_path / "model")
     assert model.family == "clip" and model.logit_bias is not None and model.num_parameters() > 500_000
-    # The model's artifacts went through the server's artifact proxy into its artifact store.
-    assert list((tmp_path / "artifacts").rglob("model.safetensors"))
+    # The model's artifacts went through the server's artifact proxy into its artifact store, in the bucket.
+    assert list(storage.location(f"{object_store}/mlflow").rglob("model.safetensors"))
 
-    # The chained workflow as a job: its stages run on the head's cluster and nest under one parent run.
-    work_dir, corpus = tmp_path / "workflow", emoji_shards.parent / "corpus"
-    stage_overrides = {"pretrain": ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={tmp_path / 'tok'}",
-                                    f"trainer.storage_path={tmp_path / 'ray'}"]}
+    # The chained workflow as a job, with the bucket as the cluster's storage: ingest writes the shards there,
+    # pretraining reads them, its tokenizer and checkpoints go there. Its stages run on the head's cluster and
+    # nest under one parent run.
+    work_dir, corpus, bucket = tmp_path / "workflow", emoji_shards.parent / "corpus", storage.location(object_store)
+    stage_overrides = {"pretrain": ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={bucket / 'tok'}",
+                                    f"trainer.storage_path={bucket / 'ray'}"]}
     submit(ray_head, mlflow_server, "end_to_end.py", [
         "stages=[ingest,pretrain]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
-        # The session's shards as they were ingested: the ingest stage finds them finished.
-        f'data_overrides=["data.output_dir={emoji_shards}","data.corpus_dir={corpus}","data.limit={SHARD_CONCEPTS}"]',
+        f'data_overrides=["data.output_dir={bucket / "shards"}","data.corpus_dir={corpus}",'
+        f'"data.limit={SHARD_CONCEPTS}"]',
         *[f"overrides.{stage}={listed(values)}" for stage, values in stage_overrides.items()],
         f"hydra.run.dir={tmp_path / 'hydra'}"])
     state = json.loads((work_dir / "state.json").read_text())
+    assert state["ingest"]["outputs"]["shards"] == str(bucket / "shards")
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-clip/2"
+    # The session's corpus ingested into the bucket gives the session's shards (ingested onto a disk), byte for byte.
+    disk_files = sorted(p.name for p in emoji_shards.glob("[0-9]*"))
+    assert sorted(p.name for p in (bucket / "shards").glob("[0-9]*")) == disk_files and len(disk_files) == 6
+    for name in (n for n in disk_files if n.endswith(".tar")):
+        assert (bucket / "shards" / name).read_bytes() == (emoji_shards / name).read_bytes()
+    assert not (bucket / "shards" / "_work" / "staging").exists()  # staging is removed, as on a disk
+    (tokenizer_dir,) = (bucket / "tok").iterdir()
+    assert (tokenizer_dir / "tokenizer.json").is_file()
+    checkpoint = client.get_run(state["pretrain"]["run_id"]).data.tags["checkpoint"]
+    assert checkpoint.startswith(f"{bucket}/ray/") and (storage.location(checkpoint) / "trainer_state.json").is_file()
     (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'end-to-end'")
     children = {r.data.tags["stage"]: r for r in client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
+from upath import UPath
+
+from components import storage
 
 DROP_COLUMNS = ["key", "part", "reason", "duplicate_of"]
 ROWS_PER_PARTITION = 250_000  # staging rows per shuffle partition: about (d + 2) x this many records in a worker
@@ -131,7 +131,7 @@ def _records(table: pa.Table, exact: bool, max_distance: int | None, buckets: in
 
 
 def _read_staging(batch: dict, exact: bool, max_distance: int | None, buckets: int) -> pa.Table:
-    tables = [_records(pq.read_table(path, columns=["key", "status", "sha256", "phash"]), exact, max_distance,
+    tables = [_records(storage.read_parquet(path, columns=["key", "status", "sha256", "phash"]), exact, max_distance,
                        buckets) for path in batch["path"]]
     return pa.concat_tables(tables)
 
@@ -214,12 +214,12 @@ def _bucket_drops(records: pa.Table, max_distance: int | None) -> pa.Table:
     return pa.concat_tables(found) if found else _DROP_SCHEMA.empty_table()
 
 
-def _count_rows(files: list[Path]) -> int:
+def _count_rows(files: list[UPath]) -> int:
     with ThreadPoolExecutor(16) as pool:
-        return sum(pool.map(lambda f: pq.read_metadata(f).num_rows, files))
+        return sum(pool.map(storage.parquet_rows, files))
 
 
-def find_duplicates(staging_files: list[Path], drops_dir: Path, exact: bool, near_distance: int | None,
+def find_duplicates(staging_files: list[UPath], drops_dir: UPath, exact: bool, near_distance: int | None,
                     num_partitions: int | None = None) -> None:
     """Write the drop list under drops_dir/part=<part>/ (nothing when there are no duplicates)."""
     if (not exact and near_distance is None) or not staging_files:
@@ -233,15 +233,16 @@ def find_duplicates(staging_files: list[Path], drops_dir: Path, exact: bool, nea
                                   fn_kwargs={"exact": exact, "max_distance": near_distance, "buckets": buckets})
     dropped = records.groupby("bucket", num_partitions=partitions).map_groups(
         _bucket_drops, fn_kwargs={"max_distance": near_distance}, batch_format="pyarrow")
-    dropped.write_parquet(str(drops_dir), partition_cols=["part"])
+    (target,), filesystem = storage.arrow_paths([UPath(drops_dir)])
+    dropped.write_parquet(target, filesystem=filesystem, partition_cols=["part"])
 
 
-def read_part_drops(drops_dir: Path, part: str) -> dict[str, tuple[str, str]]:
+def read_part_drops(drops_dir: UPath, part: str) -> dict[str, tuple[str, str]]:
     """key -> (reason, duplicate_of) for one part: exact wins over near, then the smallest duplicate_of."""
     part_dir = drops_dir / f"part={part}"
     if not part_dir.exists():
         return {}
-    table = pq.read_table(part_dir, partitioning=None)
+    table = storage.read_parquet(part_dir, partitioning=None)
     # "duplicate_exact" < "duplicate_near"; a key has one exact row but may have a near row per bucket.
     order = pc.sort_indices(table, [("reason", "ascending"), ("duplicate_of", "ascending")])
     drops: dict[str, tuple[str, str]] = {}

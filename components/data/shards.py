@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from upath import UPath
 
+from components import storage
 from components.data.dedup import read_part_drops
 from components.data.process_part import OK
 
@@ -31,15 +30,16 @@ _NOT_IN_JSON = {"image", "part"}
 IMAGE_EXTENSIONS = {"jpg": "jpg", "png": "png", "webp": "webp"}
 
 
-def stats_file(output_dir: Path, part: str) -> Path:
+def stats_file(output_dir: UPath, part: str) -> UPath:
     return output_dir / f"{part}_stats.json"
 
 
-def write_shard(staging_file: Path, drops_dir: Path, output_dir: Path, encode_format: str) -> dict[str, Any]:
+def write_shard(staging_file: UPath, drops_dir: UPath, output_dir: UPath, encode_format: str) -> dict[str, Any]:
     """Write shard `part` and return its stats: {"part", "input", "kept", "dropped": {reason: n}}."""
     started = time.perf_counter()
+    staging_file, drops_dir, output_dir = UPath(staging_file), UPath(drops_dir), UPath(output_dir)
     part = staging_file.stem.removeprefix("part-")
-    table = pq.read_table(staging_file)
+    table = storage.read_parquet(staging_file)
     drops = read_part_drops(drops_dir, part)
     status = table.column("status").to_pylist()
     keys = table.column("key").to_pylist()
@@ -56,9 +56,9 @@ def write_shard(staging_file: Path, drops_dir: Path, output_dir: Path, encode_fo
     extension = IMAGE_EXTENSIONS[encode_format]
 
     _write_tar(kept, output_dir / f"{part}.tar", extension)
-    _atomic_parquet(kept.drop_columns(["image"]), output_dir / f"{part}.parquet")
+    storage.write_parquet(kept.drop_columns(["image"]), output_dir / f"{part}.parquet")
     (output_dir / "_dropped").mkdir(exist_ok=True)
-    _atomic_parquet(dropped, output_dir / "_dropped" / f"{part}.parquet")
+    storage.write_parquet(dropped, output_dir / "_dropped" / f"{part}.parquet")
 
     stats = {
         "part": part,
@@ -68,23 +68,19 @@ def write_shard(staging_file: Path, drops_dir: Path, output_dir: Path, encode_fo
         "image_bytes": sum(len(b) for b in kept.column("image").to_pylist()),
         "seconds": time.perf_counter() - started,
     }
-    tmp = stats_file(output_dir, part).with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, stats_file(output_dir, part))
+    storage.write_text(stats_file(output_dir, part), json.dumps(stats, indent=1))
     return stats
 
 
-def _write_tar(kept: pa.Table, path: Path, extension: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_tar(kept: pa.Table, path: UPath, extension: str) -> None:
     metadata_columns = [c for c in kept.column_names if c not in _NOT_IN_JSON]
-    with tarfile.open(tmp, "w") as tar:
+    with storage.atomic_write(path) as file, tarfile.open(fileobj=file, mode="w") as tar:
         for row in kept.to_pylist():
             key = row["key"]
             meta = {c: row[c] for c in metadata_columns}
             _add(tar, f"{key}.{extension}", row["image"])
             _add(tar, f"{key}.txt", (row["caption"] or "").encode("utf-8"))
             _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -94,18 +90,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """A Ray Data callable: write one shard per input row {"staging": path}."""
 
     def __init__(self, drops_dir: str, output_dir: str, encode_format: str):
-        self.drops_dir, self.output_dir, self.encode_format = Path(drops_dir), Path(output_dir), encode_format
+        self.drops_dir, self.output_dir, self.encode_format = UPath(drops_dir), UPath(output_dir), encode_format
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        stats = [write_shard(Path(s), self.drops_dir, self.output_dir, self.encode_format) for s in batch["staging"]]
+        stats = [write_shard(UPath(s), self.drops_dir, self.output_dir, self.encode_format) for s in batch["staging"]]
         return {"stats": [json.dumps(s) for s in stats]}

@@ -4,16 +4,17 @@ and the job settings. Shared by pipelines/ingest.py and every pipeline that inge
 from __future__ import annotations
 
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
 from components.data import emoji_corpus
 from components.data.download import DownloadConfig
 from components.data.ingest import MANIFEST, IngestError, IngestJob, run_ingest
 from components.data.process_part import ImageSettings, PartSettings
 from components.runtime import path
+from components.storage import location
 
 
 def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
@@ -26,7 +27,7 @@ def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
         filters=OmegaConf.to_container(cfg.filters, resolve=True),
     )
     return IngestJob(
-        url_list=url_list, output_dir=path(cfg.data.output_dir), part_settings=settings,
+        url_list=url_list, output_dir=location(cfg.data.output_dir), part_settings=settings,
         shard_size=ingest.shard_size, url_col=cfg.data.url_col, caption_col=cfg.data.caption_col,
         workers=ingest.workers, dedup_partitions=ingest.dedup_partitions, keep_staging=ingest.keep_staging,
         dataset_name=cfg.data.name,
@@ -40,9 +41,7 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
         return str(path(data.url_list)) if "://" not in data.url_list else data.url_list
     corpus_dir = path(data.corpus_dir)
     emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
-    output_dir = path(data.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    url_list = output_dir / "_source_urls.parquet"
+    url_list = location(data.output_dir) / "_source_urls.parquet"
     salt = data.get("mismatch") or {}
     mismatch = emoji_corpus.Mismatch(float(salt.get("fraction") or 0), int(salt.get("seed") or 0),
                                      tuple((salt.get("where") or {}).items()))
@@ -64,14 +63,14 @@ def ingest_from_config(cfg: DictConfig) -> tuple[dict[str, Any], IngestJob]:
         return run_ingest(job, progress=cfg.progress), job
 
 
-def shards_ready(output_dir: Path) -> bool:
+def shards_ready(output_dir: UPath) -> bool:
     """True when an ingest finished in `output_dir` (its manifest is written last)."""
-    return (Path(output_dir) / MANIFEST).is_file()
+    return (UPath(output_dir) / MANIFEST).is_file()
 
 
-def ensure_shards(cfg: DictConfig, stage: str) -> Path:
+def ensure_shards(cfg: DictConfig, stage: str) -> UPath:
     """The shard directory of cfg.data, ingesting the built-in corpus first when it has no finished ingest."""
-    shard_dir = path(cfg.data.output_dir)
+    shard_dir = location(cfg.data.output_dir)
     if not shards_ready(shard_dir):
         if cfg.data.source == "url_list":
             raise FileNotFoundError(f"no finished ingest in {shard_dir}: run pipelines/ingest.py with this data first")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+from upath import UPath
+
+from components import storage
 
 READ_BATCH_ROWS = 65_536
 
@@ -70,11 +72,11 @@ def fingerprint(path: str) -> dict:
 
 def split_into_parts(
     path: str,
-    parts_dir: Path,
+    parts_dir: UPath,
     shard_size: int,
     url_col: str = "url",
     caption_col: str = "caption",
-) -> list[Path]:
+) -> list[UPath]:
     """Write `parts_dir/part-XXXXX.parquet` files of `shard_size` rows with columns key, url, caption, extras.
 
     Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
@@ -93,7 +95,7 @@ def split_into_parts(
             return [parts_dir / name for name in done["parts"]]
         raise UrlListError(f"{parts_dir} was cut from a different input or shard size; use a new output_dir")
 
-    parts: list[Path] = []
+    parts: list[UPath] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     total = 0
@@ -104,7 +106,7 @@ def split_into_parts(
         keys = pa.array([make_key(part, i, shard_size) for i in range(table.num_rows)])
         table = table.add_column(0, "key", keys)
         out = parts_dir / f"part-{part:05d}.parquet"
-        pq.write_table(table, out)
+        storage.write_parquet(table, out)
         parts.append(out)
 
     for batch in iter_batches(path):

@@ -10,11 +10,14 @@ strings), one column per named label `label_<name>`
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
+from upath import UPath
+
+from components import storage
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
 
@@ -27,31 +30,32 @@ class EvalFields:
     image: tuple[str, ...] = IMAGE_COLUMNS  # the first of these present is the image
 
 
-def data_files(path: str | Path) -> tuple[str, list[str]]:
-    """("webdataset" | "parquet", files) for a shard directory or a single file."""
-    path = Path(path)
+def data_files(path: str | os.PathLike) -> tuple[str, list[UPath]]:
+    """("webdataset" | "parquet", files) for a shard directory or a single file, local or in an object store."""
+    path = UPath(path)
     if path.is_file():
         kind = "parquet" if path.suffix == ".parquet" else "webdataset"
-        return kind, [str(path)]
+        return kind, [path]
     if not path.is_dir():
         raise FileNotFoundError(f"evaluation data {path} does not exist (give a shard directory or file)")
-    tars = sorted(str(p) for p in path.glob("*.tar"))
+    tars = sorted(path.glob("*.tar"), key=str)
     if tars:
         return "webdataset", tars
-    parquets = sorted(str(p) for p in path.glob("*.parquet"))
+    parquets = sorted(path.glob("*.parquet"), key=str)
     if parquets:
         return "parquet", parquets
     raise FileNotFoundError(f"no WebDataset shards (*.tar) or Parquet files in {path}")
 
 
-def read_eval_rows(path: str | Path, fields: EvalFields, where: dict[str, Any] | None = None,
+def read_eval_rows(path: str | os.PathLike, fields: EvalFields, where: dict[str, Any] | None = None,
                    limit: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset of evaluation rows (see the module docstring), filtered by `where` (field -> value)."""
     kind, files = data_files(path)
+    files, filesystem = storage.arrow_paths(files)
     if kind == "webdataset":
-        dataset = ray.data.read_webdataset(files, decoder=None)
+        dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem)
     else:
-        dataset = ray.data.read_parquet(files)
+        dataset = ray.data.read_parquet(files, filesystem=filesystem)
     if limit:
         dataset = dataset.limit(int(limit))
     return dataset.map_batches(_select, fn_kwargs={"fields": fields, "where": dict(where or {})},

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
+from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
 from components.eval.embed import embed_text_sets, embed_to_store, load_with_tokenizer
 from components.eval.store import EmbeddingStore
@@ -61,9 +64,12 @@ def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
         run_id = uri.removeprefix("runs:/").split("/", 1)[0]
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_dir))
         return ResolvedModel(_export_in(Path(local), uri), uri, run_id)
+    if "://" in uri:  # an export in an object store
+        return ResolvedModel(_export_in(storage.download(uri, download_dir), uri), uri)
     directory = Path(uri).resolve()  # absolute: Ray workers run elsewhere
     if not directory.is_dir():
-        raise FileNotFoundError(f"model {uri!r} is neither an MLflow URI (models:/..., runs:/...) nor a directory")
+        raise FileNotFoundError(f"model {uri!r} is neither an MLflow URI (models:/..., runs:/...), an object-store "
+                                "URL nor a directory")
     return ResolvedModel(_export_in(directory, uri), uri)
 
 
@@ -92,7 +98,7 @@ def fields_from_config(cfg: dict) -> EvalFields:
                       image=tuple(cfg.get("image") or EvalFields().image))
 
 
-def evaluate(cfg: dict, data_path: Path, model: ResolvedModel, work_dir: Path, progress: bool = True
+def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, progress: bool = True
              ) -> list[dict]:
     """Run every task in cfg["tasks"]; returns the results (and writes them + artifacts under work_dir)."""
     fields = fields_from_config(cfg["fields"])

@@ -6,12 +6,16 @@ The trained tokenizer is saved in transformers' format beside the model, so `Aut
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from upath import UPath
+
+from components import storage
 
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
 # Special-token order fixes their ids: pad 0, bos 1, unk 2, eos 3. EOS must not be 2: transformers' CLIP text
@@ -44,26 +48,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
                                    unk_token=unk)
 
 
-def captions_from_shards(shard_dir: Path, limit: int = 1_000_000, column: str = "caption",
+def captions_from_shards(shard_dir: str | os.PathLike, limit: int = 1_000_000, column: str = "caption",
                          where: dict | None = None) -> Iterator[str]:
     """Stream up to `limit` captions from the shards' Parquet metadata (a few columns, never a whole dataset);
     `where` keeps only rows whose columns equal the given values (e.g. {"split": "train"})."""
     where = dict(where or {})
     seen = 0
-    for path in sorted(Path(shard_dir).glob("[0-9]*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(columns=[column, *where], batch_size=8192):
-            rows = batch.to_pydict()
-            keep = [all(rows[k][i] == v for k, v in where.items()) for i in range(batch.num_rows)]
-            for caption, kept in zip(rows[column], keep):
-                if caption and kept:
-                    yield caption
-                    seen += 1
-                    if seen >= limit:
-                        return
+    for path in sorted(UPath(shard_dir).glob("[0-9]*.parquet"), key=str):
+        with path.open("rb") as file:
+            for batch in pq.ParquetFile(file).iter_batches(columns=[column, *where], batch_size=8192):
+                rows = batch.to_pydict()
+                keep = [all(rows[k][i] == v for k, v in where.items()) for i in range(batch.num_rows)]
+                for caption, kept in zip(rows[column], keep):
+                    if caption and kept:
+                        yield caption
+                        seen += 1
+                        if seen >= limit:
+                            return
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
-    """Any tokenizer transformers can load: a local directory, or a hub name where a hub is reachable."""
+    """Any tokenizer transformers can load: a local directory, a hub name where a hub is reachable, or a
+    directory in an object store (downloaded first)."""
+    if storage.is_remote(name_or_path):
+        with storage.local_copy(name_or_path) as local:
+            return load_tokenizer(local)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import tarfile
 import textwrap
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from upath import UPath
 
 _IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
 
@@ -30,12 +30,12 @@ def sample_grid(pairs: list[tuple[bytes, str]], columns: int = 4, tile: int = 12
     return grid
 
 
-def shard_sample_grid(shard_dir: Path, count: int = 16) -> Image.Image | None:
+def shard_sample_grid(shard_dir: UPath, count: int = 16) -> Image.Image | None:
     """A grid of the first `count` samples of the first non-empty shard; None when there is none."""
-    for shard in sorted(shard_dir.glob("*.tar")):
+    for shard in sorted(UPath(shard_dir).glob("*.tar"), key=str):
         images: dict[str, bytes] = {}
         captions: dict[str, str] = {}
-        with tarfile.open(shard) as tar:
+        with shard.open("rb") as file, tarfile.open(fileobj=file) as tar:
             for member in tar:
                 key, suffix = member.name.rsplit(".", 1)
                 data = tar.extractfile(member).read()

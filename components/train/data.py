@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import numpy as np
 import ray
 from PIL import Image
+from upath import UPath
+
+from components import storage
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,18 @@ class BatchSpec:
     seed: int = 0
 
 
-def shard_paths(shard_dir: str | Path) -> list[str]:
-    paths = sorted(str(p) for p in Path(shard_dir).glob("[0-9]*.tar"))
+def shard_paths(shard_dir: str | os.PathLike) -> list[UPath]:
+    paths = sorted(UPath(shard_dir).glob("[0-9]*.tar"), key=str)
     if not paths:
         raise FileNotFoundError(f"no WebDataset shards (*.tar) in {shard_dir}; run pipelines/ingest.py first")
     return paths
 
 
-def read_pairs(shard_dir: str | Path, where: dict[str, Any] | None = None) -> ray.data.Dataset:
-    """Image bytes, caption and metadata of every sample, optionally only rows whose json fields match `where`."""
-    dataset = ray.data.read_webdataset(shard_paths(shard_dir), decoder=None, override_num_blocks=None)
+def read_pairs(shard_dir: str | os.PathLike, where: dict[str, Any] | None = None) -> ray.data.Dataset:
+    """Image bytes, caption and metadata of every sample, optionally only rows whose json fields match `where`;
+    the shards may be local or in an object store."""
+    files, filesystem = storage.arrow_paths(shard_paths(shard_dir))
+    dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None)
     return dataset.map_batches(_unpack, fn_kwargs={"where": dict(where or {})}, batch_format="pandas")
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from components import storage
+
 # DeepSpeed picks its accelerator at import; say which before any worker imports it.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -152,7 +154,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 (Path(directory) / TRAINER_STATE).write_text(json.dumps({"step": step, "samples_seen": samples_seen}))
                 (Path(directory) / MODEL_SPEC).write_text(json.dumps(config["model"]))
                 if config.get("tokenizer_dir"):  # a checkpoint resumes with the tokenizer it was trained with
-                    shutil.copytree(config["tokenizer_dir"], Path(directory) / CHECKPOINT_TOKENIZER)
+                    with storage.local_copy(config["tokenizer_dir"]) as tokenizer_dir:
+                        shutil.copytree(tokenizer_dir, Path(directory) / CHECKPOINT_TOKENIZER)
             ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(directory))
 
     window.start()

@@ -16,15 +16,17 @@ import mlflow
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
+from components import storage
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, family_class
-from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.data import AugmentConfig, BatchSpec, TextConfig, read_pairs, training_dataset
 from components.train.loop import CHECKPOINT_TOKENIZER
 from components.train.trainer import (
     ScaleSettings,
+    checkpoint_uri,
     export_checkpoint,
     fit,
     resolve_precision,
@@ -32,13 +34,13 @@ from components.train.trainer import (
     trainer_state,
 )
 
-def prepare_tokenizer(cfg: DictConfig, shard_dir: Path, out_dir: Path):
+def prepare_tokenizer(cfg: DictConfig, shard_dir: UPath, out_dir: UPath):
     """The tokenizer of the checkpoint resumed from, else cfg.tokenizer.path (any transformers tokenizer), else a
     byte-level BPE trained on the training captions.
-    Saved to `out_dir`, which the data workers and the export read."""
+    Saved to `out_dir` (local or an object store), which the data workers and the export read."""
     from components.models.tokenizer import captions_from_shards, load_tokenizer, train_bpe
 
-    resumed = Path(path(cfg.trainer.resume_from)) / CHECKPOINT_TOKENIZER if cfg.trainer.resume_from else None
+    resumed = storage.location(cfg.trainer.resume_from) / CHECKPOINT_TOKENIZER if cfg.trainer.resume_from else None
     if resumed is not None and resumed.is_dir():
         tokenizer = load_tokenizer(resumed)  # the vocabulary the checkpoint's embeddings were trained with
     elif cfg.tokenizer.path:
@@ -47,7 +49,8 @@ def prepare_tokenizer(cfg: DictConfig, shard_dir: Path, out_dir: Path):
         where = _where(cfg.data.get("train_where"))
         captions = captions_from_shards(shard_dir, limit=cfg.tokenizer.max_captions, where=where)
         tokenizer = train_bpe(captions, vocab_size=cfg.tokenizer.vocab_size)
-    tokenizer.save_pretrained(out_dir)
+    with storage.staged_directory(out_dir) as local:
+        tokenizer.save_pretrained(local)
     return tokenizer
 
 
@@ -65,11 +68,11 @@ def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
     return spec
 
 
-def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
+def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
     run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
     tokens = family_class(cfg.model.family).text_input == "tokens"
-    tokenizer_dir = path(cfg.tokenizer.save_dir) / run_name  # read by the data workers: shared storage on clusters
+    tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / run_name  # read by the data workers (any node)
     tokenizer = prepare_tokenizer(cfg, shard_dir, tokenizer_dir) if tokens else None
     spec = model_spec(cfg, tokenizer)
     model = build_model(**spec)  # on the driver too: sizes for the data pipeline, and an early config error
@@ -92,7 +95,7 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
         "tokenizer_dir": str(tokenizer_dir) if tokens else None,
         "periodic_eval": periodic_eval_config(cfg, shard_dir),
     }
-    export_dir = path(cfg.export_dir)
+    export_dir = storage.location(cfg.export_dir)
     trained = train_and_export(trainer_cfg, train_config, dataset, run_name, export_dir,
                                str(tokenizer_dir) if tokens else None)
     print(f"[pretrain] exported to {export_dir}", flush=True)
@@ -103,7 +106,8 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
     mlflow.set_tag("checkpoint", trained.checkpoint)
     from components.tracking.pyfunc import log_embedding_model
 
-    info = log_embedding_model(export_dir, cfg.registry.model_name)
+    with storage.local_copy(export_dir) as local_export:
+        info = log_embedding_model(local_export, cfg.registry.model_name)
     version = getattr(info, "registered_model_version", None)
     return {"family": cfg.model.family, "export_dir": str(export_dir), "checkpoint": trained.checkpoint,
             "step": trained.step, "samples_seen": trained.samples_seen, "train_seconds": trained.seconds,
@@ -115,7 +119,7 @@ def run(cfg: DictConfig, shard_dir: Path, run_id: str) -> dict[str, Any]:
 @dataclass
 class TrainedRun:
     model: torch.nn.Module  # the export, loaded
-    checkpoint: str  # the last Ray Train checkpoint (resume_from)
+    checkpoint: str  # the last Ray Train checkpoint, a path or URL (resume_from)
     step: int
     samples_seen: int
     seconds: float
@@ -159,14 +163,15 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
 
 
 def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
-                     run_name: str, export_dir: Path, tokenizer_dir: str | None, build=None) -> TrainedRun:
+                     run_name: str, export_dir: UPath, tokenizer_dir: str | None, build=None) -> TrainedRun:
     """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`
     (build: the task's spec -> module, when it is not a contrastive family)."""
     scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
                           cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
-                          max_failures=trainer_cfg.max_failures, storage_path=_storage(trainer_cfg.storage_path),
+                          max_failures=trainer_cfg.max_failures,
+                          storage_path=str(storage.location(trainer_cfg.storage_path)),
                           run_name=run_name,
-                          resume_from=str(path(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
+                          resume_from=str(storage.location(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
     started = time.perf_counter()
     result = fit(train_config, dataset, scale)
     seconds = time.perf_counter() - started
@@ -175,10 +180,10 @@ def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], data
     with result.checkpoint.as_directory() as checkpoint_dir:
         state = trainer_state(Path(checkpoint_dir))
         model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir, build)
-    return TrainedRun(model, result.checkpoint.path, state["step"], state["samples_seen"], seconds)
+    return TrainedRun(model, checkpoint_uri(result.checkpoint), state["step"], state["samples_seen"], seconds)
 
 
-def periodic_eval_config(cfg: DictConfig, shard_dir: Path) -> dict[str, Any] | None:
+def periodic_eval_config(cfg: DictConfig, shard_dir: UPath) -> dict[str, Any] | None:
     """What the training loop needs to run an evaluator every N steps: held-out rows (plain data, images
     included) and the task's settings; None when periodic_eval.every is 0."""
     spec = cfg.get("periodic_eval")
@@ -193,7 +198,7 @@ def periodic_eval_config(cfg: DictConfig, shard_dir: Path) -> dict[str, Any] | N
             "settings": OmegaConf.to_container(spec.settings, resolve=True)}
 
 
-def evaluate_heldout(cfg: DictConfig, shard_dir: Path, model, tokenizer) -> dict[str, float]:
+def evaluate_heldout(cfg: DictConfig, shard_dir: UPath, model, tokenizer) -> dict[str, float]:
     """Retrieval on the held-out samples (data.eval_where), at most eval_samples of them."""
     from components.eval.retrieval import heldout_retrieval
 
@@ -222,11 +227,6 @@ def summary(outcome: dict[str, Any]) -> str:
 
 def _where(value) -> dict[str, Any] | None:
     return OmegaConf.to_container(value, resolve=True) if value else None
-
-
-def _storage(storage_path: str) -> str:
-    """Ray Train storage: a URI (s3://, gs://) as is, a local path made absolute."""
-    return storage_path if "://" in storage_path else str(path(storage_path))
 
 
 def log_loss_curve(run_id: str, ylabel: str = "contrastive loss") -> None:

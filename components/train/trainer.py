@@ -7,14 +7,15 @@ rank's ZeRO shards are visible: DeepSpeed's zero_to_fp32 consolidates them into 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from upath import UPath
 
+from components import storage
 from components.train.loop import CHECKPOINT_TAG, MODEL_SPEC, TRAINER_STATE, train_worker
 
 
@@ -82,8 +83,18 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() for name, tensor in state.items()}
 
 
-def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str | None = None, build=None):
-    """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer).
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """Where a Ray Train checkpoint lies, as trainer.resume_from takes it: a local path or an object-store URL."""
+    kind = checkpoint.filesystem.type_name
+    if kind == "local":
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(kind, kind)  # pyarrow's name for Google Cloud Storage
+    return f"{scheme}://{checkpoint.path}"
+
+
+def export_checkpoint(checkpoint_dir: Path, export_dir: UPath, tokenizer_dir: str | None = None, build=None):
+    """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer)
+    into `export_dir`, a local directory or an object-store location.
     build: spec -> module (default: the contrastive families' build_model)."""
     from components.models.factory import build_model
 
@@ -102,13 +113,13 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path, tokenizer_dir: str
     missing = [name for name in missing if name not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    model.save_pretrained(export_dir)
-    if tokenizer_dir:
-        from components.models.tokenizer import load_tokenizer
+    storage.remove_tree(export_dir)
+    with storage.staged_directory(export_dir) as local:
+        model.save_pretrained(local)
+        if tokenizer_dir:
+            from components.models.tokenizer import load_tokenizer
 
-        load_tokenizer(tokenizer_dir).save_pretrained(export_dir)
+            load_tokenizer(tokenizer_dir).save_pretrained(local)
     return model.eval()
 
 

@@ -1,0 +1,131 @@
+"""Where the pipelines keep shards, exports and tokenizers: a local directory or an object store, through fsspec.
+
+A location is a `UPath` (universal_pathlib): the pathlib API over any fsspec filesystem. `s3://bucket/shards`,
+`gs://...` or `az://...` go to the object store (credentials and endpoints come from the usual environment,
+e.g. AWS_PROFILE / AWS_ENDPOINT_URL for S3, GOOGLE_APPLICATION_CREDENTIALS for GCS); anything else is a local
+path, relative to where the user launched the pipeline. Local locations are `pathlib.Path`s too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
+from upath import UPath
+
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def location(value: str | os.PathLike) -> UPath:
+    """A config path or URL as a location; local paths relative to the launch directory (Hydra may chdir)."""
+    if "://" in str(value):
+        return UPath(str(value))
+    from hydra.utils import to_absolute_path  # outside a Hydra app it resolves against the cwd
+    return UPath(to_absolute_path(str(value)))
+
+
+def is_remote(where: str | os.PathLike) -> bool:
+    return UPath(where).protocol not in LOCAL_PROTOCOLS
+
+
+def arrow_paths(paths: list[UPath]) -> tuple[list[str], pa_fs.FileSystem | None]:
+    """Paths and filesystem for pyarrow and Ray Data readers: local paths as they are, object-store paths through
+    their fsspec filesystem (so every fsspec protocol and its configuration works, not only pyarrow's own)."""
+    if not paths or not is_remote(paths[0]):
+        return [str(p) for p in paths], None
+    return [p.path for p in paths], pa_fs.PyFileSystem(pa_fs.FSSpecHandler(paths[0].fs))
+
+
+def read_parquet(where: str | os.PathLike, **options) -> pa.Table:
+    """A Parquet file, or a directory of them, from any location."""
+    (path,), filesystem = arrow_paths([UPath(where)])
+    return pq.read_table(path, filesystem=filesystem, **options)
+
+
+def parquet_rows(where: str | os.PathLike) -> int:
+    (path,), filesystem = arrow_paths([UPath(where)])
+    return pq.read_metadata(path, filesystem=filesystem).num_rows
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that appears at `target` whole or not at all: locally written beside it and renamed; for
+    an object store written to local scratch, then uploaded in one put (an object is visible only once complete)."""
+    target = UPath(target)
+    if is_remote(target):
+        with tempfile.TemporaryDirectory(prefix="clipforge-upload-") as scratch:
+            local = Path(scratch) / target.name
+            with open(local, "wb") as file:
+                yield file
+            target.fs.put_file(str(local), target.path)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            yield file
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(table: pa.Table, target: str | os.PathLike) -> None:
+    with atomic_write(target) as file:
+        pq.write_table(table, file)
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_write(target) as file:
+        file.write(text.encode("utf-8"))
+
+
+def remove_tree(where: str | os.PathLike) -> None:
+    """Delete a directory and everything under it; nothing when it does not exist."""
+    where = UPath(where)
+    if not is_remote(where):
+        shutil.rmtree(where, ignore_errors=True)
+    elif where.fs.exists(where.path):
+        where.fs.rm(where.path, recursive=True)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A local directory to write `target`'s files into: the directory itself when local; for an object store
+    a scratch directory uploaded to `target` when the block ends without error."""
+    target = UPath(target)
+    if not is_remote(target):
+        target.mkdir(parents=True, exist_ok=True)
+        yield Path(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="clipforge-stage-") as scratch:
+        yield Path(scratch)
+        target.fs.put(f"{scratch}/", target.path, recursive=True)
+
+
+@contextlib.contextmanager
+def local_copy(source: str | os.PathLike) -> Iterator[Path]:
+    """A local directory holding `source`'s files (a model export, a tokenizer) for the block: `source` itself
+    when local, else a scratch copy downloaded from the object store."""
+    source = UPath(source)
+    if not is_remote(source):
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="clipforge-download-") as scratch:
+        yield download(source, Path(scratch))
+
+
+def download(source: str | os.PathLike, local: Path) -> Path:
+    """Copy the files under `source` (an object-store directory) into the local directory `local`."""
+    source = UPath(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    local.mkdir(parents=True, exist_ok=True)
+    source.fs.get(f"{source.path.rstrip('/')}/", f"{local}/", recursive=True)
+    return local

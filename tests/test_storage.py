@@ -1,0 +1,58 @@
+"""Locations on a local disk and in an object store (components/storage.py), against a real S3 API on loopback
+(moto's server): the round trips, and atomic writes that leave nothing behind on failure. The pipelines on a
+bucket (ingest into it, pretraining from it) are tested as a cluster uses them, in tests/test_ray_job.py."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from components import storage
+
+
+def test_a_failed_local_write_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "stats.json"
+    with pytest.raises(RuntimeError), storage.atomic_write(target) as file:
+        file.write(b"half")
+        raise RuntimeError("the writer died")
+    assert list(tmp_path.iterdir()) == []
+    storage.write_text(target, "{}")
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+def test_local_locations_are_absolute_paths_and_urls_stay_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.location("data/shards") == tmp_path / "data" / "shards"
+    assert not storage.is_remote(storage.location("data/shards"))
+    assert str(storage.location("s3://bucket/shards")) == "s3://bucket/shards"
+    assert storage.is_remote("s3://bucket/shards") and storage.is_remote("gs://bucket/shards")
+
+
+def test_object_store_round_trips(object_store, tmp_path):
+    root = storage.location(f"{object_store}/round-trip")
+    table = pa.table({"key": ["a", "b"], "value": [1, 2]})
+    storage.write_parquet(table, root / "rows.parquet")
+    assert storage.read_parquet(root / "rows.parquet").equals(table)
+    assert storage.parquet_rows(root / "rows.parquet") == 2
+
+    with storage.staged_directory(root / "export") as local:
+        (local / "config.json").write_text('{"family": "clip"}')
+        (local / "nested").mkdir()
+        (local / "nested" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    assert sorted(p.name for p in (root / "export").rglob("*") if p.is_file()) == ["config.json", "weights.bin"]
+    with storage.local_copy(root / "export") as copy:
+        assert json.loads((copy / "config.json").read_text()) == {"family": "clip"}
+        assert (copy / "nested" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
+    assert not copy.exists()  # a scratch copy, gone after the block
+
+    with pytest.raises(RuntimeError), storage.atomic_write(root / "broken.tar") as file:
+        file.write(b"half a shard")
+        raise RuntimeError("the writer died")
+    assert not (root / "broken.tar").exists()  # an object appears whole or not at all
+
+    storage.remove_tree(root / "export")
+    assert not (root / "export").exists() and (root / "rows.parquet").exists()
+    with pytest.raises(FileNotFoundError):
+        storage.download(root / "missing", tmp_path / "missing")
