@@ -45,7 +45,7 @@ class WorkflowError(ValueError):
 
 
 class StateFile:
-    """{stage: {"key", "status", "outputs", "run_id", "seconds", "finished"}} in one JSON file, replaced atomically."""
+    """{stage: {"key", "status", "outputs" or "error", "seconds", "finished"}} in one JSON file, replaced atomically."""
 
     def __init__(self, path: Path):
         self.path = path

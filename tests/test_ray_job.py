@@ -160,12 +160,12 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     assert not (bucket / "shards" / "_work" / "staging").exists()  # staging is removed, as on a disk
     (tokenizer_dir,) = (bucket / "tok").iterdir()
     assert (tokenizer_dir / "tokenizer.json").is_file()
-    checkpoint = client.get_run(state["pretrain"]["run_id"]).data.tags["checkpoint"]
-    assert checkpoint.startswith(f"{bucket}/ray/") and (storage.location(checkpoint) / "trainer_state.json").is_file()
     (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'end-to-end'")
     children = {r.data.tags["stage"]: r for r in client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert sorted(children) == ["ingest", "pretrain"]
+    checkpoint = children["pretrain"].data.tags["checkpoint"]
+    assert checkpoint.startswith(f"{bucket / 'ray'}/") and (storage.location(checkpoint) / "trainer_state.json").is_file()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     runs_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs",
