@@ -70,6 +70,8 @@ bench: setup
 	$(PY) benchmarks/dedup_scale.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/clippo_patch_size.py
+	$(PY) benchmarks/zero_memory_profile.py --stage 0
+	$(PY) benchmarks/zero_memory_profile.py --stage 3
 
 clean:
 	rm -rf data outputs mlruns mlflow.db
