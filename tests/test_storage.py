@@ -56,3 +56,21 @@ def test_object_store_round_trips(object_store, tmp_path):
     assert not (root / "export").exists() and (root / "rows.parquet").exists()
     with pytest.raises(FileNotFoundError):
         storage.download(root / "missing", tmp_path / "missing")
+
+
+def test_an_export_in_a_bucket_is_a_model_for_evaluation(object_store, tmp_path):
+    import torch
+
+    from components.eval.runner import resolve_model
+    from components.models.factory import build_model, load_model
+
+    model = build_model("clip", "tiny", vocab_size=64)
+    with storage.staged_directory(f"{object_store}/models/clip") as local:
+        model.save_pretrained(local)
+    resolved = resolve_model(f"{object_store}/models/clip", tmp_path / "download")
+    assert resolved.uri == f"{object_store}/models/clip" and resolved.run_id is None
+    loaded = load_model(resolved.directory)
+    for (name, original), (_, copy) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(original, copy), name
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(f"{object_store}/models/missing", tmp_path / "missing")
