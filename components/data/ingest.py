@@ -23,7 +23,6 @@ from tqdm import tqdm
 from upath import UPath
 
 from components import storage
-
 from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
