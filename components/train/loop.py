@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -290,5 +291,7 @@ class _MetricLogger:
 
 def _say(rank: int, message: str) -> None:
     if rank == 0:
-        print(f"[train] {message}", flush=True)
+        # Ray Train patches print in its workers to tee every line to the worker's stdout and to its logger, which
+        # the driver shows again from stderr; the process's own stdout takes the line once.
+        print(f"[train] {message}", file=sys.__stdout__, flush=True)
 
