@@ -50,15 +50,14 @@ def route_overrides(argv: list[str], routes: dict[str, str], conf_dir: Path, kee
 
 
 def path(value: str | os.PathLike) -> Path:
-    """A config path relative to where the user launched the pipeline (Hydra may change the cwd), for settings
-    that take a filesystem path: caches under work_dir, AltCLIP's and ClipCap's exports, caption outputs. On a
-    cluster that is a shared mount (e.g. the bucket mounted with Mountpoint for S3 or gcsfuse on every node).
-    Shards, pretraining exports and tokenizers take object-store URLs too (components/storage.py)."""
+    """A config path relative to where the user launched the pipeline (Hydra may change the cwd), for the one
+    kind of setting that must be on this machine's filesystem: the built-in corpus' build directory
+    (data.corpus_dir), which is rendered here. Every other location may be an object-store URL
+    (components/storage.py)."""
     if "://" in str(value):
-        raise ValueError(f"{value}: this setting takes a filesystem path (on a cluster, a shared mount of the bucket); "
-                         "object-store URLs work for data.output_dir, data.url_list, pretrain_clip.py's export_dir "
-                         "and tokenizer.save_dir, trainer.storage_path and resume_from, evaluate.py's model, "
-                         "and MLflow artifacts")
+        raise ValueError(f"{value}: data.corpus_dir is where the built-in corpus is rendered on this machine and takes "
+                         "a filesystem path; shards (data.output_dir), exports, tokenizers, work_dir caches, "
+                         "checkpoints and outputs take object-store URLs")
     return Path(to_absolute_path(str(value)))
 
 

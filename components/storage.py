@@ -55,6 +55,29 @@ def parquet_rows(where: str | os.PathLike) -> int:
     return pq.read_metadata(path, filesystem=filesystem).num_rows
 
 
+def parquet_files(directory: str | os.PathLike) -> list[UPath]:
+    """The Parquet files of a directory (a cache Ray Data wrote), sorted; FileNotFoundError when there are none."""
+    files = sorted(UPath(directory).glob("*.parquet"), key=str)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {directory}")
+    return files
+
+
+def ray_read_parquet(where: str | os.PathLike):
+    """A Ray Dataset over a Parquet file or a directory's Parquet files, local or in an object store."""
+    import ray
+
+    files, filesystem = arrow_paths([UPath(where)] if str(where).endswith(".parquet") else parquet_files(where))
+    return ray.data.read_parquet(files, filesystem=filesystem)
+
+
+def ray_write_parquet(dataset, directory: str | os.PathLike) -> None:
+    """Ray Data's write_parquet into a directory, local or in an object store (every worker writes its blocks
+    there directly: a local path on a multi-node cluster would scatter them over the nodes' disks)."""
+    (target,), filesystem = arrow_paths([UPath(directory)])
+    dataset.write_parquet(target, filesystem=filesystem)
+
+
 @contextlib.contextmanager
 def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file that appears at `target` whole or not at all: locally written beside it and renamed; for
@@ -111,14 +134,45 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def local_copy(source: str | os.PathLike) -> Iterator[Path]:
-    """A local directory holding `source`'s files (a model export, a tokenizer) for the block: `source` itself
-    when local, else a scratch copy downloaded from the object store."""
+    """A local path holding `source` (a model export or tokenizer directory, a file) for the block: `source`
+    itself when local, else a scratch copy downloaded from the object store."""
     source = UPath(source)
     if not is_remote(source):
         yield Path(source)
         return
     with tempfile.TemporaryDirectory(prefix="clipforge-download-") as scratch:
-        yield download(source, Path(scratch))
+        if source.is_file():
+            local = Path(scratch) / source.name
+            source.fs.get_file(source.path, str(local))
+            yield local
+        else:
+            yield download(source, Path(scratch))
+
+
+@contextlib.contextmanager
+def local_paths(values: dict, keys: tuple[str, ...]) -> Iterator[dict]:
+    """`values` with each of `keys` that holds an object-store location replaced by a local copy for the block:
+    what a model's constructor reads (a pretrained directory, a teacher, a whitening file) on any node."""
+    with contextlib.ExitStack() as stack:
+        out = dict(values)
+        for key in keys:
+            if out.get(key) and is_remote(out[key]):
+                out[key] = str(stack.enter_context(local_copy(out[key])))
+        yield out
+
+
+def upload(local: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a local file or directory to `target` (local or in an object store), replacing what was there."""
+    target, local = UPath(target), Path(local)
+    if local.is_dir():
+        remove_tree(target)
+    if not is_remote(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if local.is_dir() else shutil.copyfile)(local, target)
+    elif local.is_dir():
+        target.fs.put(f"{local}/", target.path, recursive=True)
+    else:
+        target.fs.put_file(str(local), target.path)
 
 
 def download(source: str | os.PathLike, local: Path) -> Path:

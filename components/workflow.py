@@ -18,11 +18,12 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
+from components import storage
 from components.cache import content_key
 
 Outputs = dict[str, Any]
@@ -47,9 +48,9 @@ class WorkflowError(ValueError):
 class StateFile:
     """{stage: {"key", "status", "outputs" or "error", "seconds", "finished"}} in one JSON file, replaced atomically."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, path: str | os.PathLike):
+        self.path = UPath(path)  # local or in an object store
+        self.records: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, stage: str) -> dict[str, Any] | None:
         return self.records.get(stage)
@@ -57,9 +58,7 @@ class StateFile:
     def put(self, stage: str, record: dict[str, Any]) -> None:
         self.records[stage] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.records, indent=2, default=str))
-        os.replace(tmp, self.path)
+        storage.write_text(self.path, json.dumps(self.records, indent=2, default=str))
 
 
 def cache_key(stage: Stage, cfg: DictConfig, upstream: Mapping[str, Outputs]) -> str:
@@ -84,7 +83,7 @@ class StageReport:
     outputs: Outputs
 
 
-def run_stages(stages: Sequence[Stage], selected: Sequence[str], state: StateFile, work_dir: Path,
+def run_stages(stages: Sequence[Stage], selected: Sequence[str], state: StateFile, work_dir: UPath,
                force: Sequence[str] = (), on_skip: Callable[[Stage, dict[str, Any]], None] | None = None,
                say: Callable[[str], None] = print) -> list[StageReport]:
     """Run `selected` stages in order, skipping unchanged finished ones (`on_skip(stage, record)` is told).

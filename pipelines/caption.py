@@ -18,7 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from components.runtime import init_ray, one_line_errors, path, route_overrides
+from components import storage
+from components.runtime import init_ray, one_line_errors, route_overrides
 from components.tracking import mlflow_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ def caption(cfg: DictConfig) -> dict:
         raise ValueError("give data=<shard directory, Parquet file or folder of images>")
     if cfg.output_format not in inference.OUTPUT_FORMATS:
         raise ValueError(f"output_format {cfg.output_format!r}: use one of {inference.OUTPUT_FORMATS}")
-    data = path(cfg.data_path)
-    output = path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "captions"
+    data = storage.location(cfg.data_path)
+    output = storage.location(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "captions"
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output {output} already holds files: choose another output=")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -47,7 +48,7 @@ def caption(cfg: DictConfig) -> dict:
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "caption", "model_uri": str(cfg.model_uri), "data": str(data)}):
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
-        model = str(cfg.model_uri) if ":/" in str(cfg.model_uri) else str(path(cfg.model_uri))
+        model = str(cfg.model_uri) if ":/" in str(cfg.model_uri) else str(storage.location(cfg.model_uri))
         rows = inference.read_images(data, cfg.caption_field)
         expected = rows.count()
         captioned = inference.caption_dataset(rows, model, mlflow_runs.tracking_uri(), settings,

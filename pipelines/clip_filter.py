@@ -19,9 +19,10 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
-from components.runtime import init_ray, one_line_errors, path, route_overrides
-from components.storage import is_remote
+from components import storage
+from components.runtime import init_ray, one_line_errors, route_overrides
 from components.tracking import mlflow_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +41,10 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
     from components.train.trainer import resolve_use_gpu
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    source = path(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
-    if is_remote(source):
-        raise ValueError(f"{source}: the CLIP-score filter reads and writes shards on a filesystem (on a cluster, a "
-                         "shared mount of the bucket)")
+    source = storage.location(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
     if not (source / "_manifest.json").is_file():
         raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
-    output = path(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
+    output = storage.location(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
     salted = not cfg.data_path and float(cfg.data.get("mismatch", {}).get("fraction") or 0) > 0
     where = cfg.filter.where if cfg.filter.where is not None else (
         {} if cfg.data_path else cfg.data.get("train_where") or {})
@@ -60,7 +58,7 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
                                tags={"stage": "clip_filter", "model_uri": model.uri, "data": str(source)}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
         manifest = model_filter.run_filter(
-            source, output, model.directory, spec, actors=cfg.inference.actors,
+            source, output, model.for_workers, spec, actors=cfg.inference.actors,
             use_gpu=resolve_use_gpu(cfg.inference.use_gpu), batch_size=cfg.inference.batch_size,
             progress=cfg.progress)
         truth = manifest.get("against_truth") or {}
@@ -74,19 +72,17 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
     return {**manifest, "output_dir": str(output)}
 
 
-def filter_plot(output: Path, manifest: dict[str, Any], spec):
+def filter_plot(output: UPath, manifest: dict[str, Any], spec):
     """The histogram of the in-scope scores (split by the truth column when there is one)."""
-    import pyarrow.parquet as pq
-
     from components.eval.plots import score_histogram
 
-    scores = pq.read_table(output / "_scores.parquet").to_pandas()
+    scores = storage.read_parquet(output / "_scores.parquet").to_pandas()
     scores = scores[scores["in_scope"]]
     wrong = scores[spec.truth_column].to_numpy(bool) if spec.truth_column else None
     return score_histogram(scores["model_score"].to_numpy(), manifest["threshold"], wrong)
 
 
-def summary(manifest: dict[str, Any], output: Path) -> str:
+def summary(manifest: dict[str, Any], output: UPath) -> str:
     lines = [f"accounting: input {manifest['input_rows']} = kept {manifest['kept']} + dropped (model_score) "
              f"{manifest['dropped_total']}; {manifest['in_scope']} rows in the filter's scope, threshold "
              f"{manifest['threshold']:.4f}"]

@@ -18,10 +18,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from components import storage
 from components.data.ingest import IngestError
 from components.data.parallel_text import ParallelTextError
 from components.data.sources import ensure_shards
-from components.runtime import init_ray, one_line_errors, path
+from components.runtime import init_ray, one_line_errors
 from components.tracking import mlflow_runs
 
 
@@ -38,7 +39,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "altclip")
     mlflow_runs.configure(cfg.mlflow.experiment)
-    teacher = fetch_model(str(cfg.teacher), path(cfg.work_dir) / "teacher")
+    teacher = fetch_model(str(cfg.teacher), storage.location(cfg.work_dir) / "teacher")
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "altclip", "teacher.uri": teacher.uri}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))

@@ -29,7 +29,7 @@ from upath import UPath
 
 from components.cache import file_digest
 from components.data.ingest import IngestError
-from components.runtime import init_ray, one_line_errors, path
+from components.runtime import init_ray, one_line_errors
 from components.storage import location
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage, StateFile, WorkflowError, run_stages
@@ -129,14 +129,14 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         from components.eval.runner import headline_metrics
 
         results = pipeline("evaluate").evaluate(c)
-        return {"results_dir": str(Path(c.output_dir) / "results"), "metrics": headline_metrics(results)}
+        return {"results_dir": str(location(c.output_dir) / "results"), "metrics": headline_metrics(results)}
 
     def clip_filter(up, out):
         return on_model("clip_filter", "clip_filter", up, "model_uri", f"output={quoted(out)}")
 
     def run_clip_filter(c):
         manifest = pipeline("clip_filter").clip_filter(c)
-        return shard_outputs(Path(manifest["output_dir"]), kept=manifest["kept"], input_rows=manifest["input_rows"],
+        return shard_outputs(location(manifest["output_dir"]), kept=manifest["kept"], input_rows=manifest["input_rows"],
                              against_truth=manifest.get("against_truth"))
 
     def altclip(up, out):
@@ -163,7 +163,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return {"captions": counts["output"], "rows": counts["rows"], "failed": counts["failed"]}
 
     def captions_exist(outputs):
-        return Path(outputs["captions"]).is_dir()
+        return UPath(outputs["captions"]).is_dir()
 
     def pretrain_filtered(up, out):
         return pretrain(up, out, "pretrain_filtered", "clip_filter", "-filtered")
@@ -172,7 +172,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return evaluate(up, out, "evaluate_filtered", "pretrain_filtered")
 
     def results_exist(outputs):
-        return Path(outputs["results_dir"]).is_dir()
+        return UPath(outputs["results_dir"]).is_dir()
 
     return [
         Stage("ingest", (), ingest, run_ingest, shards_exist),
@@ -197,7 +197,7 @@ def end_to_end(cfg: DictConfig) -> list:
     import mlflow
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
-    work_dir = path(cfg.work_dir)
+    work_dir = location(cfg.work_dir)
     state = StateFile(work_dir / "state.json")
     stages = build_stages(cfg)
     selected = list(cfg.stages)
@@ -213,7 +213,7 @@ def end_to_end(cfg: DictConfig) -> list:
         try:
             reports = run_stages(stages, selected, state, work_dir, force=list(cfg.force), on_skip=on_skip)
         finally:
-            mlflow.log_artifact(str(state.path), "workflow")
+            mlflow_runs.log_json(state.records, "workflow/state.json")
         for report in reports:
             mlflow.set_tag(f"workflow.{report.name}", report.action)
             mlflow_runs.log_metrics({f"{report.name}.seconds": report.seconds,

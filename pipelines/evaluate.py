@@ -21,8 +21,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from components.runtime import init_ray, one_line_errors, path, route_overrides
-from components.storage import location
+from components.runtime import init_ray, one_line_errors, route_overrides
+from components.storage import location, upload
 from components.tracking import mlflow_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     scratch = runner.scratch_dir()
     try:
         model = runner.resolve_model(str(cfg.model_uri), scratch / "model")
-        out_dir = path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+        out_dir = location(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
         tags = {"stage": "evaluate", "model_uri": model.uri, "dataset": settings["dataset_name"]}
         with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags=tags,
                                    parent_run_id=model.run_id) as run:
@@ -66,11 +66,10 @@ def evaluate(cfg: DictConfig) -> list[dict]:
             headline = runner.headline_metrics(results)
             mlflow_runs.log_metrics(headline)
             results_dir = out_dir / "results"
-            if results_dir.resolve() != (scratch / "results").resolve():
-                shutil.copytree(scratch / "results", results_dir, dirs_exist_ok=True)
+            upload(scratch / "results", results_dir)
             import mlflow
 
-            mlflow.log_artifacts(str(results_dir), artifact_path="evaluation")
+            mlflow.log_artifacts(str(scratch / "results"), artifact_path="evaluation")
         if model.registered:
             client = MlflowClient()
             for key, value in headline.items():

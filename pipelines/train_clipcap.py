@@ -22,9 +22,10 @@ import hydra
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from components import storage
 from components.data.ingest import IngestError
 from components.data.sources import ensure_shards
-from components.runtime import init_ray, one_line_errors, path
+from components.runtime import init_ray, one_line_errors
 from components.tracking import mlflow_runs
 
 
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "clipcap")
     mlflow_runs.configure(cfg.mlflow.experiment)
-    clip = fetch_model(str(cfg.clip), path(cfg.work_dir) / "clip")
+    clip = fetch_model(str(cfg.clip), storage.location(cfg.work_dir) / "clip")
     sweep = sweep_parent(cfg)
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "clipcap", "clip.uri": clip.uri}, parent_run_id=sweep) as run:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,44 @@ TRAINED_SAMPLES = 9600  # 75 steps of 128: held-out R@5 ~3x chance (tests/test_p
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API on loopback (moto's server) for the whole session; yields its URL. The AWS_* variables point
+    this process and everything it starts (pipelines, the session's Ray and its workers, a Ray head, an MLflow
+    server) at it, as they would point a cluster at its bucket, and keep every S3 client off real endpoints."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "clipforge", "AWS_SECRET_ACCESS_KEY": "clipforge",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def object_store(s3_endpoint) -> str:
+    """An empty bucket of the test's own on the session's S3 server; returns its URL, s3://<bucket>."""
+    import boto3
+
+    bucket = f"clipforge-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """The session's local Ray; its workers inherit the S3 endpoint's settings (set before it starts)."""
     from components.runtime import init_ray
 
     init_ray(num_cpus=2)
@@ -45,29 +83,6 @@ def mlflow_store(tmp_path, monkeypatch):
 
     mlflow.set_tracking_uri(None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-@pytest.fixture
-def object_store(monkeypatch) -> Iterator[str]:
-    """A real S3 API on loopback (moto's server) with an empty bucket; yields its URL, s3://<bucket>. The AWS_*
-    variables point this process and every child it starts (pipelines, a Ray head, an MLflow server) at it, as
-    they would point a cluster at its bucket."""
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "clipforge",
-                            "AWS_SECRET_ACCESS_KEY": "clipforge", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still talk to an earlier test's server
-        boto3.client("s3").create_bucket(Bucket="clipforge-test")
-        yield "s3://clipforge-test"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

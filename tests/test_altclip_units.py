@@ -161,15 +161,25 @@ def test_read_parallel_text_checks_columns_and_keeps_translations_together(tmp_p
         read_parallel_text(tmp_path / "pairs.json")
 
 
-def test_teacher_targets_equal_direct_inference_and_are_cached(ray_local, teacher_dir, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_teacher_targets_equal_direct_inference_and_are_cached(ray_local, teacher_dir, tmp_path, capsys, request,
+                                                               where):
+    """On a disk, and with the stage's work_dir in an object store: the teacher is copied there for the Ray actors
+    (fetch_model), and the cache is written there by them."""
+    from components import storage
+    from components.eval.runner import fetch_model
     from components.train.altclip import read_targets, teacher_targets
 
+    work = storage.location(request.getfixturevalue("object_store") if where == "bucket" else tmp_path)
+    teacher = fetch_model(str(teacher_dir), work / "teacher")
+    assert teacher.for_workers == str(work / "teacher" if where == "bucket" else teacher_dir)
     frame = pd.DataFrame({"src": ["red heart"] * 3 + ["grinning face"] * 2 + ["cat"],
                           "tgt": ["corazón rojo", "赤いハート", "red heart", "にっこり笑う", "grinning face", "gato"],
                           "lang": ["es", "ja", "en", "ja", "en", "es"],
                           "split": ["train", "train", "train", "test", "test", "train"]})
-    out = teacher_targets(frame, teacher_dir, tmp_path, batch_size=4, actors=1, use_gpu=False)
-    teacher = load_model(teacher_dir)
+    out = teacher_targets(frame, teacher, work / "targets", batch_size=4, actors=1, use_gpu=False)
+    assert str(out).startswith(str(work)) and (out / "_cache.json").is_file()
+    model = load_model(teacher_dir)
     from components.models.inference import text_inputs
     from components.models.tokenizer import load_tokenizer
 
@@ -178,10 +188,10 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_local, teache
         rows = read_targets(out, split)
         assert sorted(rows["tgt"]) == sorted(frame[frame["split"] == split]["tgt"])
         with torch.no_grad():
-            expected = teacher.text_features(text_inputs(teacher, tokenizer, list(rows["src"]))).numpy()
+            expected = model.text_features(text_inputs(model, tokenizer, list(rows["src"]))).numpy()
         np.testing.assert_allclose(np.stack(rows["target"]), expected, atol=1e-5)
     capsys.readouterr()
-    assert teacher_targets(frame, teacher_dir, tmp_path, batch_size=4, actors=1, use_gpu=False) == out
+    assert teacher_targets(frame, teacher, work / "targets", batch_size=4, actors=1, use_gpu=False) == out
     assert "cached" in capsys.readouterr().out
 
 

@@ -244,9 +244,9 @@ def test_bands_cover_64_bits():
         assert json.dumps(masks)  # plain ints, picklable into Ray tasks
 
 
-def test_written_directories_refuse_object_store_urls_in_one_line():
+def test_the_corpus_build_directory_refuses_object_store_urls_in_one_line():
     from components.runtime import path
 
     assert path("data/shards").is_absolute()
-    with pytest.raises(ValueError, match="takes a filesystem path .*shared mount"):
+    with pytest.raises(ValueError, match="corpus_dir .*takes a filesystem path"):
         path("s3://bucket/shards")

@@ -9,34 +9,36 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
+from upath import UPath
 
+from components import storage
 from components.cache import cached_parquet, content_key, file_digest
 from components.eval.dataset import EvalFields, read_eval_rows
 
-def image_embeddings(shard_dir: Path, clip_dir: Path, cache_root: Path, caption_field: str, split_field: str,
-                     *, batch_size: int = 128, actors: int = 1, use_gpu: bool = False) -> Path:
-    """A Parquet directory of every sample's CLIP image embedding, computed once per (model weights, shards)."""
+def image_embeddings(shard_dir: UPath, clip, cache_root: UPath, caption_field: str, split_field: str,
+                     *, batch_size: int = 128, actors: int = 1, use_gpu: bool = False) -> UPath:
+    """A Parquet directory (local or in an object store) of every sample's CLIP image embedding, computed once per
+    (model weights, shards). clip: a components.eval.runner.ResolvedModel."""
     from components.eval.embed import Embedder
 
     manifest = shard_dir / "_manifest.json"
-    key = content_key(file_digest(clip_dir / "model.safetensors"),
+    key = content_key(file_digest(clip.directory / "model.safetensors"),
                       file_digest(manifest) if manifest.is_file() else str(shard_dir), caption_field, split_field)
 
-    def write(partial: Path) -> int:
+    def write(partial: UPath) -> int:
         fields = EvalFields(caption=caption_field, labels={"split": split_field})
         embedded = read_eval_rows(shard_dir, fields).map_batches(
-            Embedder, fn_constructor_kwargs={"model_dir": str(clip_dir), "side": "image",
+            Embedder, fn_constructor_kwargs={"model_dir": clip.for_workers, "side": "image",
                                              "device": "cuda" if use_gpu else "cpu"},
             batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
         # Shuffled once: shards hold a concept's images next to each other, and training reads the cache in order.
-        embedded.map_batches(_cache_columns, batch_format="pandas").random_shuffle(seed=0).write_parquet(str(partial))
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in partial.glob("*.parquet"))
+        storage.ray_write_parquet(embedded.map_batches(_cache_columns, batch_format="pandas").random_shuffle(seed=0),
+                                  partial)
+        return sum(storage.parquet_rows(p) for p in storage.parquet_files(partial))
 
     return cached_parquet(cache_root, key, write, "image embeddings", "clipcap")
 
@@ -46,9 +48,10 @@ def _cache_columns(batch: pd.DataFrame) -> pd.DataFrame:
                          "emb": [np.asarray(e, dtype=np.float32) for e in batch["emb"]]})
 
 
-def read_embeddings(cache_dir: Path, split: str | None = None) -> pd.DataFrame:
+def read_embeddings(cache_dir: UPath, split: str | None = None) -> pd.DataFrame:
     """The cached rows (of one split), with `caption` = the first caption and `emb` as float32 arrays."""
-    frame = pd.concat([pd.read_parquet(p) for p in sorted(cache_dir.glob("*.parquet"))], ignore_index=True)
+    frame = pd.concat([storage.read_parquet(p).to_pandas() for p in storage.parquet_files(cache_dir)],
+                      ignore_index=True)
     if split is not None:
         frame = frame[frame["split"] == split].reset_index(drop=True)
     frame["caption"] = [(json.loads(c) or [""])[0] for c in frame["captions"]]
@@ -95,7 +98,7 @@ def tokenize(batch: dict[str, np.ndarray], tokenizer_dir: str, max_length: int, 
     return _tokens(tokenizer_dir, max_length, lead_eos)(batch)
 
 
-def training_stream(cache_dir: Path, split: str, tokenizer_dir: str, max_length: int, *, with_embedding: bool,
+def training_stream(cache_dir: UPath, split: str, tokenizer_dir: str, max_length: int, *, with_embedding: bool,
                     text_files: tuple[str, ...] = (), in_memory: bool = False) -> ray.data.Dataset:
     """One pass over the cached rows of `split` as a Ray Dataset for Ray Train, tokenised by Ray tasks. The LM
     sub-stage streams captions only (after a leading eos), plus every line of `text_files`; captioning adds the
@@ -108,7 +111,8 @@ def training_stream(cache_dir: Path, split: str, tokenizer_dir: str, max_length:
     columns = ["captions", "split", "emb"] if with_embedding else ["captions", "split"]
     rows = cached_rows(cache_dir, columns, split).map_batches(_first_caption, batch_format="pandas")
     if text_files:
-        lines = ray.data.read_text(list(text_files)).map_batches(_text_lines, batch_format="pandas")
+        files, filesystem = storage.arrow_paths([UPath(f) for f in text_files])
+        lines = ray.data.read_text(files, filesystem=filesystem).map_batches(_text_lines, batch_format="pandas")
         rows = rows.union(lines)
     tokens = rows.map_batches(tokenize, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length,
                                                    "lead_eos": not with_embedding},

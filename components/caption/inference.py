@@ -10,33 +10,38 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
+import os
+from pathlib import PurePosixPath
 
 import pandas as pd
 import ray
+from upath import UPath
 
+from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 OUTPUT_FORMATS = ("parquet", "jsonl")
 
 
-def read_images(data: str | Path, caption_field: str = "txt") -> ray.data.Dataset:
+def read_images(data: str | os.PathLike, caption_field: str = "txt") -> ray.data.Dataset:
     """Rows key, image (bytes), reference from WebDataset/Parquet shards (a directory or one file) or from a
-    folder of image files (searched recursively)."""
-    data = Path(data)
+    folder of image files (searched recursively), local or in an object store."""
+    data = UPath(data)
     if data.is_dir() and not any(data.glob("*.tar")) and not any(data.glob("*.parquet")):
-        files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        images = sorted((p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=str)
+        if not images:
             raise FileNotFoundError(f"no WebDataset/Parquet shards and no images ({' '.join(IMAGE_SUFFIXES)}) in "
                                     f"{data}")
-        return ray.data.read_binary_files(files, include_paths=True).map_batches(
-            _folder_rows, fn_kwargs={"root": str(data.resolve())}, batch_format="pandas")
+        files, filesystem = storage.arrow_paths(images)
+        (root,), _ = storage.arrow_paths([data])
+        return ray.data.read_binary_files(files, include_paths=True, filesystem=filesystem).map_batches(
+            _folder_rows, fn_kwargs={"root": root}, batch_format="pandas")
     return read_eval_rows(data, EvalFields(caption=caption_field)).map_batches(_shard_rows, batch_format="pandas")
 
 
 def _folder_rows(batch: pd.DataFrame, root: str) -> pd.DataFrame:
-    keys = [str(Path(p).resolve().relative_to(root)) for p in batch["path"]]
+    keys = [str(PurePosixPath(p).relative_to(root)) for p in batch["path"]]
     return pd.DataFrame({"key": keys, "image": list(batch["bytes"]), "reference": [""] * len(keys)})
 
 
@@ -90,23 +95,25 @@ def caption_dataset(rows: ray.data.Dataset, model_uri: str, tracking_uri: str, s
                             batch_format="pandas")
 
 
-def write_captions(captioned: ray.data.Dataset, output: Path, output_format: str) -> None:
-    """A directory of Parquet or JSON Lines files (one per block: the rows stream, never gathered);
-    output_format: one of OUTPUT_FORMATS (the pipeline checks it before any work)."""
+def write_captions(captioned: ray.data.Dataset, output: UPath, output_format: str) -> None:
+    """A directory (local or in an object store) of Parquet or JSON Lines files, one per block: the rows stream,
+    never gathered; output_format: one of OUTPUT_FORMATS (the pipeline checks it before any work)."""
+    (target,), filesystem = storage.arrow_paths([UPath(output)])
     if output_format == "parquet":
-        captioned.write_parquet(str(output))
+        captioned.write_parquet(target, filesystem=filesystem)
     else:
-        captioned.write_json(str(output), lines=True, force_ascii=False)
+        captioned.write_json(target, filesystem=filesystem, lines=True, force_ascii=False)
 
 
-def read_captions(output: Path, output_format: str, columns: list[str] | None = None) -> ray.data.Dataset:
+def read_captions(output: UPath, output_format: str, columns: list[str] | None = None) -> ray.data.Dataset:
+    (source,), filesystem = storage.arrow_paths([UPath(output)])
     if output_format == "parquet":
-        return ray.data.read_parquet(str(output), columns=columns)
-    rows = ray.data.read_json(str(output), lines=True)
+        return ray.data.read_parquet(source, filesystem=filesystem, columns=columns)
+    rows = ray.data.read_json(source, filesystem=filesystem, lines=True)
     return rows.select_columns(columns) if columns else rows
 
 
-def outcome_counts(output: Path, output_format: str) -> dict[str, int]:
+def outcome_counts(output: UPath, output_format: str) -> dict[str, int]:
     """rows written and rows that failed (from the written files: the accounting the user can check)."""
     counts = read_captions(output, output_format, ["error"]).map_batches(_count_batch, batch_format="pandas")
     totals = counts.sum(["rows", "failed"]) if counts.count() else {"sum(rows)": 0, "sum(failed)": 0}

@@ -56,14 +56,14 @@ def nearest_captions(queries: np.ndarray, candidates: Iterable[tuple[np.ndarray,
     return best_caption
 
 
-def cache_blocks(cache_dir: Path, split: str) -> Iterable[tuple[np.ndarray, list[str]]]:
+def cache_blocks(cache_dir: str | Path, split: str) -> Iterable[tuple[np.ndarray, list[str]]]:
     """(embeddings, first captions) of one split, one cached Parquet file at a time."""
     import json
 
-    import pandas as pd
+    from components import storage
 
-    for path in sorted(Path(cache_dir).glob("*.parquet")):
-        frame = pd.read_parquet(path)
+    for path in storage.parquet_files(cache_dir):
+        frame = storage.read_parquet(path).to_pandas()
         frame = frame[frame["split"] == split]
         if len(frame):
             yield (np.stack(frame["emb"]).astype(np.float32),

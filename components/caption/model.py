@@ -76,9 +76,13 @@ class EmbeddingWhitening:
         return (embeddings.float() - self.mean.to(device)) @ self.matrix.to(device)
 
     def save(self, file: str | Path) -> None:
-        from safetensors.torch import save_file
+        """To a local path or an object-store location."""
+        from safetensors.torch import save
 
-        save_file({"mean": self.mean.contiguous(), "matrix": self.matrix.contiguous()}, str(file))
+        from components import storage
+
+        with storage.atomic_write(file) as out:
+            out.write(save({"mean": self.mean.contiguous(), "matrix": self.matrix.contiguous()}))
 
     @classmethod
     def load(cls, file: str | Path) -> EmbeddingWhitening:

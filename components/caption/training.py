@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
+from components import storage
 from components.caption.data import encode_captions, image_embeddings, read_embeddings, training_stream
 from components.caption.metrics import cache_blocks, caption_scores, exact_match, nearest_captions
 from components.caption.model import EmbeddingWhitening, caption_texts
-from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.pretraining import (
     deepspeed_settings,
@@ -60,9 +61,9 @@ def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
     from components.models.tokenizer import load_tokenizer
     from components.train.trainer import resolve_use_gpu
 
-    work = path(cfg.work_dir)
+    work = storage.location(cfg.work_dir)
     inference = cfg.inference
-    cache = image_embeddings(shard_dir, clip.directory, work / "embeddings", cfg.fields.caption,
+    cache = image_embeddings(shard_dir, clip, work / "embeddings", cfg.fields.caption,
                              cfg.fields.split, batch_size=inference.batch_size, actors=inference.actors,
                              use_gpu=resolve_use_gpu(inference.use_gpu))
     train, heldout = read_embeddings(cache, "train"), read_embeddings(cache, "test")
@@ -76,7 +77,8 @@ def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
     whitening = None
     if cfg.caption.whiten_ridge is not None:
         whitening = work / "whitening" / f"{run_id[:8]}.safetensors"
-        whitening.parent.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(whitening):
+            whitening.parent.mkdir(parents=True, exist_ok=True)
         EmbeddingWhitening.fit(np.stack(train["emb"]), float(cfg.caption.whiten_ridge)).save(whitening)
     outcome = _train_captioner(cfg, run_id, cache, tokenizer, tokenizer_dir, decoder_dir,
                                int(train["emb"][0].shape[0]), len(train), whitening)
@@ -85,15 +87,16 @@ def run(cfg: DictConfig, shard_dir: Path, clip, run_id: str) -> dict[str, Any]:
     mlflow_runs.log_metrics({k: v for k, v in outcome.items() if isinstance(v, float)})
     from components.caption.pyfunc import log_caption_model
 
-    info = log_caption_model(clip.directory, Path(outcome["export_dir"]), cfg.registry.model_name,
-                             OmegaConf.to_container(cfg.generate, resolve=True))
+    with storage.local_copy(outcome["export_dir"]) as captioner:
+        info = log_caption_model(clip.directory, captioner, cfg.registry.model_name,
+                                 OmegaConf.to_container(cfg.generate, resolve=True))
     outcome.update(model_uri=info.model_uri, registered_model=cfg.registry.model_name,
                    registered_version=getattr(info, "registered_model_version", None), clip=clip.uri)
     outcome.pop("model")
     return outcome
 
 
-def _decoder(cfg, run_id, cache: Path, train: pd.DataFrame, heldout: pd.DataFrame) -> tuple[str, str]:
+def _decoder(cfg, run_id, cache: UPath, train: pd.DataFrame, heldout: pd.DataFrame) -> tuple[str, str]:
     """(decoder, tokenizer) directories: `decoder.pretrained` with its own tokenizer, else a byte-level BPE on the
     training captions and LM pretraining, computed once per (captions, settings) so that the runs of a sweep
     share them."""
@@ -104,21 +107,23 @@ def _decoder(cfg, run_id, cache: Path, train: pd.DataFrame, heldout: pd.DataFram
         return str(cfg.decoder.pretrained), str(cfg.decoder.pretrained)
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("tokenizer", "decoder", "lm", "deepspeed")}
     key = content_key(cache.name, json.dumps(settings, sort_keys=True), str(cfg.max_caption_tokens),
-                      *(file_digest(path(f)) for f in cfg.lm.text_files))
-    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"clipcap-{key}"  # read by the data workers: shared storage
+                      *(file_digest(storage.location(f)) for f in cfg.lm.text_files))
+    tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / f"clipcap-{key}"  # read by the data workers
 
-    def pretrain(partial: Path) -> dict[str, float]:
+    def pretrain(partial: UPath) -> dict[str, float]:
         tokenizer = train_bpe(train["caption"], vocab_size=cfg.tokenizer.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
+        with storage.staged_directory(tokenizer_dir) as local:
+            tokenizer.save_pretrained(local)
         return _pretrain_decoder(cfg, run_id, cache, tokenizer, str(tokenizer_dir), train, heldout,
                                  partial / "decoder")
 
-    decoder_dir = computed_once(path(cfg.work_dir) / "decoders", key, pretrain, "decoder LM", "clipcap") / "decoder"
+    decoder_dir = computed_once(storage.location(cfg.work_dir) / "decoders", key, pretrain, "decoder LM",
+                                "clipcap") / "decoder"
     return str(decoder_dir), str(decoder_dir)
 
 
-def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, train: pd.DataFrame,
-                      heldout: pd.DataFrame, export_dir: Path) -> dict[str, float]:
+def _pretrain_decoder(cfg, run_id, cache: UPath, tokenizer, tokenizer_dir: str, train: pd.DataFrame,
+                      heldout: pd.DataFrame, export_dir: UPath) -> dict[str, float]:
     trainer_cfg = stage_trainer(cfg, "lm")
     spec = {"vocab_size": len(tokenizer), "preset": cfg.decoder.preset, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.eos_token_id,
@@ -130,7 +135,7 @@ def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, t
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[clipcap] decoder LM pretraining: {describe_scale(trainer_cfg, deepspeed)}", flush=True)
         dataset = training_stream(cache, "train", tokenizer_dir, cfg.max_caption_tokens + 1, with_embedding=False,
-                                  text_files=tuple(str(path(f)) for f in cfg.lm.text_files),
+                                  text_files=tuple(str(storage.location(f)) for f in cfg.lm.text_files),
                                   in_memory=len(train) <= cfg.in_memory_rows)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "lm", "model": spec}
         trained = train_and_export(trainer_cfg, train_config, dataset, f"clipcap-lm-{run_id[:8]}", export_dir,
@@ -143,15 +148,15 @@ def _pretrain_decoder(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, t
     return {"heldout_perplexity_init": round(before, 2), "heldout_perplexity": round(after, 2)}
 
 
-def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, decoder_dir: str,
-                     clip_dim: int, training_rows: int, whitening: Path | None) -> dict[str, Any]:
+def _train_captioner(cfg, run_id, cache: UPath, tokenizer, tokenizer_dir: str, decoder_dir: str,
+                     clip_dim: int, training_rows: int, whitening: UPath | None) -> dict[str, Any]:
     trainer_cfg = stage_trainer(cfg, "caption")
     spec = {"clip_dim": clip_dim, "vocab_size": len(tokenizer), "prefix_length": int(cfg.caption.prefix_length),
             "mapping": cfg.caption.mapping, "pretrained": decoder_dir, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.eos_token_id, "mapping_layers": int(cfg.caption.mapping_layers),
             "whitening": str(whitening) if whitening else None}
     name = f"{cfg.mlflow.run_name}-{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
-    export_dir = path(cfg.export_dir) / f"{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
+    export_dir = storage.location(cfg.export_dir) / f"{cfg.caption.mapping}-prefix{cfg.caption.prefix_length}"
     with mlflow_runs.start_run(name, cfg.mlflow.experiment, tags={"stage": "clipcap-caption"}) as child:
         mlflow_runs.log_params({"caption": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
@@ -169,7 +174,7 @@ def _train_captioner(cfg, run_id, cache: Path, tokenizer, tokenizer_dir: str, de
             "train_seconds": trained.seconds, "caption_run_id": child.info.run_id}
 
 
-def evaluate_captioner(cfg, model, tokenizer, cache: Path, train: pd.DataFrame, heldout: pd.DataFrame
+def evaluate_captioner(cfg, model, tokenizer, cache: UPath, train: pd.DataFrame, heldout: pd.DataFrame
                        ) -> dict[str, Any]:
     """Held-out BLEU/CIDEr of the captioner and of the nearest-neighbour baseline; exact captions on training
     images (memorisation)."""

@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from tqdm import tqdm
+from upath import UPath
 
+from components import storage
 from components.data.ingest import MANIFEST
 from components.data.process_part import OK
 from components.data.shards import IMAGE_EXTENSIONS, write_shard
@@ -60,7 +59,7 @@ class PairScorer:
 
         self.model, self.tokenizer = load_with_tokenizer(model_dir)
         self.model.to(device)
-        self.source_dir, self.scored_dir = Path(source_dir), Path(scored_dir)
+        self.source_dir, self.scored_dir = UPath(source_dir), UPath(scored_dir)
         self.device, self.batch_size = device, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -68,7 +67,7 @@ class PairScorer:
         return {"part": list(batch["part"]), "rows": rows}
 
     def score_part(self, part: str) -> int:
-        table = pq.read_table(self.source_dir / f"{part}.parquet")
+        table = storage.read_parquet(self.source_dir / f"{part}.parquet")
         images = _tar_images(self.source_dir / f"{part}.tar")
         keys = table.column("key").to_pylist()
         missing = [k for k in keys if k not in images]
@@ -81,9 +80,7 @@ class PairScorer:
                                  for i in range(0, len(keys), self.batch_size)] or [np.zeros(0, np.float32)])
         scored = table.append_column("image", pa.array(image_bytes, pa.binary()))
         scored = scored.append_column(REASON, pa.array(scores, pa.float32()))
-        tmp = self.scored_dir / f".{part}.tmp"
-        pq.write_table(scored, tmp)
-        tmp.rename(self.scored_dir / f"{part}.parquet")
+        storage.write_parquet(scored, self.scored_dir / f"{part}.parquet")
         return len(keys)
 
     @torch.no_grad()
@@ -99,10 +96,10 @@ class PairScorer:
         return (image * text).sum(-1).cpu().numpy()
 
 
-def _tar_images(path: Path) -> dict[str, bytes]:
-    """key -> image bytes of a WebDataset shard."""
+def _tar_images(path: UPath) -> dict[str, bytes]:
+    """key -> image bytes of a WebDataset shard, local or in an object store."""
     images = {}
-    with tarfile.open(path) as tar:
+    with path.open("rb") as file, tarfile.open(fileobj=file) as tar:
         for member in tar:
             key, _, extension = member.name.rpartition(".")
             if extension in IMAGE_EXTENSIONS.values():
@@ -129,15 +126,16 @@ def decide_threshold(scores: np.ndarray, spec: ScoreFilter) -> float:
     return float(order[max(0, int(round(spec.keep_fraction * len(scores))) - 1)])
 
 
-def write_filtered_part(scored_file: Path, output_dir: Path, spec: ScoreFilter, threshold: float) -> dict[str, Any]:
+def write_filtered_part(scored_file: UPath, output_dir: UPath, spec: ScoreFilter, threshold: float
+                        ) -> dict[str, Any]:
     """The scored part -> its shard in output_dir, with the in-scope rows below the threshold in _dropped/."""
-    table = pq.read_table(scored_file)
+    table = storage.read_parquet(scored_file)
     below = table.column(REASON).to_numpy(zero_copy_only=False) < threshold
     status = np.where(_in_scope(table, spec.where) & below, REASON, OK)
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status.tolist(), pa.string()))
     # The shard writer adds its own duplicate_of column (empty here: the source was already deduplicated).
     staging = scored_file.with_name(f"part-{scored_file.stem}.parquet")
-    pq.write_table(table.drop_columns([c for c in ("duplicate_of",) if c in table.column_names]), staging)
+    storage.write_parquet(table.drop_columns([c for c in ("duplicate_of",) if c in table.column_names]), staging)
     stats = write_shard(staging, output_dir / "_work" / "no-drops", output_dir, _image_format(table))
     staging.unlink()
     return stats
@@ -153,15 +151,17 @@ def _image_format(table: pa.Table) -> str:
     return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[Image.open(io.BytesIO(first)).format]
 
 
-def run_filter(source_dir: Path, output_dir: Path, model_dir: Path, spec: ScoreFilter, *, actors: int = 1,
+def run_filter(source_dir: UPath, output_dir: UPath, model_dir: str, spec: ScoreFilter, *, actors: int = 1,
                use_gpu: bool = False, batch_size: int = 128, progress: bool = True) -> dict[str, Any]:
-    """Score, decide and write; returns the manifest (also written to output_dir/_manifest.json). Every row's
-    score is also kept in output_dir/_scores.parquet (key, score, in scope, truth) for choosing thresholds."""
+    """Score, decide and write, from and to local directories or object-store locations; returns the manifest
+    (also written to output_dir/_manifest.json). Every row's score is also kept in output_dir/_scores.parquet
+    (key, score, in scope, truth) for choosing thresholds."""
     started = time.perf_counter()
+    source_dir, output_dir = UPath(source_dir), UPath(output_dir)
     source_manifest = json.loads((source_dir / MANIFEST).read_text())
     parts = [shard["shard"] for shard in source_manifest["shards"]]
     scored_dir = output_dir / "_work" / "scored"
-    shutil.rmtree(output_dir, ignore_errors=True)
+    storage.remove_tree(output_dir)
     scored_dir.mkdir(parents=True)
 
     scorer_args = {"model_dir": str(model_dir), "source_dir": str(source_dir), "scored_dir": str(scored_dir),
@@ -175,7 +175,7 @@ def run_filter(source_dir: Path, output_dir: Path, model_dir: Path, spec: ScoreF
             bar.update(row["rows"])
 
     columns = ["key", REASON, *spec.where, *([spec.truth_column] if spec.truth_column else [])]
-    scores = pa.concat_tables(pq.read_table(scored_dir / f"{p}.parquet", columns=columns) for p in parts)
+    scores = pa.concat_tables(storage.read_parquet(scored_dir / f"{p}.parquet", columns=columns) for p in parts)
     if spec.truth_column and spec.truth_column not in scores.column_names:
         raise ValueError(f"filter.truth_column {spec.truth_column!r} is not in the shards")
     in_scope = _in_scope(scores, spec.where)
@@ -192,15 +192,15 @@ def run_filter(source_dir: Path, output_dir: Path, model_dir: Path, spec: ScoreF
             bar.update(1)
     stats = [by_part[p] for p in parts]
     scores = scores.append_column("in_scope", pa.array(in_scope))
-    pq.write_table(scores, output_dir / "_scores.parquet")
+    storage.write_parquet(scores, output_dir / "_scores.parquet")
     manifest = _manifest(source_dir, source_manifest, spec, threshold, stats, scores, time.perf_counter() - started)
-    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (output_dir / "sizes.json").write_text(json.dumps({f"{s['part']}.tar": s["kept"] for s in stats}))
-    shutil.rmtree(output_dir / "_work")
+    storage.write_text(output_dir / "sizes.json", json.dumps({f"{s['part']}.tar": s["kept"] for s in stats}))
+    storage.remove_tree(output_dir / "_work")
+    storage.write_text(output_dir / MANIFEST, json.dumps(manifest, indent=2))  # last: the output is complete
     return manifest
 
 
-def _manifest(source_dir: Path, source: dict[str, Any], spec: ScoreFilter, threshold: float,
+def _manifest(source_dir: UPath, source: dict[str, Any], spec: ScoreFilter, threshold: float,
               stats: list[dict[str, Any]], scores: pa.Table, seconds: float) -> dict[str, Any]:
     total_in = sum(s["input"] for s in stats)
     kept = sum(s["kept"] for s in stats)

@@ -12,11 +12,15 @@ so the teacher embeds each English sentence about once per batch (see components
 from __future__ import annotations
 
 import hashlib
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+from upath import UPath
+
+from components import storage
 
 from components.data.emoji_corpus import bare_key, concept_split, load_corpus
 
@@ -62,16 +66,17 @@ def builtin_parallel_text(corpus_dir: str | Path, languages: Iterable[str], cldr
     return _ordered(pairs)
 
 
-def read_parallel_text(path: str | Path, test_fraction: float = 0.2) -> pd.DataFrame:
+def read_parallel_text(path: str | os.PathLike, test_fraction: float = 0.2) -> pd.DataFrame:
     """A user's parallel text (.tsv, .csv or .parquet). Without a split column, rows are split by a hash of src,
     so every translation of one English sentence lands on the same side."""
-    path = Path(path)
+    path = UPath(path)  # local or in an object store
     if not path.is_file():
         raise FileNotFoundError(f"parallel text {path} does not exist")
     if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
+        frame = storage.read_parquet(path).to_pandas()
     elif path.suffix in (".tsv", ".csv"):
-        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        with path.open("rb") as file:
+            frame = pd.read_csv(file, sep="\t" if path.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
     else:
         raise ParallelTextError(f"parallel text {path}: expected .tsv, .csv or .parquet")
     missing = [c for c in COLUMNS if c not in frame]

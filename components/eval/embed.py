@@ -15,21 +15,23 @@ import ray
 import torch
 from tqdm import tqdm
 
+from components import storage
 from components.eval.store import EmbeddingStore
 
 SIDES = ("image", "text")
 
 
 def load_with_tokenizer(model_dir: str | Path):
-    """(model in eval mode, tokenizer or None) from an export directory."""
+    """(model in eval mode, tokenizer or None) from an export directory, local or in an object store."""
     from components.models.factory import load_model
 
-    model = load_model(model_dir).eval()
-    tokenizer = None
-    if model.text_input == "tokens":
-        from components.models.tokenizer import load_tokenizer
+    with storage.local_copy(model_dir) as local:
+        model = load_model(local).eval()
+        tokenizer = None
+        if model.text_input == "tokens":
+            from components.models.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model_dir)
+            tokenizer = load_tokenizer(local)
     return model, tokenizer
 
 

@@ -8,8 +8,11 @@ registry version gets the headline metrics as tags.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import json
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,10 +34,15 @@ HEADLINE = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "image_to_t
 
 @dataclass
 class ResolvedModel:
-    directory: Path  # the export: config.json, weights, tokenizer
+    directory: Path  # the export on this machine: config.json, weights, tokenizer
     uri: str
     run_id: str | None = None  # the MLflow run that logged it
     registered: tuple[str, str] | None = None  # (name, version)
+    shared: str | None = None  # a copy that Ray workers on any node read (an object store); None: `directory`
+
+    @property
+    def for_workers(self) -> str:
+        return self.shared or str(self.directory)
 
 
 def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
@@ -73,13 +81,18 @@ def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
     return ResolvedModel(_export_in(directory, uri), uri)
 
 
-def fetch_model(uri: str, directory: Path) -> ResolvedModel:
-    """resolve_model into a fresh `directory`: for a stage whose training workers read the model (on a cluster,
-    `directory` is on shared storage)."""
-    import shutil
-
-    shutil.rmtree(directory, ignore_errors=True)
-    return resolve_model(uri, directory)
+def fetch_model(uri: str, directory: UPath) -> ResolvedModel:
+    """resolve_model into a fresh `directory` that the stage's Ray workers read: a local directory (on a cluster,
+    a shared mount), or an object-store location, which gets a copy of the export while this process keeps its
+    own (in scratch, removed at exit)."""
+    storage.remove_tree(directory)
+    if not storage.is_remote(directory):
+        return resolve_model(uri, Path(directory))
+    scratch = Path(tempfile.mkdtemp(prefix="clipforge-model-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    resolved = resolve_model(uri, scratch)
+    storage.upload(resolved.directory, directory)
+    return dataclasses.replace(resolved, shared=str(directory))
 
 
 def _export_in(root: Path, uri: str) -> Path:
@@ -111,21 +124,21 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
         return dataset.map_batches(transform, batch_format="pandas") if transform else dataset
 
     started = time.perf_counter()
-    images = embed_to_store(rows(), model.directory, "image", work_dir / "images", **embed_settings)
+    images = embed_to_store(rows(), model.for_workers, "image", work_dir / "images", **embed_settings)
     if len(images) == 0:
         raise ValueError(f"no rows to evaluate in {data_path} (where {where})")
     print(f"[evaluate] {len(images)} images embedded in {time.perf_counter() - started:.1f} s", flush=True)
-    text_stores = embed_text_sets(caption_sets(images, list(cfg["tasks"]), cfg["task_settings"]), model.directory,
+    text_stores = embed_text_sets(caption_sets(images, list(cfg["tasks"]), cfg["task_settings"]), model.for_workers,
                                   work_dir, **embed_settings)
 
     def embed_texts(texts: list[str], name: str) -> EmbeddingStore:
         if name not in text_stores or len(text_stores[name]) != len(texts):
-            text_stores.update(embed_text_sets({name: texts}, model.directory, work_dir, **embed_settings))
+            text_stores.update(embed_text_sets({name: texts}, model.for_workers, work_dir, **embed_settings))
         return text_stores[name]
 
     def embed_rows(name: str, spec: Any) -> EmbeddingStore:
         dataset = rows(transform=spec) if callable(spec) else rows(row_where=dict(spec))
-        return embed_to_store(dataset, model.directory, "image", work_dir / f"images_{name}", **embed_settings)
+        return embed_to_store(dataset, model.for_workers, "image", work_dir / f"images_{name}", **embed_settings)
 
     keys = images.meta_column("key")
     store_row = {key: i for i, key in enumerate(keys)}

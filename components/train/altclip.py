@@ -19,13 +19,14 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
+from components import storage
 from components.cache import cached_parquet, content_key, file_digest
 from components.data.parallel_text import builtin_parallel_text, fingerprint, read_parallel_text
-from components.models.factory import build_model, saved_family
+from components.models.factory import saved_family
 from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.data import TextConfig, parallel_text_dataset
@@ -38,6 +39,7 @@ from components.train.pretraining import (
     train_and_export,
     worker_config,
 )
+from components.train.tasks import build_spec_model
 
 # -- parallel text and the teacher's targets ---------------------------------------------------------------------
 def parallel_pairs(cfg: DictConfig) -> pd.DataFrame:
@@ -76,33 +78,33 @@ class TeacherTargets:
         return {**batch, "target": features[index]}
 
 
-def teacher_targets(pairs: pd.DataFrame, teacher_dir: Path, cache_root: Path, *, batch_size: int, actors: int,
-                    use_gpu: bool) -> Path:
-    """A Parquet directory of the pairs with the teacher's `target`, computed once per (teacher weights, pairs)."""
-    key = content_key(file_digest(teacher_dir / "model.safetensors"), fingerprint(pairs))
+def teacher_targets(pairs: pd.DataFrame, teacher, cache_root: UPath, *, batch_size: int, actors: int,
+                    use_gpu: bool) -> UPath:
+    """A Parquet directory (local or in an object store) of the pairs with the teacher's `target`, computed once
+    per (teacher weights, pairs). teacher: a components.eval.runner.ResolvedModel."""
+    key = content_key(file_digest(teacher.directory / "model.safetensors"), fingerprint(pairs))
 
-    def write(partial: Path) -> int:
+    def write(partial: UPath) -> int:
         # Through a Parquet file (row groups become Ray Data blocks) rather than from_pandas: the pairs of a
         # user's file can be large, and the driver then holds them once.
         source = cache_root / f"{key}.pairs.parquet"
-        pairs[["src", "tgt", "lang", "split"]].to_parquet(source, row_group_size=20_000, index=False)
-        embedded = ray.data.read_parquet(str(source)).map_batches(
-            TeacherTargets, fn_constructor_kwargs={"teacher_dir": str(teacher_dir),
+        with storage.atomic_write(source) as file:
+            pairs[["src", "tgt", "lang", "split"]].to_parquet(file, row_group_size=20_000, index=False)
+        embedded = storage.ray_read_parquet(source).map_batches(
+            TeacherTargets, fn_constructor_kwargs={"teacher_dir": teacher.for_workers,
                                                    "device": "cuda" if use_gpu else "cpu"},
             batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
         # Pairs arrive grouped by English sentence (for the per-batch dedup above); training batches must not
         # be, or each holds a handful of sentences. Shuffled once here, for every run that reuses the cache.
-        embedded.random_shuffle(seed=0).write_parquet(str(partial))
+        storage.ray_write_parquet(embedded.random_shuffle(seed=0), partial)
         source.unlink()
         return len(pairs)
 
     return cached_parquet(cache_root, key, write, f"teacher targets of {len(pairs)} pairs", "altclip")
 
 
-def read_targets(targets_dir: Path, split: str) -> pd.DataFrame:
-    import pyarrow.dataset as ds
-
-    table = ds.dataset(str(targets_dir), format="parquet").to_table(filter=ds.field("split") == split)
+def read_targets(targets_dir: UPath, split: str) -> pd.DataFrame:
+    table = storage.read_parquet(targets_dir, filters=[("split", "=", split)])
     frame = table.drop(["target"]).to_pandas()
     frame["target"] = list(np.stack(table.column("target").to_numpy(zero_copy_only=False)))
     return frame
@@ -154,7 +156,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def pairs_sample(targets_dir: Path, split: str, rows: int, probe_language: str, seed: int = 0) -> pd.DataFrame:
+def pairs_sample(targets_dir: UPath, split: str, rows: int, probe_language: str, seed: int = 0) -> pd.DataFrame:
     """At most `rows` pairs of `split`, up to half of them in `probe_language`."""
     pairs = read_targets(targets_dir, split)
     probe = pairs[pairs["lang"] == probe_language]
@@ -170,7 +172,7 @@ def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
     return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
 
 
-def prepare_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: Path):
+def prepare_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: UPath):
     """cfg.tokenizer.path (any transformers tokenizer), else student.pretrained's, else a byte-level BPE in
     XLM-R's layout trained on both sides of the training pairs."""
     from components.models.tokenizer import load_tokenizer, train_bpe
@@ -181,7 +183,8 @@ def prepare_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: Path):
         train = pairs[pairs["split"] == "train"]
         texts = pd.concat([train["src"].drop_duplicates(), train["tgt"]])
         tokenizer = train_bpe(texts, vocab_size=cfg.tokenizer.vocab_size, layout="xlmr")
-    tokenizer.save_pretrained(out_dir)
+    with storage.staged_directory(out_dir) as local:
+        tokenizer.save_pretrained(local)
     return tokenizer
 
 
@@ -190,18 +193,18 @@ def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any
     family = saved_family(teacher.directory)
     if family != "clip":
         raise ValueError(f"the teacher must be a clip model; {teacher.uri} is a {family!r} model")
-    work = path(cfg.work_dir)
+    work = storage.location(cfg.work_dir)
     pairs = parallel_pairs(cfg)
     counts = pairs.groupby("split").size().to_dict()
     print(f"[altclip] parallel text: {len(pairs)} pairs in {pairs['lang'].nunique()} languages "
           f"({counts.get('train', 0)} train, {counts.get('test', 0)} held out)", flush=True)
     mlflow_runs.log_metrics({"parallel.pairs": len(pairs), "parallel.languages": pairs["lang"].nunique()})
-    tokenizer_dir = path(cfg.tokenizer.save_dir) / f"altclip-{run_id[:8]}"
+    tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / f"altclip-{run_id[:8]}"
     tokenizer = prepare_tokenizer(cfg, pairs, tokenizer_dir)
     inference = cfg.inference
     from components.train.trainer import resolve_use_gpu
 
-    targets_dir = teacher_targets(pairs, teacher.directory, work / "teacher_targets",
+    targets_dir = teacher_targets(pairs, teacher, work / "teacher_targets",
                                   batch_size=inference.batch_size, actors=inference.actors,
                                   use_gpu=resolve_use_gpu(inference.use_gpu))
 
@@ -214,9 +217,9 @@ def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any
         for key, value in lineage.items():
             client.set_model_version_tag(cfg.registry.model_name, stage2["registered_version"], key, value)
     if cfg.compare.enabled:
-        outcome["compare"] = compare_models(cfg, shard_dir, {"teacher": teacher.directory,
-                                                             "stage1": Path(stage1["export_dir"]),
-                                                             "altclip": Path(stage2["export_dir"])})
+        outcome["compare"] = compare_models(cfg, shard_dir, {"teacher": str(teacher.directory),
+                                                             "stage1": stage1["export_dir"],
+                                                             "altclip": stage2["export_dir"]})
     return outcome
 
 
@@ -229,9 +232,9 @@ def _lineage_tags(teacher) -> dict[str, str]:
     return tags
 
 
-def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Path) -> dict:
+def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: UPath) -> dict:
     trainer_cfg = stage_trainer(cfg, "stage1")
-    spec = {"family": "altclip", "preset": cfg.student.preset, "teacher": str(teacher.directory),
+    spec = {"family": "altclip", "preset": cfg.student.preset, "teacher": teacher.for_workers,
             "lock_image": True, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             **OmegaConf.to_container(cfg.student.overrides, resolve=True)}
@@ -240,7 +243,7 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
     with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-stage1-distill", cfg.mlflow.experiment,
                                tags={"stage": "altclip-distill", **_lineage_tags(teacher)}) as child:
         mlflow_runs.log_params({"stage1": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
-        model = build_model(**spec)
+        model = build_spec_model(spec)
         # Held-out concepts (generalisation) and training concepts (what the student fitted), the same size.
         samples = {split: pairs_sample(targets_dir, split, cfg.heldout_pairs, cfg.probe_language)
                    for split in ("test", "train")}
@@ -251,7 +254,7 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
         dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train")
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "distill",
                         "model": spec, "tokenizer_dir": tokenizer_dir}
-        export_dir = path(cfg.export_dir) / "stage1"
+        export_dir = storage.location(cfg.export_dir) / "stage1"
         trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage1-{run_id[:8]}", export_dir,
                                    tokenizer_dir)
         after = distill_metrics(trained.model, tokenizer, samples["test"], cfg.probe_language)
@@ -264,7 +267,8 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: Pa
         mlflow.set_tag("checkpoint", trained.checkpoint)
         from components.tracking.pyfunc import log_embedding_model
 
-        info = log_embedding_model(export_dir, None)
+        with storage.local_copy(export_dir) as local_export:
+            info = log_embedding_model(local_export, None)
     return {"export_dir": str(export_dir), "model_uri": info.model_uri, "run_id": child.info.run_id,
             "step": trained.step, "train_seconds": trained.seconds, "before": before, "after": after, "seen": seen}
 
@@ -275,7 +279,7 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
     with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-stage2-lit", cfg.mlflow.experiment,
                                tags={"stage": "altclip-contrastive"}) as child:
         mlflow_runs.log_params({"stage2": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
-        model = build_model(**spec)
+        model = build_spec_model(spec)
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[altclip] stage 2 (contrastive, image tower locked): "
               f"{model.num_parameters(trainable_only=True) / 1e6:.1f}M trainable parameters, "
@@ -286,7 +290,7 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "contrastive",
                         "model": spec, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                         "tokenizer_dir": tokenizer_dir}
-        export_dir = path(cfg.export_dir) / "final"
+        export_dir = storage.location(cfg.export_dir) / "final"
         trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage2-{run_id[:8]}", export_dir,
                                    tokenizer_dir)
         metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
@@ -295,7 +299,8 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
         mlflow.set_tag("checkpoint", trained.checkpoint)
         from components.tracking.pyfunc import log_embedding_model
 
-        info = log_embedding_model(export_dir, cfg.registry.model_name)
+        with storage.local_copy(export_dir) as local_export:
+            info = log_embedding_model(local_export, cfg.registry.model_name)
     return {"export_dir": str(export_dir), "model_uri": info.model_uri, "run_id": child.info.run_id,
             "step": trained.step, "train_seconds": trained.seconds, "heldout": metrics,
             "registered_model": cfg.registry.model_name,
@@ -303,7 +308,7 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
 
 
 # -- the comparison (the evaluation stage's multilingual retrieval) -----------------------------------------
-def compare_models(cfg: DictConfig, shard_dir: Path, models: dict[str, Path]) -> dict[str, dict[str, float]]:
+def compare_models(cfg: DictConfig, shard_dir: UPath, models: dict[str, str]) -> dict[str, dict[str, float]]:
     """Multilingual retrieval on the held-out rows for each model; {model: {lang: R@5}}, a table and a chart in the
     pipeline's MLflow run."""
     from components.eval import runner
@@ -322,8 +327,9 @@ def compare_models(cfg: DictConfig, shard_dir: Path, models: dict[str, Path]) ->
     for name, directory in models.items():
         scratch = runner.scratch_dir()
         try:
-            results = runner.evaluate(settings, shard_dir, runner.ResolvedModel(directory, str(directory)), scratch,
-                                      progress=False)
+            with storage.local_copy(directory) as local:
+                results = runner.evaluate(settings, shard_dir, runner.ResolvedModel(local, directory, shared=directory),
+                                          scratch, progress=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         table[name] = {r["language"]: float(r["metrics"][compare.metric]) for r in results}

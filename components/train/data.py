@@ -220,10 +220,7 @@ def cached_rows(directory: str | Path, columns: list[str], split: str | None = N
     column equals `split`. Longer runs start the next pass when this one ends (train_worker's batch stream);
     a union of per-pass reads instead makes Ray Data reserve resources per branch, which on a small cluster
     left none to run them (a hang seen here with 5 passes)."""
-    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {directory}")
-    rows = ray.data.read_parquet(files).select_columns(columns)
+    rows = storage.ray_read_parquet(directory).select_columns(columns)
     return rows.filter(expr=f"split == '{split}'") if split is not None else rows
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from components import storage
 from components.models.base import ContrastiveModel
 from components.train.losses import ContrastiveLoss
 
@@ -103,22 +104,34 @@ class CaptionTask:
         return loss, {"perplexity": float(loss.detach().float().exp())}
 
 
+# Spec keys that name files a model's constructor reads: local paths or object-store locations (any node).
+MODEL_FILES = ("pretrained", "teacher", "whitening")
+
+
 def build_decoder_module(spec: dict[str, Any]):
     from components.caption.model import build_decoder
 
-    return build_decoder(**spec)
+    with storage.local_paths(spec, MODEL_FILES) as local:
+        return build_decoder(**local)
 
 
 def build_captioner_module(spec: dict[str, Any]):
     from components.caption.model import ClipCap
 
-    return ClipCap(**spec)
+    with storage.local_paths(spec, MODEL_FILES) as local:
+        return ClipCap(**local)
+
+
+def build_spec_model(spec: dict[str, Any]):
+    """A contrastive model from build_model's keyword arguments, its files local or in an object store."""
+    from components.models.factory import build_model
+
+    with storage.local_paths(spec, MODEL_FILES) as local:
+        return build_model(**local)
 
 
 def _model(config: dict[str, Any]):
-    from components.models.factory import build_model
-
-    model = build_model(**dict(config["model"]))
+    model = build_spec_model(dict(config["model"]))
     if config.get("activation_checkpointing"):
         model.gradient_checkpointing_enable()
     return model

@@ -96,10 +96,10 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: UPath, tokenizer_dir: st
     """Rebuild the model from the checkpoint's spec, load consolidated weights, save_pretrained (+ tokenizer)
     into `export_dir`, a local directory or an object-store location.
     build: spec -> module (default: the contrastive families' build_model)."""
-    from components.models.factory import build_model
+    from components.train.tasks import build_spec_model
 
     spec = json.loads((checkpoint_dir / MODEL_SPEC).read_text())
-    model = (build or (lambda kwargs: build_model(**kwargs)))(spec)
+    model = (build or build_spec_model)(spec)
     state = consolidated_state_dict(checkpoint_dir)
     shapes = {name: param.shape for name, param in model.state_dict().items()}
     # Training holds scalars as [1] vectors (loop.scalars_as_vectors): back to the model's own shapes.
