@@ -180,18 +180,21 @@ def test_captioner_saves_and_loads_bit_for_bit(tmp_path):
         ClipCap.from_pretrained(tmp_path / "missing")
 
 
-def test_cached_rows_read_one_split_of_every_file(ray_local, tmp_path):
-    import pandas as pd
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_cached_rows_read_one_split_of_every_file(ray_local, tmp_path, request, where):
+    import pyarrow as pa
 
+    from components import storage
     from components.train.data import cached_rows
 
+    root = storage.location(request.getfixturevalue("object_store") if where == "bucket" else tmp_path)
     for part in range(2):
-        pd.DataFrame({"n": range(part * 5, part * 5 + 5), "split": ["train", "test"] * 2 + ["train"]}).to_parquet(
-            tmp_path / f"part-{part}.parquet")
-    rows = cached_rows(tmp_path, ["n", "split"], split="train").take_all()
+        storage.write_parquet(pa.table({"n": range(part * 5, part * 5 + 5),
+                                        "split": ["train", "test"] * 2 + ["train"]}), root / f"part-{part}.parquet")
+    rows = cached_rows(root, ["n", "split"], split="train").take_all()
     assert sorted(r["n"] for r in rows) == [0, 2, 4, 5, 7, 9]
     with pytest.raises(FileNotFoundError, match="no Parquet files"):
-        cached_rows(tmp_path / "empty", ["n"])
+        cached_rows(root / "empty", ["n"])
 
 
 def test_whitening_spreads_crowded_embeddings_and_travels_with_the_captioner(tmp_path):

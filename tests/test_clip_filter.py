@@ -56,21 +56,28 @@ def test_cut_keeps_the_top_fraction_or_the_threshold_and_scores_the_removal():
 
 
 @pytest.mark.slow
-def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(chain, emoji_shards, tmp_path):
+def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(chain, emoji_shards, object_store, tmp_path):
+    """The salted shards in a bucket, filtered into the bucket (the scored parts, the model's copy for the actors
+    and the output all live there), then read back here."""
+    from components import storage
+
     salted = tmp_path / "salted"
     run_pipeline(["data=emoji_local", f"data.corpus_dir={emoji_shards.parent / 'corpus'}",
                   f"data.limit={SHARD_CONCEPTS}", "data.mismatch.fraction=0.3", f"data.output_dir={salted}",
                   "progress=false", f"hydra.run.dir={tmp_path / 'hydra-ingest'}"], cwd=tmp_path)
+    bucket = storage.location(object_store)
+    storage.upload(salted, bucket / "salted")
     uri = chain.store_copy(tmp_path)  # its registry holds the chain's CLIP
-    filtered = tmp_path / "filtered"
-    args = ["model=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={salted}",
-            "data.mismatch.fraction=0.3", f"output={filtered}", "filter.keep_fraction=0.7", "progress=false",
-            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    args = ["model=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={bucket / 'salted'}",
+            "data.mismatch.fraction=0.3", f"output={bucket / 'filtered'}", "filter.keep_fraction=0.7",
+            "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "clip_filter.py"), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accounting: input" in done.stdout
+    assert not (bucket / "filtered" / "_work").exists()
+    filtered = storage.download(bucket / "filtered", tmp_path / "filtered")
 
     manifest = json.loads((filtered / "_manifest.json").read_text())
     source = json.loads((salted / "_manifest.json").read_text())

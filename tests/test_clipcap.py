@@ -89,9 +89,11 @@ def caption_run_ids(uri: str) -> set[str]:
 
 
 def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(clipcap_run, emoji_shards,
-                                                                               tmp_path, monkeypatch):
+                                                                               object_store, tmp_path, monkeypatch):
+    """A folder of images in a bucket, captions written to the bucket; then a local Parquet file to a disk."""
     import pandas as pd
 
+    from components import storage
     from tests.helpers import read_shards
 
     uri = clipcap_run.uri
@@ -104,13 +106,15 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(c
         (folder / ("nested" if i == 2 else "") / f"image{i}.jpg").write_bytes(sample["image"])
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     (folder / "notes.txt").write_text("not an image: not read")
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "caption.py"), f"data={folder}",
-                           f"output={tmp_path / 'jsonl'}", "output_format=jsonl", "generate.method=greedy",
+    bucket = storage.location(object_store)
+    storage.upload(folder, bucket / "photos")
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "caption.py"), f"data={bucket / 'photos'}",
+                           f"output={bucket / 'jsonl'}", "output_format=jsonl", "generate.method=greedy",
                            f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accounting: input 4 = captioned 3 + failed 1" in done.stdout
-    rows = pd.concat([pd.read_json(f, lines=True) for f in (tmp_path / "jsonl").glob("*.json*")])
+    rows = pd.concat([pd.read_json(f.open("rb"), lines=True) for f in (bucket / "jsonl").glob("*.json*")])
     rows = rows.set_index("key")
     assert sorted(rows.index) == ["broken.png", "image0.jpg", "image1.jpg", "nested/image2.jpg"]
     assert rows.loc["broken.png", "error"].startswith("cannot decode image") and rows["error"].notna().sum() == 1

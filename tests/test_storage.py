@@ -74,3 +74,58 @@ def test_an_export_in_a_bucket_is_a_model_for_evaluation(object_store, tmp_path)
         assert torch.equal(original, copy), name
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(f"{object_store}/models/missing", tmp_path / "missing")
+
+
+def test_a_cache_in_a_bucket_is_complete_only_with_its_marker(object_store, capsys):
+    from components.cache import DONE, computed_once
+
+    root = storage.location(f"{object_store}/caches")
+
+    def dies(directory):
+        storage.write_text(directory / "half.txt", "half")
+        raise RuntimeError("the writer died")
+
+    with pytest.raises(RuntimeError):
+        computed_once(root, "k1", dies, "rows", "test")
+    assert (root / "k1" / "half.txt").exists() and not (root / "k1" / DONE).exists()  # no rename: no marker
+
+    def writes(directory):
+        storage.write_text(directory / "rows.txt", "rows")
+        return {"rows": 1}
+
+    out = computed_once(root, "k1", writes, "rows", "test")
+    assert out == root / "k1" and sorted(p.name for p in out.iterdir()) == [DONE, "rows.txt"]  # the half is gone
+    assert json.loads((out / DONE).read_text()) == {"rows": 1, "what": "rows"}
+    capsys.readouterr()
+    assert computed_once(root, "k1", dies, "rows", "test") == out and "cached" in capsys.readouterr().out
+
+
+def test_model_files_in_a_bucket_are_read_through_local_copies(object_store, tmp_path):
+    """What a training worker on any node does with a spec naming bucket files (a whitening file, a decoder)."""
+    import torch
+
+    from components.caption.model import EmbeddingWhitening
+    from components.train.tasks import build_captioner_module
+    from components.workflow import StateFile
+
+    bucket = storage.location(object_store)
+    whitening = EmbeddingWhitening.fit(torch.randn(64, 16).numpy(), 0.1)
+    whitening.save(bucket / "whitening.safetensors")
+    spec = {"clip_dim": 16, "vocab_size": 50, "prefix_length": 2, "whitening": str(bucket / "whitening.safetensors")}
+    with storage.local_paths(spec, ("whitening", "pretrained")) as local:
+        assert local["whitening"] != spec["whitening"] and "pretrained" not in local
+        assert torch.equal(EmbeddingWhitening.load(local["whitening"]).matrix, whitening.matrix)
+    assert not storage.location(local["whitening"]).exists()  # removed after the block
+    captioner = build_captioner_module(spec)
+    assert torch.equal(captioner.whitening.matrix, whitening.matrix)
+
+    (tmp_path / "export" / "nested").mkdir(parents=True)
+    (tmp_path / "export" / "nested" / "weights.bin").write_bytes(b"w")
+    storage.upload(tmp_path / "export", bucket / "export")
+    storage.upload(tmp_path / "export", bucket / "export")  # replaces, never nests
+    assert [p.path for p in (bucket / "export").rglob("*") if p.is_file()] == [
+        (bucket / "export" / "nested" / "weights.bin").path]
+
+    state = StateFile(bucket / "workflow" / "state.json")
+    state.put("ingest", {"key": "k", "status": "done"})
+    assert StateFile(bucket / "workflow" / "state.json").get("ingest") == {"key": "k", "status": "done"}
