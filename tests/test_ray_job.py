@@ -138,9 +138,10 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     assert list(storage.location(f"{object_store}/mlflow").rglob("model.safetensors"))
 
     # The chained workflow as a job, with the bucket as the cluster's storage: ingest writes the shards there,
-    # pretraining reads them, its tokenizer and checkpoints go there. Its stages run on the head's cluster and
-    # nest under one parent run.
-    work_dir, corpus, bucket = tmp_path / "workflow", emoji_shards.parent / "corpus", storage.location(object_store)
+    # pretraining reads them, its tokenizer, checkpoints and export go there, and so does the workflow's state.
+    # Its stages run on the head's cluster and nest under one parent run.
+    corpus, bucket = emoji_shards.parent / "corpus", storage.location(object_store)
+    work_dir = bucket / "workflow"
     stage_overrides = {"pretrain": ["trainer.samples=640", "eval_samples=64", f"tokenizer.save_dir={bucket / 'tok'}",
                                     f"trainer.storage_path={bucket / 'ray'}"]}
     submit(ray_head, mlflow_server, "end_to_end.py", [
@@ -152,6 +153,7 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     state = json.loads((work_dir / "state.json").read_text())
     assert state["ingest"]["outputs"]["shards"] == str(bucket / "shards")
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-clip/2"
+    assert (work_dir / "pretrain" / state["pretrain"]["key"] / "model.safetensors").is_file()  # the export
     # The session's corpus ingested into the bucket gives the session's shards (ingested onto a disk), byte for byte.
     disk_files = sorted(p.name for p in emoji_shards.glob("[0-9]*"))
     assert sorted(p.name for p in (bucket / "shards").glob("[0-9]*")) == disk_files and len(disk_files) == 6

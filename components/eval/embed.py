@@ -22,16 +22,19 @@ SIDES = ("image", "text")
 
 
 def load_with_tokenizer(model_dir: str | Path):
-    """(model in eval mode, tokenizer or None) from an export directory, local or in an object store."""
+    """(model in eval mode, tokenizer or None) from an export directory, local or in an object store (what a
+    ResolvedModel gives its workers: each reads it from its own node)."""
+    from components.eval.runner import export_in
     from components.models.factory import load_model
 
     with storage.local_copy(model_dir) as local:
-        model = load_model(local).eval()
+        directory = export_in(local, str(model_dir))
+        model = load_model(directory).eval()
         tokenizer = None
         if model.text_input == "tokens":
             from components.models.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(local)
+            tokenizer = load_tokenizer(directory)
     return model, tokenizer
 
 

@@ -38,7 +38,7 @@ class ResolvedModel:
     uri: str
     run_id: str | None = None  # the MLflow run that logged it
     registered: tuple[str, str] | None = None  # (name, version)
-    shared: str | None = None  # a copy that Ray workers on any node read (an object store); None: `directory`
+    shared: str | None = None  # an object-store copy that Ray workers on any node load; None: `directory`
 
     @property
     def for_workers(self) -> str:
@@ -67,18 +67,18 @@ def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
             found = client.get_model_version(name, version)
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{found.version}",
                                                     dst_path=str(download_dir))
-        return ResolvedModel(_export_in(Path(local), uri), uri, found.run_id, (name, str(found.version)))
+        return ResolvedModel(export_in(Path(local), uri), uri, found.run_id, (name, str(found.version)))
     if uri.startswith("runs:/"):
         run_id = uri.removeprefix("runs:/").split("/", 1)[0]
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_dir))
-        return ResolvedModel(_export_in(Path(local), uri), uri, run_id)
+        return ResolvedModel(export_in(Path(local), uri), uri, run_id)
     if "://" in uri:  # an export in an object store
-        return ResolvedModel(_export_in(storage.download(uri, download_dir), uri), uri)
+        return ResolvedModel(export_in(storage.download(uri, download_dir), uri), uri, shared=uri)
     directory = Path(uri).resolve()  # absolute: Ray workers run elsewhere
     if not directory.is_dir():
         raise FileNotFoundError(f"model {uri!r} is neither an MLflow URI (models:/..., runs:/...), an object-store "
                                 "URL nor a directory")
-    return ResolvedModel(_export_in(directory, uri), uri)
+    return ResolvedModel(export_in(directory, uri), uri)
 
 
 def fetch_model(uri: str, directory: UPath) -> ResolvedModel:
@@ -95,7 +95,7 @@ def fetch_model(uri: str, directory: UPath) -> ResolvedModel:
     return dataclasses.replace(resolved, shared=str(directory))
 
 
-def _export_in(root: Path, uri: str) -> Path:
+def export_in(root: Path, uri: str) -> Path:
     """The saved model inside a downloaded pyfunc model (its artifacts) or the directory itself."""
     if (root / "config.json").is_file():
         return root
