@@ -109,7 +109,7 @@ def read_captions(output: UPath, output_format: str, columns: list[str] | None =
     (source,), filesystem = storage.arrow_paths([UPath(output)])
     if output_format == "parquet":
         return ray.data.read_parquet(source, filesystem=filesystem, columns=columns)
-    rows = ray.data.read_json(source, filesystem=filesystem, lines=True)
+    rows = ray.data.read_json(source, filesystem=filesystem)  # pyarrow's reader: newline-delimited JSON
     return rows.select_columns(columns) if columns else rows
 
 
