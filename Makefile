@@ -72,6 +72,7 @@ bench: setup
 	$(PY) benchmarks/clippo_patch_size.py
 	$(PY) benchmarks/zero_memory_profile.py --stage 0
 	$(PY) benchmarks/zero_memory_profile.py --stage 3
+	$(PY) benchmarks/object_store_chain.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db
