@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     mlflow_runs.configure(cfg.mlflow.experiment)
     scratch = runner.scratch_dir()
     try:
-        model = runner.resolve_model(str(cfg.model_uri), scratch / "model")
+        model = runner.resolve_model(str(cfg.model_uri), scratch / "model").shipped()
         out_dir = location(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
         tags = {"stage": "evaluate", "model_uri": model.uri, "dataset": settings["dataset_name"]}
         with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags=tags,

@@ -76,6 +76,39 @@ def test_an_export_in_a_bucket_is_a_model_for_evaluation(object_store, tmp_path)
         resolve_model(f"{object_store}/models/missing", tmp_path / "missing")
 
 
+def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_is_gone(ray_local, tmp_path):
+    """evaluate.py downloads a registered model into the driver's scratch; its actors on other nodes cannot read
+    that disk, so they get the export through Ray's object store and unpack their own copy."""
+    import shutil
+
+    import ray
+    import torch
+
+    from components.eval.embed import load_with_tokenizer
+    from components.eval.runner import ResolvedModel
+    from components.models.factory import build_model
+
+    model = build_model("clippo", "tiny")
+    export = tmp_path / "scratch" / "model"
+    model.save_pretrained(export)
+    resolved = ResolvedModel(export, "models:/clipforge-clippo/1").shipped()
+    assert resolved.shipped() is resolved  # packed once
+    shutil.rmtree(export)  # what a worker on another node sees of the driver's scratch
+
+    @ray.remote
+    def load(source):
+        loaded, tokenizer = load_with_tokenizer(source)
+        return tokenizer, loaded.state_dict()
+
+    tokenizer, state = ray.get(load.remote(resolved.for_workers))
+    assert tokenizer is None  # CLIPPO reads rendered text
+    assert state.keys() == model.state_dict().keys()
+    for name, original in model.state_dict().items():
+        assert torch.equal(original, state[name]), name
+    in_bucket = ResolvedModel(export, "s3://models/clippo", shared="s3://models/clippo")
+    assert in_bucket.shipped().for_workers == "s3://models/clippo"  # workers already read the bucket copy
+
+
 def test_a_cache_in_a_bucket_is_complete_only_with_its_marker(object_store, capsys):
     from components.cache import DONE, computed_once
 

@@ -1,13 +1,17 @@
 """Batch inference with Ray Data: model actors turn image rows or texts into features, streamed to an
 EmbeddingStore on disk by the driver (memory stays one batch wide, whatever the dataset size).
 
-The actors load the model once each (from a local export directory, which on a cluster must be on shared
-storage or fetched by the actor), run on a GPU when one is asked for, and pass every other column through, so
-each stored row keeps its own metadata whatever order the batches arrive in.
+The actors load the model once each (from an export in a bucket, one packed into Ray's object store, or a
+local directory, which on a cluster must be on shared storage), run on a GPU when one is asked for, and pass
+every other column through, so each stored row keeps its own metadata whatever order the batches arrive in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +25,43 @@ from components.eval.store import EmbeddingStore
 SIDES = ("image", "text")
 
 
-def load_with_tokenizer(model_dir: str | Path):
-    """(model in eval mode, tokenizer or None) from an export directory, local or in an object store (what a
-    ResolvedModel gives its workers: each reads it from its own node)."""
+@dataclass(frozen=True)
+class ShippedExport:
+    """An export directory packed into Ray's object store, so that workers on any node load it without a shared
+    disk: each unpacks its own copy. For a model the driver downloaded into its scratch (evaluate.py)."""
+
+    files: ray.ObjectRef  # {path relative to the export: bytes}
+    source: str  # the model URI, for messages
+
+    @classmethod
+    def pack(cls, directory: Path, source: str) -> ShippedExport:
+        files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+        return cls(ray.put(files), source)
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="clipforge-shipped-") as scratch:
+            root = Path(scratch)
+            for name, data in ray.get(self.files).items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+            yield root
+
+    def __str__(self) -> str:
+        return self.source
+
+
+ModelSource = str | Path | ShippedExport
+
+
+def load_with_tokenizer(model_dir: ModelSource):
+    """(model in eval mode, tokenizer or None) from an export: a local directory, one in an object store, or one
+    shipped through Ray's object store (what a ResolvedModel gives its workers: each reads it on its own node)."""
     from components.eval.runner import export_in
     from components.models.factory import load_model
 
-    with storage.local_copy(model_dir) as local:
+    copy = model_dir.local_copy() if isinstance(model_dir, ShippedExport) else storage.local_copy(model_dir)
+    with copy as local:
         directory = export_in(local, str(model_dir))
         model = load_model(directory).eval()
         tokenizer = None
@@ -41,7 +75,7 @@ def load_with_tokenizer(model_dir: str | Path):
 class Embedder:
     """map_batches callable (an actor): `image` bytes or `text` strings -> f0.., emb + the other columns."""
 
-    def __init__(self, model_dir: str, side: str, device: str = "cpu"):
+    def __init__(self, model_dir: ModelSource, side: str, device: str = "cpu"):
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         from transformers.utils import logging as transformers_logging
@@ -69,11 +103,11 @@ class Embedder:
         return out
 
 
-def _embedded_batches(dataset: ray.data.Dataset, model_dir: str | Path, side: str, total: int | None, *,
+def _embedded_batches(dataset: ray.data.Dataset, model_dir: ModelSource, side: str, total: int | None, *,
                       batch_size: int = 128, actors: int = 1, use_gpu: bool = False, progress: bool = True):
     """(features, embedding, metadata columns) per output batch of Embedder actors over `dataset`."""
     embedded = dataset.map_batches(
-        Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "side": side,
+        Embedder, fn_constructor_kwargs={"model_dir": model_dir, "side": side,
                                          "device": "cuda" if use_gpu else "cpu"},
         batch_size=batch_size, concurrency=actors, num_gpus=1 if use_gpu else 0, batch_format="numpy")
     with tqdm(total=total, desc=f"embed {side}s", unit=side, disable=not progress, mininterval=2) as bar:
@@ -85,7 +119,7 @@ def _embedded_batches(dataset: ray.data.Dataset, model_dir: str | Path, side: st
             bar.update(len(batch["emb"]))
 
 
-def embed_to_store(dataset: ray.data.Dataset, model_dir: str | Path, side: str, store_dir: str | Path,
+def embed_to_store(dataset: ray.data.Dataset, model_dir: ModelSource, side: str, store_dir: str | Path,
                    total: int | None = None, **settings) -> EmbeddingStore:
     """Run Embedder actors over `dataset` and append every output batch to a new store at `store_dir`."""
     store = EmbeddingStore.create(store_dir)
@@ -98,7 +132,7 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def embed_text_sets(text_sets: dict[str, list[str]], model_dir: str | Path, store_root: str | Path,
+def embed_text_sets(text_sets: dict[str, list[str]], model_dir: ModelSource, store_root: str | Path,
                     **settings) -> dict[str, EmbeddingStore]:
     """Several named lists of texts (captions, each language's captions) embedded in ONE Ray Data pass
     (one actor pool, one streaming execution), each into its own store with a `text_index` column."""

@@ -23,7 +23,7 @@ from upath import UPath
 
 from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
-from components.eval.embed import embed_text_sets, embed_to_store, load_with_tokenizer
+from components.eval.embed import ModelSource, ShippedExport, embed_text_sets, embed_to_store, load_with_tokenizer
 from components.eval.store import EmbeddingStore
 from components.eval.tasks import TASKS, EvalContext, caption_sets
 
@@ -38,11 +38,18 @@ class ResolvedModel:
     uri: str
     run_id: str | None = None  # the MLflow run that logged it
     registered: tuple[str, str] | None = None  # (name, version)
-    shared: str | None = None  # an object-store copy that Ray workers on any node load; None: `directory`
+    shared: str | ShippedExport | None = None  # a copy Ray workers on any node load; None: `directory`
 
     @property
-    def for_workers(self) -> str:
+    def for_workers(self) -> ModelSource:
         return self.shared or str(self.directory)
+
+    def shipped(self) -> ResolvedModel:
+        """This model with a copy in Ray's object store for its workers, unless they already have a bucket copy:
+        `directory` (scratch, or a path given on the command line) may be on the driver's disk alone."""
+        if self.shared is not None:
+            return self
+        return dataclasses.replace(self, shared=ShippedExport.pack(self.directory, self.uri))
 
 
 def resolve_model(uri: str, download_dir: Path) -> ResolvedModel:
