@@ -60,9 +60,11 @@ def object_store(s3_endpoint) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_endpoint):
-    """The session's local Ray; its workers inherit the S3 endpoint's settings (set before it starts)."""
+    """A local Ray for the module's tests; its workers inherit the S3 endpoint's settings (set before it starts).
+    Per module, not per session: an idle Ray takes ~4% of a 2-core machine, which the slow pipeline tests in
+    the modules between would pay for (each pipeline starts its own Ray)."""
     from components.runtime import init_ray
 
     init_ray(num_cpus=2)

@@ -91,20 +91,21 @@ def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_
     model = build_model("clippo", "tiny")
     export = tmp_path / "scratch" / "model"
     model.save_pretrained(export)
+    files = {str(p.relative_to(export)): p.read_bytes() for p in export.rglob("*") if p.is_file()}
     resolved = ResolvedModel(export, "models:/clipforge-clippo/1").shipped()
     assert resolved.shipped() is resolved  # packed once
     shutil.rmtree(export)  # what a worker on another node sees of the driver's scratch
 
     @ray.remote
-    def load(source):
-        loaded, tokenizer = load_with_tokenizer(source)
-        return tokenizer, loaded.state_dict()
+    def unpacked(source):
+        with source.local_copy() as local:
+            return {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
 
-    tokenizer, state = ray.get(load.remote(resolved.for_workers))
+    assert ray.get(unpacked.remote(resolved.for_workers)) == files and len(files) >= 2
+    loaded, tokenizer = load_with_tokenizer(resolved.for_workers)  # the actors' loader takes it as it is
     assert tokenizer is None  # CLIPPO reads rendered text
-    assert state.keys() == model.state_dict().keys()
     for name, original in model.state_dict().items():
-        assert torch.equal(original, state[name]), name
+        assert torch.equal(original, loaded.state_dict()[name]), name
     in_bucket = ResolvedModel(export, "s3://models/clippo", shared="s3://models/clippo")
     assert in_bucket.shipped().for_workers == "s3://models/clippo"  # workers already read the bucket copy
 
