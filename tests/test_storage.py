@@ -84,14 +84,14 @@ def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_
     import ray
     import torch
 
-    from components.eval.embed import load_with_tokenizer
+    from components.eval.embed import ShippedExport, load_with_tokenizer
     from components.eval.runner import ResolvedModel
     from components.models.factory import build_model
 
     model = build_model("clippo", "tiny")
     export = tmp_path / "scratch" / "model"
     model.save_pretrained(export)
-    files = {str(p.relative_to(export)): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    files = ShippedExport.files_of(export)
     resolved = ResolvedModel(export, "models:/clipforge-clippo/1").shipped()
     assert resolved.shipped() is resolved  # packed once
     shutil.rmtree(export)  # what a worker on another node sees of the driver's scratch
@@ -99,7 +99,7 @@ def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_
     @ray.remote
     def unpacked(source):
         with source.local_copy() as local:
-            return {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+            return ShippedExport.files_of(local)
 
     assert ray.get(unpacked.remote(resolved.for_workers)) == files and len(files) >= 2
     loaded, tokenizer = load_with_tokenizer(resolved.for_workers)  # the actors' loader takes it as it is

@@ -33,10 +33,13 @@ class ShippedExport:
     files: ray.ObjectRef  # {path relative to the export: bytes}
     source: str  # the model URI, for messages
 
+    @staticmethod
+    def files_of(directory: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
     @classmethod
     def pack(cls, directory: Path, source: str) -> ShippedExport:
-        files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-        return cls(ray.put(files), source)
+        return cls(ray.put(cls.files_of(directory)), source)
 
     @contextlib.contextmanager
     def local_copy(self) -> Iterator[Path]:
