@@ -1,4 +1,5 @@
-"""The shipped DeepSpeed configs as the training loop builds an engine from them, in bf16 (as on GPUs).
+"""The shipped DeepSpeed configs as the training loop builds an engine from them, in bf16 (as on GPUs), and the
+layout a resumed checkpoint needs.
 
 ZeRO-1/2 make every parameter a view into one flat buffer per param group. Where a view starts off a 16-byte
 boundary (every bias after the 1-element logit_scale), cuBLASLt cannot use its fused-bias GEMM and each Linear
@@ -70,3 +71,15 @@ def test_shipped_zero_configs_align_every_parameter_and_skip_per_parameter_overf
 def test_without_parameter_alignment_the_biases_after_logit_scale_are_misaligned(layouts):
     misaligned = layouts["zero2/False"]["misaligned"]
     assert any(name.endswith(".bias") for name in misaligned), misaligned
+
+
+def test_a_resumed_checkpoint_keeps_the_layout_it_was_saved_with():
+    from components.train.loop import resumable_layout
+
+    shipped = {"zero_optimization": {"stage": 2, "parameter_alignment": True}, "gradient_clipping": 1.0}
+    # Saved before the configs set parameter_alignment: nothing recorded, unpadded.
+    old = resumable_layout(shipped, {"step": 20, "samples_seen": 2560})
+    assert old["zero_optimization"] == {"stage": 2, "parameter_alignment": False} and old["gradient_clipping"] == 1.0
+    assert shipped["zero_optimization"]["parameter_alignment"] is True  # the run's config is not mutated
+    assert resumable_layout(shipped, {"step": 20, "parameter_alignment": True}) is shipped
+    assert resumable_layout(shipped, None) is shipped

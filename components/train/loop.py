@@ -11,6 +11,7 @@ is replayed. On datasets much larger than a run, that is sampling without a memo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else
 
 CHECKPOINT_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
+PARAMETER_ALIGNMENT = "parameter_alignment"  # zero_optimization key, recorded in TRAINER_STATE
 MODEL_SPEC = "model_spec.json"
 CHECKPOINT_TOKENIZER = "tokenizer"
 
@@ -102,6 +104,19 @@ def deepspeed_config(base: dict[str, Any], micro_batch: int, grad_accum: int) ->
     return config
 
 
+def resumable_layout(base: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
+    """`base` with the ZeRO-1/2 flat-buffer layout the resumed checkpoint was saved with: DeepSpeed refuses to load
+    a padded layout into an unpadded one or back. Checkpoints from before the configs set parameter_alignment
+    record nothing and are unpadded."""
+    if state is None:
+        return base
+    zero = dict(base.get("zero_optimization") or {})
+    saved = bool(state.get(PARAMETER_ALIGNMENT, False))
+    if bool(zero.get(PARAMETER_ALIGNMENT, False)) == saved:
+        return base
+    return {**base, "zero_optimization": {**zero, PARAMETER_ALIGNMENT: saved}}
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """TorchTrainer's train_loop_per_worker. `config` is plain data (see components/train/trainer.py)."""
     import deepspeed
@@ -128,18 +143,20 @@ def train_worker(config: dict[str, Any]) -> None:
     warmup = max(1, int(settings.warmup_fraction * settings.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, settings.total_steps))
     micro_batch = settings.micro_batch(world)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config["deepspeed"], micro_batch, settings.grad_accum))
-
     step, samples_seen = 0, 0
     checkpoint = ray.train.get_checkpoint() or (Checkpoint(config["resume_from"]) if config.get("resume_from") else None)
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-            state = json.loads((Path(directory) / TRAINER_STATE).read_text())
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        state = json.loads((directory / TRAINER_STATE).read_text()) if directory else None
+        deepspeed_base = resumable_layout(config["deepspeed"], state)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(deepspeed_base, micro_batch, settings.grad_accum))
+        if state:
+            engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
             step, samples_seen = state["step"], state["samples_seen"]
-        _say(rank, f"resumed from step {step} ({samples_seen} samples seen)")
+            _say(rank, f"resumed from step {step} ({samples_seen} samples seen)")
+    alignment = bool((deepspeed_base.get("zero_optimization") or {}).get(PARAMETER_ALIGNMENT, False))
 
     logger = _MetricLogger(config.get("mlflow"), rank)
     periodic, periodic_tokenizer = _periodic_evaluation(config)
@@ -152,7 +169,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
             if rank == 0:
-                (Path(directory) / TRAINER_STATE).write_text(json.dumps({"step": step, "samples_seen": samples_seen}))
+                (Path(directory) / TRAINER_STATE).write_text(json.dumps(
+                    {"step": step, "samples_seen": samples_seen, PARAMETER_ALIGNMENT: alignment}))
                 (Path(directory) / MODEL_SPEC).write_text(json.dumps(config["model"]))
                 if config.get("tokenizer_dir"):  # a checkpoint resumes with the tokenizer it was trained with
                     with storage.local_copy(config["tokenizer_dir"]) as tokenizer_dir:
