@@ -80,9 +80,11 @@ def test_clip_learns_exports_for_transformers_and_registers(pretrained_clip, mon
 
 
 def test_filip_learns_with_token_wise_similarity(emoji_shards, tmp_path):
-    run_pipeline(pretrain_args(emoji_shards, tmp_path, "model=filip", "trainer.samples=7680"), tmp_path, "pretrain_clip",
-                 timeout=900)
+    out = run_pipeline(pretrain_args(emoji_shards, tmp_path, "model=filip", "trainer.samples=7680"), tmp_path,
+                       "pretrain_clip", timeout=900)
     assert_learned("filip", min_ratio=2.0)
+    # The summary names the registry URI the next stage takes (evaluate.py model=...).
+    assert "\nregistered: models:/clipforge-filip/1 (logged model models:/m-" in out, out[-2000:]
 
 
 def test_clippo_learns_under_zero0_exports_and_evaluates(emoji_shards, tmp_path):

@@ -231,8 +231,7 @@ def summary(outcome: dict[str, Any]) -> str:
         lines.append(f"  {example['reference']!r} -> {example['generated']!r} (neighbour: "
                      f"{example['nearest_neighbour']!r})")
     lines.append(f"export: {outcome['export_dir']}")
-    lines.append(f"registered: {outcome['registered_model']} version {outcome['registered_version']} "
-                 f"({outcome['model_uri']})")
+    lines.append(mlflow_runs.registered_line(outcome))
     return "\n".join(lines)
 
 

@@ -88,3 +88,12 @@ def log_text(text: str, artifact_path: str) -> None:
 def log_image(image, artifact_path: str) -> None:
     """Log a PIL image."""
     mlflow.log_image(image, artifact_file=artifact_path)
+
+
+def registered_line(outcome: Mapping[str, Any]) -> str:
+    """A stage summary's registry line: the URI the other pipelines take (`model=models:/<name>/<version>`), then
+    the logged model's own (the only one when registry.model_name is null)."""
+    if not outcome.get("registered_version"):
+        return f"logged model: {outcome['model_uri']} (not registered: registry.model_name is null)"
+    return (f"registered: models:/{outcome['registered_model']}/{outcome['registered_version']} "
+            f"(logged model {outcome['model_uri']})")

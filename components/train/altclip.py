@@ -392,6 +392,5 @@ def summary(outcome: dict[str, Any], cfg: DictConfig) -> str:
         lines.append(f"multilingual retrieval on held-out concepts ({cfg.compare.metric}):")
         lines.append(comparison_table(outcome["compare"], cfg.compare.metric))
     lines.append(f"export: {stage2['export_dir']} (stage 1: {stage1['export_dir']})")
-    lines.append(f"registered: {stage2['registered_model']} version {stage2['registered_version']} "
-                 f"({stage2['model_uri']})")
+    lines.append(mlflow_runs.registered_line(stage2))
     return "\n".join(lines)

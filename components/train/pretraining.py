@@ -220,8 +220,7 @@ def summary(outcome: dict[str, Any]) -> str:
                      f"{heldout['text_to_image_R5']:.3f}")
     lines.append(f"export: {outcome['export_dir']}")
     lines.append(f"checkpoint: {outcome['checkpoint']}")
-    lines.append(f"registered: {outcome['registered_model']} version {outcome['registered_version']} "
-                 f"({outcome['model_uri']})")
+    lines.append(mlflow_runs.registered_line(outcome))
     return "\n".join(lines)
 
 
