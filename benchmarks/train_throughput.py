@@ -9,7 +9,10 @@
     and after (b) and (c); the ratios are against the mean of the two.
 (b) ours, 1 Ray Train worker and (c) 2 workers: `pipelines/pretrain_clip.py` as users run it (Ray Data
     decoding/augmenting/tokenising on the same machine, DeepSpeed ZeRO-2, fp32 on CPU). Rates are the
-    samples/s and data-wait fraction the loop logs to MLflow, median over log windows after the first.
+    samples/s and data-wait fraction the loop logs to MLflow, over the log windows after the first (harmonic
+    mean of the rates, time-weighted mean of the waits).
+Beside (a), in the same process: the loop's own step (ContrastiveTask in a DeepSpeed ZeRO-2 engine, no Ray)
+    on the same tensors, and the preprocessing's CPU time per sample: what (b)'s gap is not.
 Memory: ZeRO-0 vs ZeRO-3 with the `base` preset (>= 100M parameters) at 2 workers, a few steps each: the peak
     RSS of each Ray Train worker process (sampled with psutil), and what training itself took in rank 0's worker:
     its peak RSS minus its RSS when the loop started (imports, Ray, the data client), as the loop logs them
