@@ -101,13 +101,14 @@ def test_clippo_learns_under_zero0_exports_and_evaluates(emoji_shards, tmp_path)
     assert not (work / "model" / "tokenizer.json").exists()  # CLIPPO reads rendered text
     client, run = finished_run("clippo")
     metrics = run.data.metrics
-    # Measured here (200 steps of 128): held-out image->text mean rank 76 (median 72.5) of 194 captions, chance
-    # 97.5; R@5 0.054 against chance 0.026; loss 5.03 at step 25 -> 4.54, below log(128) = 4.85, the loss of a
-    # model that cannot tell its batch apart. CLIPPO learns slowly at `tiny` on CPU (README): the mean rank,
-    # which every held-out image moves, carries the margin; R@5 over 370 images is too noisy for one.
+    # Measured here (200 steps of 128, four runs): held-out image->text mean rank 75-77 of 194 captions (median
+    # 69-72.5), chance 97.5; loss 5.03 at step 25 -> 4.54, below log(128) = 4.85, the loss of a model that cannot
+    # tell its batch apart. CLIPPO learns slowly at `tiny` on CPU (README): the ranks, which every held-out image
+    # moves, carry the margin. R@5 rests on a dozen images: 0.043-0.054 in those runs, 0.024 in one CI run, against
+    # chance 0.026.
     chance_rank = (metrics["heldout.texts"] + 1) / 2
     assert metrics["heldout.image_to_text_mean_rank"] < 0.85 * chance_rank, metrics
-    assert metrics["heldout.image_to_text_R5"] > metrics["heldout.chance_image_to_text_R5"], metrics
+    assert metrics["heldout.image_to_text_median_rank"] < 0.85 * chance_rank, metrics
     curve = loss_curve(client, run)
     assert curve[-1][1] < min(math.log(128), curve[0][1] - 0.3), curve
     assert metrics["memory.peak_rss_mib"] > metrics["memory.start_rss_mib"] > 100  # rank 0's worker memory
