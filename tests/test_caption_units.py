@@ -157,6 +157,57 @@ def test_caption_scores_rank_a_perfect_caption_above_a_wrong_one():
         caption_scores(references, {"a": "x"})
 
 
+def _random_captions(seed: int, keys: int) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
+    """References (1-3 per key) and two hypotheses per key, 1-6 words from a small vocabulary (so n-grams repeat)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "red heart face cat dog".split()
+
+    def caption() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+
+    references = {f"k{i}": [caption() for _ in range(rng.randint(1, 3))] for i in range(keys)}
+    return references, {k: caption() for k in references}, {k: caption() for k in references}
+
+
+def test_caption_scores_from_per_key_statistics_equal_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from components.caption.metrics import caption_scores
+
+    references, hypotheses, _ = _random_captions(seed=0, keys=200)
+    ours = caption_scores(references, hypotheses)
+    listed = {k: [h] for k, h in hypotheses.items()}
+    bleu, _ = Bleu(4).compute_score(references, listed, verbose=0)
+    cider, _ = Cider().compute_score(references, listed)
+    assert [ours[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-12)
+    assert ours["BLEU-4"] > 0.01 and ours["CIDEr"] == pytest.approx(cider, rel=1e-12)
+
+
+def test_paired_bootstrap_separates_a_better_captioner_and_not_a_coin_flip():
+    from components.caption.metrics import caption_scores, caption_statistics, paired_bootstrap
+
+    references, first, second = _random_captions(seed=1, keys=300)
+    # Two random captioners of the same kind: the difference is the full-set one, inside its interval.
+    pair = paired_bootstrap(caption_statistics(references, first), caption_statistics(references, second))
+    direct = {k: caption_scores(references, first)[k] - caption_scores(references, second)[k] for k in pair}
+    for name, result in pair.items():
+        assert result["difference"] == pytest.approx(direct[name], abs=1e-12)
+        assert result["low"] < result["difference"] < result["high"] and 0 < result["ahead"] < 1, (name, result)
+    # Against itself: no difference, and never ahead.
+    same = paired_bootstrap(caption_statistics(references, first), caption_statistics(references, first))
+    assert all(r == {"difference": 0.0, "low": 0.0, "high": 0.0, "ahead": 0.0} for r in same.values()), same
+    # A captioner that gets half the references exactly beats a random one in every resample.
+    better = {k: refs[0] if i % 2 else first[k] for i, (k, refs) in enumerate(references.items())}
+    ahead = paired_bootstrap(caption_statistics(references, better), caption_statistics(references, first))
+    assert all(r["low"] > 0 and r["ahead"] == 1.0 for r in ahead.values()), ahead
+    with pytest.raises(ValueError, match="same keys"):
+        paired_bootstrap(caption_statistics(references, first),
+                         caption_statistics(dict(list(references.items())[:5]), dict(list(first.items())[:5])))
+
+
 def test_nearest_captions_scan_blocks_like_a_full_search():
     from components.caption.metrics import nearest_captions
 

@@ -48,8 +48,13 @@ def test_decoder_pretraining_lowers_heldout_perplexity_and_captions_are_scored(c
     assert metrics["train.exact_match"] > 0.6, clipcap_run.output
     # Held out: the captioner against the nearest training caption, printed and in MLflow. Measured once
     # (250 steps): BLEU-1 0.163 vs 0.155, CIDEr 0.430 vs 0.286, BLEU-4 0.000 vs 0.049; reported, not asserted.
+    # With each difference comes its paired-bootstrap interval over the held-out images.
     for name in ("BLEU-1", "BLEU-4", "CIDEr"):
-        assert f"heldout.{name}" in metrics and f"baseline.{name}" in metrics
+        difference = metrics[f"heldout.{name}"] - metrics[f"baseline.{name}"]
+        assert metrics[f"compare.{name}.difference"] == pytest.approx(difference, abs=1e-9)
+        assert metrics[f"compare.{name}.low"] <= metrics[f"compare.{name}.high"]
+        assert 0 <= metrics[f"compare.{name}.ahead"] <= 1
+    assert "captioner minus neighbour, 95% paired-bootstrap interval" in clipcap_run.output
     assert metrics["baseline.BLEU-1"] > 0  # neighbours share words with the references
     assert "nearest-neighbour caption" in clipcap_run.output
     artifacts = {a.path for a in client.list_artifacts(runs["clipcap"].info.run_id, "captions")}
@@ -173,5 +178,6 @@ def test_sweep_nests_its_runs_under_a_parent_with_a_summary_and_reuses_the_decod
 
     summary = pd.read_csv(table)
     assert summary["prefix_length"].tolist() == [1, 2] and summary["CIDEr"].notna().all()
+    assert summary["CIDEr ahead"].between(0, 1).all()
     assert client.get_run(parent.info.run_id).data.metrics["runs"] == 2
     assert "| mlp | 2 |" in done.stdout

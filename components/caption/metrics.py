@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,25 @@ def normalise(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, float]:
-    """{BLEU-1..4, CIDEr} of one hypothesis per key against its references (corpus-level, as COCO reports)."""
-    from pycocoevalcap.bleu.bleu import Bleu
+BLEU_ORDER = 4
+BOOTSTRAP_RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class CaptionStatistics:
+    """What the corpus scores are sums and means of, one row per key, so that any subset of the keys (a bootstrap
+    resample) scores without running the scorers again.
+
+    bleu: [keys, 2 + 2 * BLEU_ORDER]: hypothesis length, closest reference length, then the hypothesis' n-gram
+    counts for n = 1..4 and how many of them the references match (clipped), as pycocoevalcap's BleuScorer keeps.
+    cider: [keys]: each key's CIDEr-D (document frequencies from the references of every key, as COCO scores)."""
+
+    bleu: np.ndarray
+    cider: np.ndarray
+
+
+def caption_statistics(references: dict[str, list[str]], hypotheses: dict[str, str]) -> CaptionStatistics:
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
     from pycocoevalcap.cider.cider import Cider
 
     if set(references) != set(hypotheses):
@@ -30,10 +47,54 @@ def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str])
     if not references:
         raise ValueError("no captions to score")
     gts = {k: [normalise(r) or "<empty>" for r in refs] for k, refs in references.items()}
-    res = {k: [normalise(h) or "<empty>"] for k, h in hypotheses.items()}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    return {**{f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}, "CIDEr": float(cider)}
+    res = {k: [normalise(hypotheses[k]) or "<empty>"] for k in gts}
+    scorer = BleuScorer(n=BLEU_ORDER)
+    for key in gts:
+        scorer += (res[key][0], gts[key])
+    bleu = np.array([[c["testlen"], scorer._single_reflen(c["reflen"], "closest", c["testlen"]), *c["guess"],
+                      *c["correct"]] for c in scorer.ctest], dtype=np.float64)
+    _, cider = Cider().compute_score(gts, res)
+    return CaptionStatistics(bleu=bleu, cider=np.asarray(cider, dtype=np.float64))
+
+
+def _corpus_bleu(totals: np.ndarray) -> np.ndarray:
+    """BLEU-1..4 from summed statistics [..., 2 + 2n], exactly as pycocoevalcap's BleuScorer.compute_score."""
+    small, tiny = 1e-9, 1e-15
+    testlen, reflen = totals[..., 0], totals[..., 1]
+    guess, correct = totals[..., 2:2 + BLEU_ORDER], totals[..., 2 + BLEU_ORDER:]
+    precision_products = np.cumprod((correct + tiny) / (guess + small), axis=-1)
+    bleus = precision_products ** (1.0 / np.arange(1, BLEU_ORDER + 1))
+    ratio = (testlen + tiny) / (reflen + small)
+    brevity = np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
+    return bleus * brevity[..., None]
+
+
+def scores_of(statistics: CaptionStatistics) -> dict[str, float]:
+    bleus = _corpus_bleu(statistics.bleu.sum(axis=0))
+    return {**{f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleus)}, "CIDEr": float(statistics.cider.mean())}
+
+
+def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, float]:
+    """{BLEU-1..4, CIDEr} of one hypothesis per key against its references (corpus-level, as COCO reports)."""
+    return scores_of(caption_statistics(references, hypotheses))
+
+
+def paired_bootstrap(ours: CaptionStatistics, theirs: CaptionStatistics, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Ours minus theirs on the same keys, per metric: the difference on all keys, its 95% interval over
+    `resamples` resamples of the keys (drawn with replacement, the same draw for both), and the share of
+    resamples where ours scores higher. An interval that straddles 0 says the two are not told apart."""
+    keys = len(ours.cider)
+    if len(theirs.cider) != keys:
+        raise ValueError("both sides must be scored on the same keys")
+    draws = np.random.default_rng(seed).integers(0, keys, size=(resamples, keys))
+    ours_bleu, theirs_bleu = _corpus_bleu(ours.bleu[draws].sum(axis=1)), _corpus_bleu(theirs.bleu[draws].sum(axis=1))
+    resampled = {f"BLEU-{n + 1}": ours_bleu[:, n] - theirs_bleu[:, n] for n in range(BLEU_ORDER)}
+    resampled["CIDEr"] = ours.cider[draws].mean(axis=1) - theirs.cider[draws].mean(axis=1)
+    full_ours, full_theirs = scores_of(ours), scores_of(theirs)
+    return {name: {"difference": full_ours[name] - full_theirs[name], "low": float(np.percentile(values, 2.5)),
+                   "high": float(np.percentile(values, 97.5)), "ahead": float(np.mean(values > 0))}
+            for name, values in resampled.items()}
 
 
 def exact_match(references: dict[str, list[str]], hypotheses: dict[str, str]) -> float:
