@@ -23,6 +23,9 @@ def normalise(text: str) -> str:
 
 BLEU_ORDER = 4
 BOOTSTRAP_RESAMPLES = 1000
+# Differences below this are ties: scores are printed to 3 decimals, and a BLEU-4 without a single matching 4-gram
+# is pycocoevalcap's smoothing residue (~1e-6), which would otherwise decide "ahead" by caption lengths.
+TIE = 5e-4
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def paired_bootstrap(ours: CaptionStatistics, theirs: CaptionStatistics, resampl
                      seed: int = 0) -> dict[str, dict[str, float]]:
     """Ours minus theirs on the same keys, per metric: the difference on all keys, its 95% interval over
     `resamples` resamples of the keys (drawn with replacement, the same draw for both), and the share of
-    resamples where ours scores higher. An interval that straddles 0 says the two are not told apart."""
+    resamples where ours scores higher by more than TIE. An interval that straddles 0 says the two are not told
+    apart."""
     keys = len(ours.cider)
     if len(theirs.cider) != keys:
         raise ValueError("both sides must be scored on the same keys")
@@ -93,7 +97,7 @@ def paired_bootstrap(ours: CaptionStatistics, theirs: CaptionStatistics, resampl
     resampled["CIDEr"] = ours.cider[draws].mean(axis=1) - theirs.cider[draws].mean(axis=1)
     full_ours, full_theirs = scores_of(ours), scores_of(theirs)
     return {name: {"difference": full_ours[name] - full_theirs[name], "low": float(np.percentile(values, 2.5)),
-                   "high": float(np.percentile(values, 97.5)), "ahead": float(np.mean(values > 0))}
+                   "high": float(np.percentile(values, 97.5)), "ahead": float(np.mean(values > TIE))}
             for name, values in resampled.items()}
 
 
