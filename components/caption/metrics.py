@@ -54,8 +54,9 @@ def caption_statistics(references: dict[str, list[str]], hypotheses: dict[str, s
     scorer = BleuScorer(n=BLEU_ORDER)
     for key in gts:
         scorer += (res[key][0], gts[key])
-    bleu = np.array([[c["testlen"], scorer._single_reflen(c["reflen"], "closest", c["testlen"]), *c["guess"],
-                      *c["correct"]] for c in scorer.ctest], dtype=np.float64)
+    # Reference length: the one closest to the hypothesis, ties to the shorter (Bleu's option "closest").
+    bleu = np.array([[c["testlen"], min((abs(length - c["testlen"]), length) for length in c["reflen"])[1],
+                      *c["guess"], *c["correct"]] for c in scorer.ctest], dtype=np.float64)
     _, cider = Cider().compute_score(gts, res)
     return CaptionStatistics(bleu=bleu, cider=np.asarray(cider, dtype=np.float64))
 
