@@ -186,7 +186,7 @@ def test_caption_scores_from_per_key_statistics_equal_pycocoevalcap():
     assert ours["BLEU-4"] > 0.01 and ours["CIDEr"] == pytest.approx(cider, rel=1e-12)
 
 
-def test_paired_bootstrap_separates_a_better_captioner_and_not_a_coin_flip():
+def test_paired_bootstrap_gives_the_full_set_difference_and_separates_a_better_captioner():
     from components.caption.metrics import caption_scores, caption_statistics, paired_bootstrap
 
     references, first, second = _random_captions(seed=1, keys=300)
