@@ -20,7 +20,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, pretrain_args, run_pipeline
+from tests.helpers import REPO, pretrain_args, read_shards, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,29 @@ def test_clippo_learns_under_zero0_exports_and_evaluates(emoji_shards, tmp_path)
     assert "alignment maps skipped: clippo does not expose token-level embeddings" in out
     assert {p.name for p in (tmp_path / "eval" / "results").glob("*.json")} == {
         "zeroshot_classification.json", "zeroshot_retrieval.json"}
+
+
+def test_training_stream_holds_its_passes_of_the_filtered_rows(emoji_shards, tmp_path):
+    """The passes a run asks for come as one stream, each pass every training row once; the share of rows the
+    corpus' filter keeps, which sizes the passes, is counted from the shards' Parquet companions."""
+    import ray
+
+    from components.models.tokenizer import train_bpe
+    from components.runtime import init_ray
+    from components.train.data import BatchSpec, TextConfig, matching_share, training_dataset
+
+    rows = read_shards(emoji_shards)
+    training = [r for r in rows if r["json"]["split"] == "train"]
+    assert matching_share(emoji_shards, {"split": "train"}) == pytest.approx(len(training) / len(rows))
+    assert matching_share(emoji_shards, {"no_such_field": "x"}) == matching_share(emoji_shards, None) == 1.0
+    train_bpe([r["txt"] for r in training], vocab_size=512).save_pretrained(tmp_path / "tokenizer")
+    spec = BatchSpec(image_size=32, text=TextConfig(tokenizer_dir=str(tmp_path / "tokenizer")))
+    init_ray(num_cpus=2)  # this test's own: the pipeline tests around it start theirs
+    try:
+        stream = training_dataset(emoji_shards, spec, where={"split": "train"}, passes=3)
+        assert stream.count() == 3 * len(training)
+    finally:
+        ray.shutdown()
 
 
 def _train_workers() -> list[psutil.Process]:

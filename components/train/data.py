@@ -59,12 +59,35 @@ def shard_paths(shard_dir: str | os.PathLike) -> list[UPath]:
     return paths
 
 
-def read_pairs(shard_dir: str | os.PathLike, where: dict[str, Any] | None = None) -> ray.data.Dataset:
-    """Image bytes, caption and metadata of every sample, optionally only rows whose json fields match `where`;
-    the shards may be local or in an object store."""
-    files, filesystem = storage.arrow_paths(shard_paths(shard_dir))
-    dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None)
+def read_pairs(shards: str | os.PathLike | list[UPath], where: dict[str, Any] | None = None,
+               shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """Image bytes, caption and metadata of every sample of a shard directory (or of a list of shard files),
+    optionally only rows whose json fields match `where`; the shards may be local or in an object store.
+    shuffle_seed: read the files in a shuffled order, drawn anew (from the seed) at every execution."""
+    paths = shards if isinstance(shards, list) else shard_paths(shards)
+    files, filesystem = storage.arrow_paths(paths)
+    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
+    dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None,
+                                       shuffle=shuffle)
     return dataset.map_batches(_unpack, fn_kwargs={"where": dict(where or {})}, batch_format="pandas")
+
+
+def matching_share(shard_dir: str | os.PathLike, where: dict[str, Any] | None, sample_shards: int = 8) -> float:
+    """The share of the shards' rows whose metadata match `where`, counted in the Parquet companions (only the
+    `where` columns) of the first `sample_shards` shards; 1.0 without a filter or when those columns are missing.
+    A run sizes its passes over the data with it: reading every shard's metadata would cost a pass of its own."""
+    if not where:
+        return 1.0
+    matched = total = 0
+    for tar in shard_paths(shard_dir)[:sample_shards]:
+        try:
+            table = storage.read_parquet(tar.with_suffix(".parquet"), columns=list(where))
+        except (FileNotFoundError, KeyError, ValueError):  # no companion, or a `where` key it lacks
+            return 1.0
+        columns = {name: table.column(name).to_pylist() for name in where}
+        total += table.num_rows
+        matched += sum(all(columns[k][i] == v for k, v in where.items()) for i in range(table.num_rows))
+    return matched / total if total else 1.0
 
 
 def _unpack(batch, where: dict[str, Any]):
@@ -181,12 +204,13 @@ def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, An
 
     passes > 1 chains that many passes (each in its own shard order) into one stream, for runs longer than
     the dataset: each new pass over a Ray Dataset starts a new execution, which costs seconds, and on a small
-    dataset those restarts would dominate. Large datasets need 1."""
-    pairs = read_pairs(shard_dir, where)
-    orders = [pairs.randomize_block_order(seed=spec.seed + i) for i in range(max(1, passes))]
-    pairs = orders[0].union(*orders[1:]) if len(orders) > 1 else orders[0]
-    return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
-                             concurrency=preprocess_workers)
+    dataset those restarts would dominate. Large datasets need 1. The passes are one read of every shard file
+    `passes` times, in an order Ray Data draws at each execution (a run restored after a failure starts a new
+    one), so rows stream from the first file read: randomize_block_order would hold each pass back until all of
+    it had been read, and a union of per-pass reads makes Ray Data reserve resources for every branch."""
+    shards = shard_paths(shard_dir) * max(1, passes)
+    return read_pairs(shards, where, shuffle_seed=spec.seed).map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64,
+                                                num_cpus=0.5, concurrency=preprocess_workers)
 
 
 # -- AltCLIP stage 1: parallel text with the teacher's targets ---------------------------------------------------

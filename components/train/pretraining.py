@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from components import storage
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, family_class
 from components.tracking import mlflow_runs
-from components.train.data import AugmentConfig, BatchSpec, TextConfig, read_pairs, training_dataset
+from components.train.data import (AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs,
+                                   training_dataset)
 from components.train.loop import CHECKPOINT_TOKENIZER
 from components.train.trainer import (
     ScaleSettings,
@@ -154,12 +156,16 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
     the whole run."""
     augment = None if trainer_cfg.augment is None else AugmentConfig(scale=tuple(trainer_cfg.augment.scale),
                                                                      hflip=trainer_cfg.augment.hflip)
-    spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=trainer_cfg.seed)
-    # Enough passes for the whole run in one stream (+1: data.train_where keeps only part of the kept rows).
-    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"]
-    passes = math.ceil(trainer_cfg.samples / max(1, kept)) + (1 if cfg.data.get("train_where") else 0)
-    return training_dataset(shard_dir, spec_batch, where=_where(cfg.data.get("train_where")),
-                            preprocess_workers=trainer_cfg.preprocess_workers, passes=passes)
+    # A resumed run draws its own shard order: the original run's would feed its first shards again.
+    seed = trainer_cfg.seed + (zlib.crc32(str(trainer_cfg.resume_from).encode()) if trainer_cfg.resume_from else 0)
+    spec_batch = BatchSpec(image_size=model.image_size, text=text, augment=augment, seed=seed)
+    # Enough passes for the whole run in one stream; +1 for what each pass loses to drop_last and for the error
+    # of the sampled share. A run that still outlasts the stream starts a new one (seconds of stall).
+    where = _where(cfg.data.get("train_where"))
+    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"] * matching_share(shard_dir, where)
+    passes = math.ceil(trainer_cfg.samples / max(1, kept)) + 1
+    return training_dataset(shard_dir, spec_batch, where=where, preprocess_workers=trainer_cfg.preprocess_workers,
+                            passes=passes)
 
 
 def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
