@@ -11,6 +11,9 @@
     decoding/augmenting/tokenising on the same machine, DeepSpeed ZeRO-2, fp32 on CPU). Rates are the
     samples/s and data-wait fraction the loop logs to MLflow, over the log windows after the first (harmonic
     mean of the rates, time-weighted mean of the waits).
+(a1) plain with 1 torch thread and (b1) ours, 1 worker with 1 thread (on machines of 2 or more cores): the
+    other cores are left to Ray's own processes and the preprocessing, as on a node with cores to spare, so
+    (b1)/(a1) is what the pipeline costs a training thread that nothing preempts; (a1) runs before and after (b1).
 Beside (a), in the same process: the loop's own step (ContrastiveTask in a DeepSpeed ZeRO-2 engine, no Ray)
     on the same tensors, and the preprocessing's CPU time per sample: what (b)'s gap is not.
 Memory: ZeRO-0 vs ZeRO-3 with the `base` preset (>= 100M parameters) at 2 workers, a few steps each: the peak
@@ -64,21 +67,18 @@ def ingest(work: Path, env: dict) -> Path:
     return out
 
 
-def in_process(shards: Path, samples: int, batch: int) -> dict:
-    """(a): the same model, loss, optimizer and batch in one process over in-memory tensors; beside it, in blocks
-    taken in turn, the training loop's own step (ContrastiveTask in a DeepSpeed engine, ZeRO-2, world of 1) on
-    the same tensors: what DeepSpeed costs without Ray. Also the data pipeline's preprocessing per sample."""
-    import deepspeed
+def in_process(shards: Path, samples: int, batch: int, threads: int, engine: bool = True) -> dict:
+    """(a): the same model, loss, optimizer and batch in one process over in-memory tensors, `threads` torch
+    threads; beside it (engine=True), in blocks taken in turn, the training loop's own step (ContrastiveTask in a
+    DeepSpeed engine, ZeRO-2, world of 1) on the same tensors: what DeepSpeed costs without Ray. Also the data
+    pipeline's preprocessing per sample."""
     import torch
-    from omegaconf import OmegaConf
     from PIL import Image
 
     from components.models.factory import build_model
     from components.models.tokenizer import train_bpe
-    from components.train.loop import deepspeed_config, param_groups, scalars_as_vectors
     from components.train.losses import ContrastiveLoss
-    from components.train.pretraining import resolve_precision
-    from components.train.tasks import ContrastiveTask, normalise
+    from components.train.tasks import normalise
     from tests.helpers import read_shards
 
     rows = [r for r in read_shards(shards) if r["json"]["split"] == "train"]
@@ -91,7 +91,7 @@ def in_process(shards: Path, samples: int, batch: int) -> dict:
 
     plain = model()
     preprocess_ms = preprocess_cost(rows, tokenizer, plain.image_size)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     pixels = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")
                                                     .resize((plain.image_size, plain.image_size))) for r in rows]))
     encoded = tokenizer([r["txt"] for r in rows], padding="max_length", truncation=True,
@@ -115,10 +115,42 @@ def in_process(shards: Path, samples: int, batch: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    # The engine as components/train/loop.py builds it, in this process as a world of one.
+    steps = {"plain": plain_step}
+    if engine:
+        steps["engine"] = engine_stepper(model(), batch, next_batch)
+    blocks = max(1, samples // batch // ENGINE_BLOCK)
+    seconds = dict.fromkeys(steps, 0.0)
+    for step in steps.values():
+        for _ in range(3):  # warm-up
+            step()
+    for _ in range(blocks):  # in turn, so that drift on a shared machine hits both alike
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(ENGINE_BLOCK):
+                step()
+            seconds[name] += time.perf_counter() - started
+    rate = {name: round(batch * ENGINE_BLOCK * blocks / t, 1) for name, t in seconds.items()}
+    result = {"samples_per_s": rate["plain"], "threads": threads, "steps": ENGINE_BLOCK * blocks,
+              "preprocess_ms_per_sample_one_core": preprocess_ms, "parameters": plain.num_parameters()}
+    if engine:
+        result.update(engine_samples_per_s=rate["engine"], engine_vs_plain=round(rate["engine"] / rate["plain"], 3))
+    return result
+
+
+def engine_stepper(ours, batch: int, next_batch):
+    """One training step of the loop's own (ContrastiveTask in a DeepSpeed engine, ZeRO-2), built as
+    components/train/loop.py builds it, in this process as a world of one."""
+    import deepspeed
+    import torch
+    from omegaconf import OmegaConf
+
+    from components.train.loop import deepspeed_config, param_groups, scalars_as_vectors
+    from components.train.losses import ContrastiveLoss
+    from components.train.pretraining import resolve_precision
+    from components.train.tasks import ContrastiveTask
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
-    ours = model()
     scalars_as_vectors(ours)
     task = ContrastiveTask(ours, ContrastiveLoss())
     zero2 = resolve_precision(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "deepspeed" / "zero2.yaml")),
@@ -133,22 +165,7 @@ def in_process(shards: Path, samples: int, batch: int) -> dict:
         engine.step()
         loss.item()
 
-    steps = samples // batch
-    blocks = max(1, steps // ENGINE_BLOCK)
-    seconds = {"plain": 0.0, "engine": 0.0}
-    for step in (plain_step, engine_step):
-        for _ in range(3):  # warm-up
-            step()
-    for _ in range(blocks):  # in turn, so that drift on a shared machine hits both alike
-        for name, step in (("plain", plain_step), ("engine", engine_step)):
-            started = time.perf_counter()
-            for _ in range(ENGINE_BLOCK):
-                step()
-            seconds[name] += time.perf_counter() - started
-    rate = {name: round(batch * ENGINE_BLOCK * blocks / t, 1) for name, t in seconds.items()}
-    return {"samples_per_s": rate["plain"], "engine_samples_per_s": rate["engine"],
-            "engine_vs_plain": round(rate["engine"] / rate["plain"], 3), "steps": ENGINE_BLOCK * blocks,
-            "preprocess_ms_per_sample_one_core": preprocess_ms, "parameters": plain.num_parameters()}
+    return engine_step
 
 
 def preprocess_cost(rows: list[dict], tokenizer, image_size: int) -> float:
@@ -249,17 +266,28 @@ def main() -> None:
         common = [f"trainer.samples={args.samples}", f"trainer.global_batch={args.batch}", "trainer.log_every=5",
                   "eval_samples=64"]
         if not args.skip_throughput:
+            cores = os.cpu_count() or 1
             print("[a] plain PyTorch loop ...", flush=True)
-            results["plain"] = in_process(shards, args.samples, args.batch)
+            results["plain"] = in_process(shards, args.samples, args.batch, cores)
             for workers in (1, 2):
                 print(f"[{'bc'[workers - 1]}] ours, {workers} worker(s) ...", flush=True)
                 results[f"ours_{workers}_workers"] = pipeline_run(
                     shards, work, f"ours_{workers}", env, [*common, f"trainer.workers={workers}",
-                                                          f"trainer.torch_threads={(os.cpu_count() or 1) // workers}"])
+                                                          f"trainer.torch_threads={cores // workers}"])
             # (a) again: on a shared machine the plain loop's rate drifts between runs of this script (153-222
             # samples/s seen); its mean before and after the pipeline runs is the baseline.
             print("[a] plain PyTorch loop, again ...", flush=True)
-            results["plain_after"] = in_process(shards, args.samples, args.batch)
+            results["plain_after"] = in_process(shards, args.samples, args.batch, cores)
+            if cores > 1:
+                # One training thread each, the other cores left to Ray's own processes and the preprocessing, as
+                # on a node with cores to spare: what the pipeline costs a training thread that nothing preempts.
+                print("[a1] plain PyTorch loop, 1 thread ...", flush=True)
+                results["plain_1_thread"] = in_process(shards, args.samples, args.batch, 1, engine=False)
+                print("[b1] ours, 1 worker, 1 thread ...", flush=True)
+                results["ours_1_worker_1_thread"] = pipeline_run(
+                    shards, work, "ours_1_thread", env, [*common, "trainer.workers=1", "trainer.torch_threads=1"])
+                print("[a1] plain PyTorch loop, 1 thread, again ...", flush=True)
+                results["plain_1_thread_after"] = in_process(shards, args.samples, args.batch, 1, engine=False)
         if not args.skip_memory:
             for stage in (0, 3):
                 print(f"[memory] ZeRO-{stage}, {MEMORY_PRESET} preset, 2 workers ...", flush=True)
@@ -271,15 +299,22 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     if not args.skip_throughput:
-        before, after = results["plain"]["samples_per_s"], results["plain_after"]["samples_per_s"]
-        plain = results["plain_mean_samples_per_s"] = round((before + after) / 2, 1)
-        print(f"\n{'':22} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
-        print(f"{'(a) plain PyTorch':22} {plain:9.1f} {1:8.2f}   (before {before:.1f}, after {after:.1f})")
-        for workers in (1, 2):
-            r = results[f"ours_{workers}_workers"]
-            r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
-            print(f"{f'({chr(97 + workers)}) ours, {workers} worker(s)':22} {r['samples_per_s']:9.1f} "
-                  f"{r['ratio_vs_plain']:8.2f} {r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
+        print(f"\n{'':26} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
+        comparisons = [("plain", "(a) plain PyTorch", [("ours_1_workers", "(b) ours, 1 worker"),
+                                                       ("ours_2_workers", "(c) ours, 2 workers")]),
+                       ("plain_1_thread", "(a1) plain, 1 thread", [("ours_1_worker_1_thread",
+                                                                    "(b1) ours, 1 worker, 1 thread")])]
+        for baseline, label, contenders in comparisons:
+            if baseline not in results:
+                continue
+            before, after = results[baseline]["samples_per_s"], results[f"{baseline}_after"]["samples_per_s"]
+            plain = results[f"{baseline}_mean_samples_per_s"] = round((before + after) / 2, 1)
+            print(f"{label:26} {plain:9.1f} {1:8.2f}   (before {before:.1f}, after {after:.1f})")
+            for key, name in contenders:
+                r = results[key]
+                r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
+                print(f"{name:26} {r['samples_per_s']:9.1f} {r['ratio_vs_plain']:8.2f} "
+                      f"{r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
         runs = [results["plain"], results["plain_after"]]
         print(f"\nthe loop's step in a DeepSpeed engine, no Ray, same tensors: "
               f"{runs[0]['engine_vs_plain']:.2f}x and {runs[1]['engine_vs_plain']:.2f}x of (a) in the same process; "
