@@ -299,7 +299,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     if not args.skip_throughput:
-        print(f"\n{'':26} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
+        print(f"\n{'':30} {'samples/s':>9} {'vs plain':>8} {'data wait':>9} {'best window':>11}")
         comparisons = [("plain", "(a) plain PyTorch", [("ours_1_workers", "(b) ours, 1 worker"),
                                                        ("ours_2_workers", "(c) ours, 2 workers")]),
                        ("plain_1_thread", "(a1) plain, 1 thread", [("ours_1_worker_1_thread",
@@ -309,11 +309,11 @@ def main() -> None:
                 continue
             before, after = results[baseline]["samples_per_s"], results[f"{baseline}_after"]["samples_per_s"]
             plain = results[f"{baseline}_mean_samples_per_s"] = round((before + after) / 2, 1)
-            print(f"{label:26} {plain:9.1f} {1:8.2f}   (before {before:.1f}, after {after:.1f})")
+            print(f"{label:30} {plain:9.1f} {1:8.2f}   (before {before:.1f}, after {after:.1f})")
             for key, name in contenders:
                 r = results[key]
                 r["ratio_vs_plain"] = round(r["samples_per_s"] / plain, 3)
-                print(f"{name:26} {r['samples_per_s']:9.1f} {r['ratio_vs_plain']:8.2f} "
+                print(f"{name:30} {r['samples_per_s']:9.1f} {r['ratio_vs_plain']:8.2f} "
                       f"{r['data_wait_fraction']:9.0%} {r['best_window_samples_per_s']:11.1f}")
         runs = [results["plain"], results["plain_after"]]
         print(f"\nthe loop's step in a DeepSpeed engine, no Ray, same tensors: "
