@@ -202,15 +202,15 @@ def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, An
                      preprocess_workers: int | None = None, passes: int = 1) -> ray.data.Dataset:
     """The dataset handed to TorchTrainer: shard order randomised, preprocessed by Ray tasks on any node.
 
-    passes > 1 chains that many passes (each in its own shard order) into one stream, for runs longer than
-    the dataset: each new pass over a Ray Dataset starts a new execution, which costs seconds, and on a small
-    dataset those restarts would dominate. Large datasets need 1. The passes are one read of every shard file
-    `passes` times, in an order Ray Data draws at each execution (a run restored after a failure starts a new
-    one), so rows stream from the first file read: randomize_block_order would hold each pass back until all of
-    it had been read, and a union of per-pass reads makes Ray Data reserve resources for every branch."""
-    shards = shard_paths(shard_dir) * max(1, passes)
-    return read_pairs(shards, where, shuffle_seed=spec.seed).map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64,
-                                                num_cpus=0.5, concurrency=preprocess_workers)
+    passes > 1 chains that many passes into one stream, for runs longer than the dataset: each new pass over a
+    Ray Dataset starts a new execution, which costs seconds, and on a small dataset those restarts would
+    dominate. Large datasets need 1. The passes are one read of every shard file `passes` times, in an order
+    Ray Data draws at each execution (a run restored after a failure starts a new one), so rows stream from the
+    first file read: randomize_block_order would hold each pass back until all of it had been read, and a union
+    of per-pass reads makes Ray Data reserve resources for every branch."""
+    pairs = read_pairs(shard_paths(shard_dir) * max(1, passes), where, shuffle_seed=spec.seed)
+    return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
+                             concurrency=preprocess_workers)
 
 
 # -- AltCLIP stage 1: parallel text with the teacher's targets ---------------------------------------------------
