@@ -59,16 +59,13 @@ def shard_paths(shard_dir: str | os.PathLike) -> list[UPath]:
     return paths
 
 
-def read_pairs(shards: str | os.PathLike | list[UPath], where: dict[str, Any] | None = None,
-               shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """Image bytes, caption and metadata of every sample of a shard directory (or of a list of shard files),
-    optionally only rows whose json fields match `where`; the shards may be local or in an object store.
-    shuffle_seed: read the files in a shuffled order, drawn anew (from the seed) at every execution."""
+def read_pairs(shards: str | os.PathLike | list[UPath], where: dict[str, Any] | None = None) -> ray.data.Dataset:
+    """Image bytes, caption and metadata of every sample of a shard directory (or of a list of shard files, read
+    in that order), optionally only rows whose json fields match `where`; the shards may be local or in an object
+    store."""
     paths = shards if isinstance(shards, list) else shard_paths(shards)
     files, filesystem = storage.arrow_paths(paths)
-    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
-    dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None,
-                                       shuffle=shuffle)
+    dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None)
     return dataset.map_batches(_unpack, fn_kwargs={"where": dict(where or {})}, batch_format="pandas")
 
 
@@ -198,17 +195,25 @@ def preprocess_batch(batch: dict[str, np.ndarray], spec: BatchSpec) -> dict[str,
     return _preprocessor(spec)(batch)
 
 
+def pass_order(paths: list[UPath], passes: int, seed: int) -> list[UPath]:
+    """Every path once per pass, each pass in its own order drawn from `seed`. A shuffle of the repeated list
+    instead lets one file come round several times in a row: on a corpus of few shards, whose rows are in
+    category order, the model then trains on one part of it for dozens of steps (CLIPPO's held-out mean rank
+    was 81-92 of 194 that way, 76-78 with per-pass orders)."""
+    rng = np.random.default_rng(seed)
+    return [paths[i] for _ in range(max(1, passes)) for i in rng.permutation(len(paths))]
+
+
 def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, Any] | None = None,
                      preprocess_workers: int | None = None, passes: int = 1) -> ray.data.Dataset:
     """The dataset handed to TorchTrainer: shard order randomised, preprocessed by Ray tasks on any node.
 
     passes > 1 chains that many passes into one stream, for runs longer than the dataset: each new pass over a
     Ray Dataset starts a new execution, which costs seconds, and on a small dataset those restarts would
-    dominate. Large datasets need 1. The passes are one read of every shard file `passes` times, in an order
-    Ray Data draws at each execution (a run restored after a failure starts a new one), so rows stream from the
-    first file read: randomize_block_order would hold each pass back until all of it had been read, and a union
-    of per-pass reads makes Ray Data reserve resources for every branch."""
-    pairs = read_pairs(shard_paths(shard_dir) * max(1, passes), where, shuffle_seed=spec.seed)
+    dominate. Large datasets need 1. The passes are one read of the shard files in `pass_order`, so rows stream
+    from the first file read: randomize_block_order would hold each pass back until all of it had been read,
+    and a union of per-pass reads makes Ray Data reserve resources for every branch."""
+    pairs = read_pairs(pass_order(shard_paths(shard_dir), passes, spec.seed), where)
     return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
                              concurrency=preprocess_workers)
 
