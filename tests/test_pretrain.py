@@ -94,21 +94,22 @@ def test_clippo_learns_under_zero0_exports_and_evaluates(emoji_shards, tmp_path)
 
     work = tmp_path / "zero0"
     work.mkdir()
-    run_pipeline(pretrain_args(emoji_shards, work, "model=clippo", "deepspeed=zero0", "trainer.samples=25600"), work,
+    run_pipeline(pretrain_args(emoji_shards, work, "model=clippo", "deepspeed=zero0", "trainer.samples=38400"), work,
                  "pretrain_clip", timeout=1200)
     model = load_model(work / "model")
     assert model.family == "clippo" and model.num_parameters() > 500_000
     assert not (work / "model" / "tokenizer.json").exists()  # CLIPPO reads rendered text
     client, run = finished_run("clippo")
     metrics = run.data.metrics
-    # Measured here (200 steps of 128, six runs): held-out image->text mean rank 75-78 of 194 captions (median
-    # 69-77), chance 97.5; loss 5.03 at step 25 -> 4.50-4.59, below log(128) = 4.85, the loss of a model that
-    # cannot tell its batch apart. With the passes' shard files shuffled together (see pass_order) it was 81-92.
-    # CLIPPO learns slowly at `tiny` on CPU (README): the ranks, which every held-out image moves, carry the
-    # margin. R@5 rests on a dozen images: 0.038-0.054 in those runs, 0.024 in one CI run, against chance 0.026.
+    # Measured here (300 steps of 128, three runs): held-out image->text mean rank 68.5-72 of 194 captions (median
+    # 53.5-59.5), chance 97.5; final loss 3.96-4.12, below log(128) = 4.85, the loss of a model that cannot tell
+    # its batch apart. At 200 steps the mean rank spread over 76-86 (two full test runs here past 0.85x chance),
+    # so the test trains 300. CLIPPO learns slowly at `tiny` on CPU (README): the ranks, which every held-out
+    # image moves, carry the margin; the mean is pulled by a tail of far-off images, the median shows the bulk.
+    # R@5 rests on a dozen images (0.027-0.065 in those runs, chance 0.026) and is not asserted.
     chance_rank = (metrics["heldout.texts"] + 1) / 2
-    assert metrics["heldout.image_to_text_mean_rank"] < 0.85 * chance_rank, metrics
-    assert metrics["heldout.image_to_text_median_rank"] < 0.85 * chance_rank, metrics
+    assert metrics["heldout.image_to_text_mean_rank"] < 0.9 * chance_rank, metrics
+    assert metrics["heldout.image_to_text_median_rank"] < 0.75 * chance_rank, metrics
     curve = loss_curve(client, run)
     assert curve[-1][1] < min(math.log(128), curve[0][1] - 0.3), curve
     assert metrics["memory.peak_rss_mib"] > metrics["memory.start_rss_mib"] > 100  # rank 0's worker memory

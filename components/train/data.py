@@ -199,7 +199,7 @@ def pass_order(paths: list[UPath], passes: int, seed: int) -> list[UPath]:
     """Every path once per pass, each pass in its own order drawn from `seed`. A shuffle of the repeated list
     instead lets one file come round several times in a row: on a corpus of few shards, whose rows are in
     category order, the model then trains on one part of it for dozens of steps (CLIPPO's held-out mean rank
-    was 81-92 of 194 that way, 76-78 with per-pass orders)."""
+    after 200 steps: 81-92 of 194 that way in three runs, 76-86 with per-pass orders)."""
     rng = np.random.default_rng(seed)
     return [paths[i] for _ in range(max(1, passes)) for i in rng.permutation(len(paths))]
 
