@@ -40,18 +40,18 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
     from components.eval.runner import fetch_model
     from components.train.trainer import resolve_use_gpu
 
+    salted = not cfg.data_path and float(cfg.data.get("mismatch", {}).get("fraction") or 0) > 0
+    where = cfg.filter.where if cfg.filter.where is not None else (
+        {} if cfg.data_path else cfg.data.get("train_where") or {})
+    spec = model_filter.ScoreFilter(  # checks the settings before anything starts
+        threshold=cfg.filter.threshold, keep_fraction=cfg.filter.keep_fraction,
+        where=dict(OmegaConf.to_container(OmegaConf.create(where), resolve=True)),
+        truth_column=cfg.filter.truth_column or ("caption_mismatched" if salted else None))
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     source = storage.location(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
     if not (source / "_manifest.json").is_file():
         raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
     output = storage.location(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
-    salted = not cfg.data_path and float(cfg.data.get("mismatch", {}).get("fraction") or 0) > 0
-    where = cfg.filter.where if cfg.filter.where is not None else (
-        {} if cfg.data_path else cfg.data.get("train_where") or {})
-    spec = model_filter.ScoreFilter(
-        threshold=cfg.filter.threshold, keep_fraction=cfg.filter.keep_fraction,
-        where=dict(OmegaConf.to_container(OmegaConf.create(where), resolve=True)),
-        truth_column=cfg.filter.truth_column or ("caption_mismatched" if salted else None))
     mlflow_runs.configure(cfg.mlflow.experiment)
     model = fetch_model(str(cfg.model_uri), output.with_name(f".{output.name}.model"))
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,

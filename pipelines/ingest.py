@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from components.data.ingest import IngestError, summary
-from components.data.sources import ingest_from_config
+from components.data.sources import check_source, ingest_from_config
 from components.data.url_list import UrlListError
 from components.runtime import init_ray, one_line_errors
 from components.tracking import mlflow_runs
@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def ingest(cfg: DictConfig) -> None:
+    check_source(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags={"stage": "ingest"}) as mlflow_run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))

@@ -61,10 +61,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def sweep_parent(cfg: DictConfig) -> str | None:
     """Under `-m` (Hydra multirun) every run of the sweep nests under one parent run, found by the sweep's
-    directory (the first run creates it); the sweep's table and chart are logged there. None for a single run."""
+    directory (the first run creates it); the sweep's table and chart are logged there. None for a single run,
+    including one called with a composed config (pipelines/end_to_end.py's stage)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if not HydraConfig.initialized():
+        return None
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None

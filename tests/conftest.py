@@ -3,13 +3,14 @@ stages' outputs (shards, CLIP, AltCLIP, ClipCap) the slow tests read."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import ray
 
 from components.data.emoji_corpus import build_corpus
-from tests.helpers import REPO
+from tests.helpers import run_stage
 
 CORPUS_LIMIT = 40  # concepts -> 80 images (two art styles)
 SHARD_CONCEPTS = 900  # of ~1870: ~1440 training images, ~360 held-out images (~180 captions)
@@ -60,16 +61,49 @@ def object_store(s3_endpoint) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """A local Ray for the module's tests; its workers inherit the S3 endpoint's settings (set before it starts).
-    Per module, not per session: an idle Ray takes ~4% of a 2-core machine, which the slow pipeline tests in
-    the modules between would pay for (each pipeline starts its own Ray)."""
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the session, started as the pipelines start their embedded one (2 logical CPUs per core:
+    trainers and data tasks share them), and its workers inherit the S3 endpoint's settings. Every test that can
+    share it does: the Ray Data and Ray Train tests and the pipelines run in this process (`run_stage`), whose
+    worker processes it keeps warm between runs. Tests that kill a run or need a cluster of their own (a Ray head
+    for `ray job submit`) start a process with its own Ray."""
     from components.runtime import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2 * (os.cpu_count() or 1))
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def tracking_store(db: Path) -> Iterator[str]:
+    """MLflow pointed at the sqlite store `db` while the block runs (the pipelines read MLFLOW_TRACKING_URI), then
+    back to what it was; yields the store's URI."""
+    import mlflow
+
+    uri, saved = f"sqlite:///{db}", os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(None)  # a pipeline's set_tracking_uri would outrank the variable
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def printed(function: Callable[[], object]) -> str:
+    """What `function()` prints (the driver's lines and the Ray workers' lines it relays), also shown in this
+    test's output."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            function()
+        finally:
+            sys.stdout.write(buffer.getvalue())
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -88,16 +122,14 @@ def mlflow_store(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def emoji_shards(tmp_path_factory) -> Path:
+def emoji_shards(ray_session, tmp_path_factory) -> Path:
     """The built-in corpus (SHARD_CONCEPTS concepts; local bytes, no HTTP: the download path has its own tests),
     ingested once; the corpus lies beside the shards in corpus/."""
     work = tmp_path_factory.mktemp("emoji_shards")
     out = work / "shards"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
-                    f"data.corpus_dir={work / 'corpus'}", f"data.limit={SHARD_CONCEPTS}", f"data.output_dir={out}",
-                    "progress=false", f"hydra.run.dir={work / 'hydra'}"], check=True, cwd=work, env=env,
-                   capture_output=True, timeout=600)
+    with tracking_store(work / "mlflow.db"):
+        run_stage("ingest", "data=emoji_local", f"data.corpus_dir={work / 'corpus'}", f"data.limit={SHARD_CONCEPTS}",
+                  f"data.output_dir={out}", "progress=false", cwd=work)
     return out
 
 
@@ -109,6 +141,8 @@ ALTCLIP_STAGE2_SAMPLES = 3_840
 # 150 (memorisation comes late and fast).
 CLIPCAP_SAMPLES = 25_600
 CLIPCAP_LM_SAMPLES = 6_400
+SALTED_FRACTION = 0.3  # the share of the pool's training rows given another image's captions
+FILTERED_SAMPLES = 2_560  # pretrain_filtered: 20 steps; its stage's wiring is under test, CLIP's learning elsewhere
 
 
 def clipcap_settings(work: Path) -> list[str]:
@@ -121,9 +155,9 @@ def clipcap_settings(work: Path) -> list[str]:
 @dataclass(frozen=True)
 class Chain:
     """pipelines/end_to_end.py run twice in `work` on the built-in corpus (SHARD_CONCEPTS concepts)."""
-    work: Path  # the runs' working directory: data/workflow/..., the live store mlflow.db
-    first: str  # stdout of the first run (every stage ran)
-    second: str  # stdout of the second run (every stage skipped)
+    work: Path  # the runs' directory: data/workflow/..., the live store mlflow.db
+    first: str  # what the first run printed (every stage ran)
+    second: str  # what the second run printed (every stage skipped)
     state: dict  # state.json after the first run
     snapshot: Path  # the MLflow store as the first run left it (the second run adds its "unchanged" runs)
 
@@ -142,30 +176,51 @@ class Chain:
         return f"sqlite:///{work / 'mlflow.db'}"
 
 
-def run_end_to_end(work: Path, *args: str, timeout: float) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "end_to_end.py"), *args,
-                           f"hydra.run.dir={work / 'hydra'}"], cwd=work,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"},
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"end_to_end failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
-
-
 def listed(values: list[str]) -> str:
     """A Hydra list override's value with every item quoted (paths hold characters Hydra would parse)."""
     return "[" + ",".join(f'"{value}"' for value in values) + "]"
 
 
 @pytest.fixture(scope="session")
-def chain(emoji_shards, tmp_path_factory) -> Chain:
-    """The whole chain once per session, as users run it (ingest -> pretrain -> evaluate -> AltCLIP -> ClipCap ->
-    caption), then again (every stage skipped). Its stages' outputs are the trained models the other tests read:
-    one chain instead of a pipeline run per model."""
+def salted_pool(emoji_shards, s3_endpoint, tmp_path_factory) -> str:
+    """The session's corpus ingested again with SALTED_FRACTION of its training rows' captions swapped between
+    images (the truth in caption_mismatched), in a bucket of its own: the pool the chain's CLIP filters. Returns
+    its location, s3://<bucket>/salted."""
+    import boto3
+
+    from components import storage
+
+    work = tmp_path_factory.mktemp("salted")
+    with tracking_store(work / "mlflow.db"):
+        run_stage("ingest", "data=emoji_local", f"data.corpus_dir={emoji_shards.parent / 'corpus'}",
+                  f"data.limit={SHARD_CONCEPTS}", f"data.mismatch.fraction={SALTED_FRACTION}",
+                  f"data.output_dir={work / 'salted'}", "progress=false", cwd=work)
+    bucket = f"clipforge-pool-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage.upload(work / "salted", storage.location(f"s3://{bucket}/salted"))
+    return f"s3://{bucket}/salted"
+
+
+CHAIN = ["ingest", "pretrain", "evaluate", "clip_filter", "pretrain_filtered", "evaluate_filtered", "altclip",
+         "clipcap", "caption"]
+
+
+@pytest.fixture(scope="session")
+def chain(emoji_shards, salted_pool, tmp_path_factory) -> Chain:
+    """The whole chain once per session, as pipelines/end_to_end.py runs it (ingest -> pretrain -> evaluate; the
+    DataComp loop: clip_filter -> pretrain_filtered -> evaluate_filtered; AltCLIP; ClipCap -> caption) on the
+    session's Ray, then again (every stage skipped). Its stages' outputs are the trained models the other tests
+    read: one chain instead of a pipeline run per model. The filter scores the salted pool in a bucket and writes
+    its kept pairs there, which pretrain_filtered trains on."""
     work = tmp_path_factory.mktemp("chain")
+    bucket = salted_pool.rsplit("/", 1)[0]
     overrides = {
         "pretrain": [f"trainer.samples={TRAINED_SAMPLES}"],
         "evaluate": ["tasks=[retrieval,zeroshot_classification]"],
+        "clip_filter": [f"data.output_dir={salted_pool}", f"data.mismatch.fraction={SALTED_FRACTION}",
+                        f"output={bucket}/filtered"],
+        "pretrain_filtered": [f"trainer.samples={FILTERED_SAMPLES}", "trainer.log_every=5"],
+        "evaluate_filtered": ["tasks=[retrieval]"],
         # The comparison in three languages: its 14 took ~100 s of the chain (test_evaluate covers all 14).
         "altclip": [f"stage1.trainer.samples={ALTCLIP_STAGE1_SAMPLES}",
                     f"stage2.trainer.samples={ALTCLIP_STAGE2_SAMPLES}", "compare.languages=[en,ja,es]"],
@@ -176,14 +231,15 @@ def chain(emoji_shards, tmp_path_factory) -> Chain:
     # The session's shards as they were ingested: the ingest stage finds every part finished.
     data = [f"data.corpus_dir={emoji_shards.parent / 'corpus'}", f"data.output_dir={emoji_shards}",
             f"data.limit={SHARD_CONCEPTS}"]
-    args = ["corpus=emoji_local", f"data_overrides={listed(data)}", "progress=false",
+    args = ["corpus=emoji_local", f"stages={listed(CHAIN)}", f"data_overrides={listed(data)}", "progress=false",
             *[f"overrides.{stage}={listed(values)}" for stage, values in overrides.items()]]
-    first = run_end_to_end(work, *args, timeout=3600)
-    state = json.loads((work / "data" / "workflow" / "emoji_local" / "state.json").read_text())
-    snapshot = work / "snapshot" / "mlflow.db"
-    snapshot.parent.mkdir()
-    shutil.copy(work / "mlflow.db", snapshot)
-    second = run_end_to_end(work, *args, timeout=600)
+    with tracking_store(work / "mlflow.db"):
+        first = printed(lambda: run_stage("end_to_end", *args, cwd=work))
+        state = json.loads((work / "data" / "workflow" / "emoji_local" / "state.json").read_text())
+        snapshot = work / "snapshot" / "mlflow.db"
+        snapshot.parent.mkdir()
+        shutil.copy(work / "mlflow.db", snapshot)
+        second = printed(lambda: run_stage("end_to_end", *args, cwd=work))
     return Chain(work, first, second, state, snapshot)
 
 

@@ -12,6 +12,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -92,15 +93,33 @@ def read_shards(shard_dir: Path) -> list[dict]:
 
 
 def pretrain_args(shards: Path, work: Path, *extra: str) -> list[str]:
-    """pipelines/pretrain_clip.py arguments that keep every output of a run under `work`."""
+    """pipelines/pretrain_clip.py overrides that keep every output of a run under `work`."""
     return ["data=emoji_local", f"data.output_dir={shards}", f"export_dir={work / 'model'}",
-            f"tokenizer.save_dir={work / 'tokenizers'}", f"trainer.storage_path={work / 'ray'}",
-            "progress=false", f"hydra.run.dir={work / 'hydra'}", *extra]
+            f"tokenizer.save_dir={work / 'tokenizers'}", f"trainer.storage_path={work / 'ray'}", "progress=false",
+            *extra]
 
 
 def caption_length_score(images: list[bytes], captions: list[str]) -> list[float]:
     """A stand-in scorer for the model-score hook: the caption's length."""
     return [float(len(c)) for c in captions]
+
+
+# Each pipeline script's entry function (what its @hydra.main calls with the composed config).
+ENTRY_POINTS = {"ingest": "ingest", "pretrain_clip": "pretrain", "evaluate": "evaluate", "clip_filter": "clip_filter",
+                "distill_altclip": "distill", "train_clipcap": "train", "caption": "caption",
+                "end_to_end": "end_to_end"}
+
+
+def run_stage(config_name: str, *overrides: str, cwd: Path) -> Any:
+    """pipelines/<config_name>.py's entry function, called in this process from `cwd` with the config its command
+    line would compose from these overrides, as pipelines/end_to_end.py calls every stage; it runs on this
+    process's Ray (the session's). Returns what the function returns. The scripts' command lines (argument
+    routing, one clear line and exit code 2 on bad input) are tested through `run_pipeline`."""
+    from pipelines import end_to_end
+
+    module = end_to_end if config_name == "end_to_end" else end_to_end.pipeline(config_name)
+    with contextlib.chdir(cwd):  # relative defaults (data/..., mlflow.db) land there, as in a process started there
+        return getattr(module, ENTRY_POINTS[config_name])(end_to_end.stage_config(config_name, list(overrides)))
 
 
 def _command(args: list[str], pipeline: str) -> list[str]:

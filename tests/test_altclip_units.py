@@ -162,7 +162,7 @@ def test_read_parallel_text_checks_columns_and_keeps_translations_together(tmp_p
 
 
 @pytest.mark.parametrize("where", ["disk", "bucket"])
-def test_teacher_targets_equal_direct_inference_and_are_cached(ray_local, teacher_dir, tmp_path, capsys, request,
+def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teacher_dir, tmp_path, capsys, request,
                                                                where):
     """On a disk, and with the stage's work_dir in an object store: the teacher is copied there for the Ray actors
     (fetch_model), and the cache is written there by them."""

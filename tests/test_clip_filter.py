@@ -1,13 +1,13 @@
-"""The CLIP-score filter: the salted corpus (known wrong captions), and pipelines/clip_filter.py scoring it with
-a trained model: every row accounted for, the held-out rows untouched, the wrong captions found well above
-chance, and the output a shard directory like any ingest's."""
+"""The CLIP-score filter: the salted corpus (known wrong captions), and the chain's clip_filter stage scoring it
+with the chain's CLIP: every row accounted for, the held-out rows untouched, the wrong captions found well above
+chance, and the output a shard directory like any ingest's, which the chain trains on and evaluates."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from components.data.emoji_corpus import MISMATCH_COLUMN, Mismatch, _rows, _salted
 from components.data.model_filter import ScoreFilter, decide_threshold, removal_quality
-from tests.conftest import SHARD_CONCEPTS
-from tests.helpers import REPO, read_shards, run_pipeline
+from tests.conftest import FILTERED_SAMPLES, SALTED_FRACTION
+from tests.helpers import REPO, read_shards
 
 
 def test_salting_moves_whole_caption_sets_between_training_rows_only(small_corpus):
@@ -56,28 +56,17 @@ def test_cut_keeps_the_top_fraction_or_the_threshold_and_scores_the_removal():
 
 
 @pytest.mark.slow
-def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(chain, emoji_shards, object_store, tmp_path):
-    """The salted shards in a bucket, filtered into the bucket (the scored parts, the model's copy for the actors
-    and the output all live there), then read back here."""
+def test_filter_finds_the_wrong_captions_in_a_bucket_and_writes_shards_there(chain, salted_pool, tmp_path):
+    """The chain's clip_filter stage: its CLIP scores the salted pool in a bucket and writes the kept pairs to the
+    bucket (the scored parts and the model's copy for the actors live there too); read back here."""
     from components import storage
 
-    salted = tmp_path / "salted"
-    run_pipeline(["data=emoji_local", f"data.corpus_dir={emoji_shards.parent / 'corpus'}",
-                  f"data.limit={SHARD_CONCEPTS}", "data.mismatch.fraction=0.3", f"data.output_dir={salted}",
-                  "progress=false", f"hydra.run.dir={tmp_path / 'hydra-ingest'}"], cwd=tmp_path)
-    bucket = storage.location(object_store)
-    storage.upload(salted, bucket / "salted")
-    uri = chain.store_copy(tmp_path)  # its registry holds the chain's CLIP
-    args = ["model=models:/clipforge-clip/latest", "data=emoji_local", f"data.output_dir={bucket / 'salted'}",
-            "data.mismatch.fraction=0.3", f"output={bucket / 'filtered'}", "filter.keep_fraction=0.7",
-            "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "clip_filter.py"), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "accounting: input" in done.stdout
-    assert not (bucket / "filtered" / "_work").exists()
-    filtered = storage.download(bucket / "filtered", tmp_path / "filtered")
+    pool = storage.location(salted_pool)
+    outputs = chain.state["clip_filter"]["outputs"]
+    assert outputs["shards"] == str(pool.with_name("filtered"))
+    assert not (pool.with_name("filtered") / "_work").exists()
+    filtered = storage.download(pool.with_name("filtered"), tmp_path / "filtered")
+    salted = storage.download(pool, tmp_path / "salted")
 
     manifest = json.loads((filtered / "_manifest.json").read_text())
     source = json.loads((salted / "_manifest.json").read_text())
@@ -95,20 +84,51 @@ def test_filter_finds_the_wrong_captions_and_writes_shards_that_train(chain, emo
     # The model saw the right pairs in training: it finds the wrong ones far above chance (precision 0.3).
     # Measured: precision 0.77, recall 0.79; wrong captions 29% -> 9%.
     truth = manifest["against_truth"]
-    assert truth["wrong_fraction_before"] == pytest.approx(0.3, abs=0.02)
+    assert truth["wrong_fraction_before"] == pytest.approx(SALTED_FRACTION, abs=0.02)
     assert truth["precision"] > 0.6 and truth["recall"] > 0.6
     assert truth["wrong_fraction_after"] < 0.15
+    assert outputs["against_truth"] == truth
 
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{chain.snapshot}")
     run = client.search_runs([client.get_experiment_by_name("clipforge").experiment_id],
                              "tags.stage = 'clip_filter'")[0]
     assert run.data.metrics["truth.precision"] == pytest.approx(truth["precision"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "filter")} >= {"filter/scores.png",
                                                                                     "filter/manifest.json"}
 
-    # Bad input: one line, exit code 2, nothing written.
-    again = subprocess.run([sys.executable, str(REPO / "pipelines" / "clip_filter.py"), *args,
-                            "filter.threshold=0.2", f"output={tmp_path / 'other'}"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "exactly one of filter.threshold and filter.keep_fraction" in again.stderr
-    assert not (tmp_path / "other").exists()
+
+@pytest.mark.slow
+def test_filtered_pool_trains_a_model_that_is_evaluated_on_the_original_held_out_rows(chain):
+    """The DataComp loop's second half (make bootstrap): pretrain_filtered trains on exactly the filter's output
+    and registers under its own name; evaluate_filtered scores that model on the corpus' held-out rows."""
+    client = MlflowClient(f"sqlite:///{chain.snapshot}")
+    experiment = client.get_experiment_by_name("clipforge").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`mlflow.runName` = 'pretrain-filtered'")
+    assert chain.state["pretrain_filtered"]["outputs"]["model_uri"] == "models:/clipforge-clip-filtered/1"
+    assert client.get_model_version("clipforge-clip-filtered", "1").run_id == run.info.run_id
+    trained_on = json.loads(open(client.download_artifacts(run.info.run_id, "data/manifest.json",
+                                                           str(chain.work / "snapshot"))).read())
+    filtered = chain.state["clip_filter"]["outputs"]
+    assert trained_on["kept"] == filtered["kept"] and run.data.params["data.output_dir"] == filtered["shards"]
+    assert run.data.metrics["samples_seen"] == FILTERED_SAMPLES
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert curve[-1][1] < curve[0][1] - 0.2, curve  # measured: ...
+
+    evaluated = chain.state["evaluate_filtered"]["outputs"]
+    result = json.loads((Path(evaluated["results_dir"]) / "zeroshot_retrieval.json").read_text())
+    assert result["model"] == "models:/clipforge-clip-filtered/1"
+    heldout = json.loads((Path(chain.state["evaluate"]["outputs"]["results_dir"]) / "zeroshot_retrieval.json"
+                          ).read_text())
+    assert result["metrics"]["images"] == heldout["metrics"]["images"] == 370  # the original shards' test split
+    assert evaluated["metrics"]["zeroshot_retrieval.image_to_text_R5"] == result["metrics"]["image_to_text_R5"]
+
+
+def test_filter_settings_are_checked_before_anything_starts(tmp_path):
+    """Bad input: one line, exit code 2, nothing written, no Ray started."""
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "clip_filter.py"), f"data={tmp_path / 'none'}",
+                           "filter.threshold=0.2", "filter.keep_fraction=0.7", f"output={tmp_path / 'other'}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "clip-filter: give exactly one of filter.threshold and filter.keep_fraction"], done.stderr[-2000:]
+    assert not (tmp_path / "other").exists() and "Started a local Ray instance" not in done.stdout + done.stderr

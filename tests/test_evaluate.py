@@ -1,5 +1,6 @@
-"""The evaluation stage end to end: pipelines/evaluate.py in a subprocess (local Ray, model actors, MLflow),
-on the session's trained tiny CLIP and on a random-init copy of it, on the held-out concepts."""
+"""The evaluation stage end to end: pipelines/evaluate.py on the session's Ray (model actors, MLflow) and as a
+command (its driver's memory), on the session's trained tiny CLIP and on a random-init copy of it, on the held-out
+concepts."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, read_shards
+from tests.helpers import REPO, read_shards, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +27,10 @@ ALL_TASKS = ("[zeroshot_classification,retrieval,linear_probe,multilingual_retri
              "alignment_maps]")
 
 
-def evaluate(model: str, data: Path, out: Path, *extra: str, tracking_uri: str | None = None,
-             timeout: float = 900) -> str:
-    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), f"model={model}", f"data={data}",
-                           f"output_dir={out}", "progress=false", f"hydra.run.dir={out / 'hydra'}", *extra],
-                          cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"evaluate failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
+def evaluate(model: str, data: Path, out: Path, *extra: str) -> None:
+    """pipelines/evaluate.py model=<model> data=<data> on the session's Ray, results into `out`."""
+    run_stage("evaluate", f"model_uri={model}", f"data_path={data}", f"output_dir={out}", "progress=false", *extra,
+              cwd=out)
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -69,7 +65,8 @@ def random_clip(pretrained_clip, tmp_path_factory) -> Path:
     return out
 
 
-def test_trained_model_beats_random_init_on_every_task(pretrained_clip, random_clip, emoji_shards, tmp_path):
+def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_clip, random_clip, emoji_shards,
+                                                       tmp_path, capsys, monkeypatch):
     trained_out, random_out = tmp_path / "trained", tmp_path / "random"
     trained_out.mkdir(), random_out.mkdir()
     # Held-out concepts; the probe learns emoji groups on the training concepts (subgroups, 99 classes, separate
@@ -77,8 +74,9 @@ def test_trained_model_beats_random_init_on_every_task(pretrained_clip, random_c
     common = [f"tasks={ALL_TASKS}", "where={split: test}", "task_settings.linear_probe.train_where={split: train}",
               "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[4]"]
     # The trained model by its registry URI (lineage, nesting, tags); the random one as a plain directory.
-    printed = evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common,
-                       tracking_uri=pretrained_clip.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pretrained_clip.tracking_uri)
+    evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common)
+    printed = capsys.readouterr().out
     evaluate(str(random_clip), emoji_shards, random_out, *common)
     trained, random = results(trained_out), results(random_out)
     print(json.dumps({"trained": trained, "random": random}, indent=1))
@@ -136,8 +134,10 @@ def _parquet_with_foreign_names(shards: Path, path: Path, rows: int = 96) -> lis
     return table
 
 
-def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(pretrained_clip, emoji_shards,
-                                                                                  tmp_path):
+def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(ray_session, pretrained_clip,
+                                                                                  emoji_shards, tmp_path):
+    """Retrieval with two captions per image and zero-shot with a prompt ensemble, against one matrix computed in
+    this process."""
     from components.eval.retrieval import retrieval_metrics
     from components.eval.tasks import caption_lists_relevance
     from components.models.factory import load_model
@@ -148,21 +148,36 @@ def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(
     out = tmp_path / "out"
     out.mkdir()
     export = pretrained_clip.export
+    templates = ["{}", "a drawing of {}", "{} emoji"]
     evaluate(str(export), tmp_path / "foreign.parquet", out, "fields=webdataset", "fields.image=[picture]",
              "fields.caption=alt_texts", "+fields.labels.kind=category", "where={}", "block=16",
-             "tasks=[retrieval,zeroshot_classification]", "task_settings.zeroshot_classification.label=kind")
+             "tasks=[retrieval,zeroshot_classification]", "task_settings.zeroshot_classification.label=kind",
+             "task_settings.zeroshot_classification.templates=[" + ",".join(f"'{t}'" for t in templates) + "]")
     got = results(out)
 
     # Reference: every image against every unique caption in one matrix, in this process.
     model, tokenizer = load_model(export), load_tokenizer(export)
     texts, image_texts, _ = caption_lists_relevance([r["alt_texts"] for r in rows])
-    similarity = embed_images(model, [r["picture"] for r in rows]) @ embed_texts(model, tokenizer, texts).T
+    images = embed_images(model, [r["picture"] for r in rows])
+    similarity = images @ embed_texts(model, tokenizer, texts).T
     pairs = [(image, text) for image, owned in enumerate(image_texts) for text in owned]
     expected = retrieval_metrics(similarity, pairs)
     for key, value in expected.items():
         assert got["zeroshot_retrieval"][key] == pytest.approx(value, abs=1e-6), key
     assert got["zeroshot_retrieval"]["texts"] == len(texts) > len(rows)  # two captions per image
-    assert got["zeroshot_classification"]["classes"] == len({r["category"] for r in rows})
+
+    # Zero-shot: each class scored by the renormalised mean of its prompts' embeddings (CLIP's ensemble).
+    classes = sorted({r["category"] for r in rows})
+    prompts = embed_texts(model, tokenizer, [t.format(c) for c in classes for t in templates])
+    ensemble = prompts.reshape(len(classes), len(templates), -1).mean(axis=1)
+    scores = images @ (ensemble / np.linalg.norm(ensemble, axis=1, keepdims=True)).T
+    truth = np.array([classes.index(r["category"]) for r in rows])
+    zero_shot = got["zeroshot_classification"]
+    assert zero_shot["classes"] == len(classes) and zero_shot["templates"] == len(templates)
+    assert zero_shot["acc1"] == pytest.approx(float((scores.argmax(axis=1) == truth).mean()), abs=1e-6)
+    # ... which differs from the bare class names' scores on these rows: the ensemble is what was measured.
+    bare = images @ prompts.reshape(len(classes), len(templates), -1)[:, 0].T
+    assert (scores.argmax(axis=1) != bare.argmax(axis=1)).any()
 
 
 def _replicated_shards(shards: Path, out: Path, copies: int) -> int:

@@ -102,7 +102,7 @@ def make_job(url_list: Path, output_dir: Path, shard_size: int = 32, **filters) 
                      workers=2, dataset_name="faults")
 
 
-def test_ingest_with_faults_accounts_for_every_row(ray_local, faults, tmp_path):
+def test_ingest_with_faults_accounts_for_every_row(ray_session, faults, tmp_path):
     server, outside, corpus = faults
     rows = [(f"{server.base_url}/{p}", c, "kept") for p, c in zip(corpus["image_path"], corpus["caption"])]
     rows += fault_rows(server.base_url, outside.base_url)
@@ -157,7 +157,7 @@ def brute_force_dedup(shard_dir: Path, max_distance: int = 2) -> dict[str, str]:
     return reasons
 
 
-def test_bomb_is_refused_from_its_header(ray_local, faults, tmp_path):
+def test_bomb_is_refused_from_its_header(faults):
     """Only the header is read: the 400-megapixel image is never decoded (that would take > 1 GB)."""
     import resource
 
@@ -170,7 +170,7 @@ def test_bomb_is_refused_from_its_header(ray_local, faults, tmp_path):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
 
 
-def test_model_score_hook_drops_low_scores(ray_local, small_corpus, tmp_path):
+def test_model_score_hook_drops_low_scores(ray_session, small_corpus, tmp_path):
     from components.data.emoji_corpus import write_local_list
 
     url_list = write_local_list(small_corpus, tmp_path / "local.parquet")
@@ -186,13 +186,14 @@ def test_model_score_hook_drops_low_scores(ray_local, small_corpus, tmp_path):
     assert (scores >= 12).all()
 
 
-def test_resume_after_kill_matches_uninterrupted_run(small_corpus, tmp_path):
-    """Kill the real pipeline process mid-run, run it again: same dataset as one uninterrupted run.
+def test_resume_after_kill_matches_uninterrupted_run(ray_session, small_corpus, tmp_path):
+    """Kill the real pipeline process mid-run, run it again: same dataset as one uninterrupted run (on the session's
+    Ray).
 
     The image server runs here, outside the job, as a real one would: killing the job does not kill it.
     """
     from components.data.emoji_corpus import serve_corpus, write_url_list
-    from tests.helpers import kill_when, run_pipeline
+    from tests.helpers import kill_when, run_pipeline, run_stage
 
     with serve_corpus(small_corpus) as server:
         url_list = write_url_list(small_corpus, server.base_url, tmp_path / "urls.parquet")
@@ -206,7 +207,7 @@ def test_resume_after_kill_matches_uninterrupted_run(small_corpus, tmp_path):
         assert not (interrupted / "_manifest.json").exists()
         run_pipeline(args, cwd=tmp_path)
         reference = tmp_path / "reference"
-        run_pipeline([*common, f"data.output_dir={reference}"], cwd=tmp_path)
+        run_stage("ingest", *common, f"data.output_dir={reference}", cwd=tmp_path)
 
     resumed, full = read_shards(interrupted), read_shards(reference)
     assert len({s["key"] for s in resumed}) == len(resumed)  # no duplicate sample
@@ -216,7 +217,7 @@ def test_resume_after_kill_matches_uninterrupted_run(small_corpus, tmp_path):
     assert first["input_rows"] == 2 * CORPUS_LIMIT
 
 
-def test_shards_round_trip_through_ray_and_webdataset(ray_local, small_corpus, tmp_path):
+def test_shards_round_trip_through_ray_and_webdataset(ray_session, small_corpus, tmp_path):
     import ray
     import webdataset as wds
 
@@ -242,20 +243,15 @@ def test_shards_round_trip_through_ray_and_webdataset(ray_local, small_corpus, t
     assert sum(sizes.values()) == len(metadata)
 
 
-def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(tmp_path):
-    """`python pipelines/ingest.py` as `make demo` runs it (built-in corpus over HTTP), on a small slice."""
-    import socket
-
+def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(ray_session, tmp_path, capsys):
+    """pipelines/ingest.py as `make demo` runs it (built-in corpus over HTTP), on a small slice."""
     import mlflow
 
-    from tests.helpers import run_pipeline
+    from tests.helpers import free_port, run_stage
 
-    with socket.socket() as probe:  # a free loopback port for the corpus server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    output = run_pipeline(["data.limit=15", f"data.corpus_dir={tmp_path / 'corpus'}", f"data.server_port={port}",
-                           f"data.output_dir={tmp_path / 'shards'}", "progress=false"], cwd=tmp_path)
-    assert "accounting: input 30 = kept" in output
+    run_stage("ingest", "data.limit=15", f"data.corpus_dir={tmp_path / 'corpus'}", f"data.server_port={free_port()}",
+              f"data.output_dir={tmp_path / 'shards'}", "progress=false", cwd=tmp_path)
+    assert "accounting: input 30 = kept" in capsys.readouterr().out
 
     manifest = json.loads((tmp_path / "shards" / "_manifest.json").read_text())
     client = mlflow.tracking.MlflowClient()
@@ -282,3 +278,4 @@ def test_bad_url_list_is_one_clear_line_and_exit_code_2(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("ingest: ")]
     assert len(errors) == 1 and "lacks column(s) ['caption']" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr  # refused before anything started

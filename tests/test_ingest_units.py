@@ -186,7 +186,7 @@ def brute_force_drops(frame: pd.DataFrame, max_distance: int) -> dict[str, tuple
     return expected
 
 
-def test_find_duplicates_matches_brute_force(ray_local, tmp_path):
+def test_find_duplicates_matches_brute_force(ray_session, tmp_path):
     max_distance, parts, rows = 2, 4, 2000
     frame = planted_staging(np.random.default_rng(7), parts, rows, max_distance)
     files = []

@@ -44,6 +44,71 @@ def test_filip_similarity_matches_brute_force_and_ignores_padding():
     assert torch.allclose((s_image + s_text) / 2, expected, atol=1e-12)
 
 
+def _unit_tokens(*shape: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def test_filip_token_selection_keeps_each_samples_best_matched_tokens_and_their_mask():
+    """FILIP's token selection (paper, 3.1.2) against a loop written from its definition: a patch's score is its
+    best similarity to any real token of any text in the local batch, a text token's its best similarity to any
+    patch of any image; each sample keeps the ceil(f x length) best, texts keep their mask, padding never wins."""
+    from components.models.filip import FILIP
+
+    image, text = _unit_tokens(3, 8, 4, seed=1), _unit_tokens(4, 6, 4, seed=2)
+    lengths = torch.tensor([6, 2, 4, 1])
+    mask = (torch.arange(6)[None] < lengths[:, None]).to(torch.float64)
+    text[mask == 0] = 10.0  # padding slots that would win every comparison: only the mask keeps them out
+    model = FILIP.__new__(FILIP)  # select_tokens reads only its fraction
+    model.token_topk_fraction = 0.25
+    (kept_patches,), (kept_tokens, kept_mask) = model.select_tokens((image,), (text, mask))
+    assert kept_patches.shape == (3, 2, 4) and kept_tokens.shape == kept_mask.shape[:2] + (4,) == (4, 2, 4)
+
+    real = [(t, l) for t in range(4) for l in range(6) if mask[t, l]]
+    for i in range(3):
+        scores = [max(float(image[i, p] @ text[t, l]) for t, l in real) for p in range(8)]
+        best = sorted(range(8), key=lambda p: -scores[p])[:2]
+        assert sorted(map(tuple, kept_patches[i].tolist())) == sorted(map(tuple, image[i, best].tolist()))
+    for t in range(4):
+        scores = [max(float(image[i, p] @ text[t, l]) for i in range(3) for p in range(8)) if mask[t, l]
+                  else float("-inf") for l in range(6)]
+        best = sorted(range(6), key=lambda l: -scores[l])[:2]
+        assert sorted(map(tuple, kept_tokens[t].tolist())) == sorted(map(tuple, text[t, best].tolist()))
+        assert sorted(kept_mask[t].tolist()) == sorted(mask[t, best].tolist())
+    assert kept_mask[3].tolist() == [1.0, 0.0]  # a one-token text keeps its token first; its other slot is padding
+
+    # Gradients reach the kept tokens only; without a fraction nothing is dropped.
+    leaf = image.clone().requires_grad_()
+    (selected,), _ = model.select_tokens((leaf,), (text, mask))
+    selected.sum().backward()
+    assert int((leaf.grad.abs().sum(-1) > 0).sum()) == 3 * 2
+    model.token_topk_fraction = None
+    assert model.select_tokens((image,), (text, mask)) == ((image,), (text, mask))
+
+
+def test_prompt_ensembles_average_embeddings_for_dual_encoders_and_similarities_for_filip():
+    """Zero-shot with several templates per class (class-major prompts): CLIP's ensemble is the renormalised mean of
+    each class's normalised prompt embeddings; FILIP's is the mean token-wise similarity over a class's prompts
+    (token features cannot be averaged)."""
+    from components.models.clip import CLIP
+    from components.models.filip import FILIP
+
+    classes, templates = 3, 4
+    images = _unit_tokens(5, 16, seed=3)
+    prompts = _unit_tokens(classes * templates, 16, seed=4)
+    clip = CLIP.__new__(CLIP)
+    got = clip.class_scores((images,), (prompts,), templates)
+    for c in range(classes):
+        mean = prompts[c * templates:(c + 1) * templates].mean(dim=0)
+        assert torch.allclose(got[:, c], images @ (mean / mean.norm()), atol=1e-12)
+
+    patches, tokens = _unit_tokens(5, 6, 8, seed=5), _unit_tokens(classes * templates, 7, 8, seed=6)
+    mask = (torch.arange(7)[None] < torch.randint(1, 8, (classes * templates, 1))).to(torch.float64)
+    got = FILIP.__new__(FILIP).class_scores((patches,), (tokens * mask[..., None], mask), templates)
+    expected = brute_force_filip(patches, tokens, mask).reshape(5, classes, templates).mean(dim=-1)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_bpe(CAPTIONS * 20, vocab_size=300, min_frequency=1)

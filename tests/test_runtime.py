@@ -32,7 +32,7 @@ def cleaner_messages_that_get_through() -> list[str]:
     return seen
 
 
-def test_embedded_rays_workers_drop_only_the_cleaners_state_api_warning(ray_local):
+def test_embedded_rays_workers_drop_only_the_cleaners_state_api_warning(ray_session):
     # The names the filter relies on are Ray's own: a Ray that renames them fails here, not silently in users' logs.
     assert placement_group_cleaner.logger.name == _CLEANER_LOGGER
     assert _CLEANER_WARNING in inspect.getsource(placement_group_cleaner)

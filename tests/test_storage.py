@@ -76,7 +76,7 @@ def test_an_export_in_a_bucket_is_a_model_for_evaluation(object_store, tmp_path)
         resolve_model(f"{object_store}/models/missing", tmp_path / "missing")
 
 
-def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_is_gone(ray_local, tmp_path):
+def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_is_gone(ray_session, tmp_path):
     """evaluate.py downloads a registered model into the driver's scratch; its actors on other nodes cannot read
     that disk, so they get the export through Ray's object store and unpack their own copy."""
     import shutil

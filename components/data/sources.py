@@ -13,6 +13,7 @@ from components.data import emoji_corpus
 from components.data.download import DownloadConfig
 from components.data.ingest import MANIFEST, IngestError, IngestJob, run_ingest
 from components.data.process_part import ImageSettings, PartSettings
+from components.data.url_list import check_url_list
 from components.runtime import path
 from components.storage import location
 
@@ -38,7 +39,7 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
     """The URL list to ingest; for the built-in corpus, build it and (for HTTP) serve it for the run."""
     data = cfg.data
     if data.source == "url_list":
-        return str(path(data.url_list)) if "://" not in data.url_list else data.url_list
+        return _url_list(cfg)
     corpus_dir = path(data.corpus_dir)
     emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
     url_list = location(data.output_dir) / "_source_urls.parquet"
@@ -54,6 +55,17 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
     else:
         raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list")
     return str(url_list)
+
+
+def check_source(cfg: DictConfig) -> None:
+    """Refuse a URL list that cannot be ingested (format, existence, columns) before anything starts."""
+    if cfg.data.source == "url_list":
+        check_url_list(_url_list(cfg), cfg.data.url_col, cfg.data.caption_col)
+
+
+def _url_list(cfg: DictConfig) -> str:
+    url_list = cfg.data.url_list
+    return url_list if "://" in url_list else str(path(url_list))
 
 
 def ingest_from_config(cfg: DictConfig) -> tuple[dict[str, Any], IngestJob]:

@@ -55,6 +55,19 @@ def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
         yield from reader
 
 
+def check_url_list(path: str, url_col: str = "url", caption_col: str = "caption") -> None:
+    """UrlListError when `path` cannot be ingested as given (format, existence, columns), read from its first
+    batch: a bad list is refused before a cluster starts."""
+    list_format(path)
+    try:
+        fingerprint(path)
+    except FileNotFoundError:
+        raise UrlListError(f"URL list {path} does not exist") from None
+    first = next(iter_batches(path), None)
+    if first is not None:
+        _normalise_columns(first, url_col, caption_col, path)
+
+
 def key_digits(shard_size: int) -> int:
     return max(1, math.ceil(math.log10(shard_size)))
 

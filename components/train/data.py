@@ -121,7 +121,7 @@ class Preprocess:
             from components.models.clippo import render_text
 
             out = {"text_pixels": render_text(captions, spec.image_size, spec.text.font_size)}
-            pairs = self._text_pairs(metas)
+            pairs = self._text_pairs(metas, captions)
             for i, translation in pairs.items():
                 pixels[i] = render_text([translation], spec.image_size, spec.text.font_size)[0]
         else:
@@ -150,14 +150,16 @@ class Preprocess:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             return np.asarray(image)
 
-    def _text_pairs(self, metas: list[dict]) -> dict[int, str]:
+    def _text_pairs(self, metas: list[dict], captions: list[str]) -> dict[int, str]:
+        """{example: a translation of its caption} for the examples drawn as text/text pairs; the caption itself
+        (its own language's column) is no translation."""
         text = self.spec.text
         if text.text_pair_fraction <= 0 or not text.pair_columns:
             return {}
         pairs = {}
         for i, meta in enumerate(metas):
             if self.rng.random() < text.text_pair_fraction:
-                options = [meta[c] for c in text.pair_columns if meta.get(c)]
+                options = [meta[c] for c in text.pair_columns if meta.get(c) and meta[c] != captions[i]]
                 if options:
                     pairs[i] = options[self.rng.integers(len(options))]
         return pairs

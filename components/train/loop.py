@@ -117,9 +117,25 @@ def resumable_layout(base: dict[str, Any], state: dict[str, Any] | None) -> dict
     return {**base, "zero_optimization": {**zero, PARAMETER_ALIGNMENT: saved}}
 
 
+def initialise_engine(model: torch.nn.Module, settings: LoopSettings, deepspeed_base: dict[str, Any],
+                      micro_batch: int):
+    """(DeepSpeed engine, its lr scheduler) for `model`: AdamW without decay on norms, biases and scalars, linear
+    warmup then cosine, the ZeRO stage and precision of `deepspeed_base` (a conf/deepspeed config)."""
+    import deepspeed
+
+    scalars_as_vectors(model)
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
+                                  eps=settings.eps)
+    warmup = max(1, int(settings.warmup_fraction * settings.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, settings.total_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(deepspeed_base, micro_batch, settings.grad_accum))
+    return engine, scheduler
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """TorchTrainer's train_loop_per_worker. `config` is plain data (see components/train/trainer.py)."""
-    import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
@@ -137,11 +153,6 @@ def train_worker(config: dict[str, Any]) -> None:
 
     memory = _WorkerMemory()
     task = build_task(config)
-    scalars_as_vectors(task.model)
-    optimizer = torch.optim.AdamW(param_groups(task.model, settings.weight_decay), lr=settings.lr,
-                                  betas=settings.betas, eps=settings.eps)
-    warmup = max(1, int(settings.warmup_fraction * settings.total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, settings.total_steps))
     micro_batch = settings.micro_batch(world)
     step, samples_seen = 0, 0
     checkpoint = ray.train.get_checkpoint() or (Checkpoint(config["resume_from"]) if config.get("resume_from") else None)
@@ -149,9 +160,7 @@ def train_worker(config: dict[str, Any]) -> None:
         directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         state = json.loads((directory / TRAINER_STATE).read_text()) if directory else None
         deepspeed_base = resumable_layout(config["deepspeed"], state)
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(deepspeed_base, micro_batch, settings.grad_accum))
+        engine, scheduler = initialise_engine(task.model, settings, deepspeed_base, micro_batch)
         if state:
             engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
             step, samples_seen = state["step"], state["samples_seen"]

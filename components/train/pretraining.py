@@ -83,11 +83,7 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     print(f"[pretrain] {cfg.model.family} ({cfg.model.preset}): {model.num_parameters() / 1e6:.1f}M parameters, "
           f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
 
-    text = TextConfig(kind=model.text_input, tokenizer_dir=str(tokenizer_dir) if tokens else None,
-                      max_length=getattr(model, "max_text_length", 0) or 0,
-                      text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
-                      pair_columns=tuple(cfg.data.get("caption_columns") or ()),
-                      font_size=int(getattr(model, "font_size", 16)))
+    text = text_config(cfg, model, str(tokenizer_dir) if tokens else None)
     dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text)
     train_config = {
         **worker_config(cfg, trainer_cfg, deepspeed, run_id),
@@ -148,6 +144,16 @@ def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str,
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
         "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
     }
+
+
+def text_config(cfg: DictConfig, model, tokenizer_dir: str | None) -> TextConfig:
+    """How the data workers turn captions into the model's text input: token ids, or (CLIPPO) Unifont renderings,
+    with `model.text_pair_fraction` of the images replaced by a rendered translation (data.caption_columns)."""
+    return TextConfig(kind=model.text_input, tokenizer_dir=tokenizer_dir,
+                      max_length=getattr(model, "max_text_length", 0) or 0,
+                      text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
+                      pair_columns=tuple(cfg.data.get("caption_columns") or ()),
+                      font_size=int(getattr(model, "font_size", 16)))
 
 
 def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path, model,
