@@ -140,24 +140,21 @@ def in_process(shards: Path, samples: int, batch: int, threads: int, engine: boo
 def engine_stepper(ours, batch: int, next_batch):
     """One training step of the loop's own (ContrastiveTask in a DeepSpeed engine, ZeRO-2), built as
     components/train/loop.py builds it, in this process as a world of one."""
-    import deepspeed
-    import torch
     from omegaconf import OmegaConf
 
-    from components.train.loop import deepspeed_config, param_groups, scalars_as_vectors
+    from components.train.loop import LoopSettings, initialise_engine
     from components.train.losses import ContrastiveLoss
     from components.train.pretraining import resolve_precision
     from components.train.tasks import ContrastiveTask
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
-    scalars_as_vectors(ours)
     task = ContrastiveTask(ours, ContrastiveLoss())
     zero2 = resolve_precision(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "deepspeed" / "zero2.yaml")),
                               use_gpu=False)
-    engine, *_ = deepspeed.initialize(
-        model=ours, optimizer=torch.optim.AdamW(param_groups(ours, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6),
-        config=deepspeed_config(zero2, batch, 1))
+    # No warmup and a cosine over 10**6 steps: the learning rate stays at its peak, as in the plain loop.
+    engine, _ = initialise_engine(ours, LoopSettings(samples=10**6 * batch, global_batch=batch, warmup_fraction=0.0),
+                                  zero2, micro_batch=batch)
 
     def engine_step() -> None:
         loss, _ = task.step(engine, next_batch())

@@ -44,7 +44,7 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, timeout: float
         if process.poll() is not None or time.monotonic() > deadline:
             output = process.stdout.read() if process.stdout and process.poll() is not None else ""
             raise AssertionError(f"{what} did not come up at {url}:\n{output[-3000:]}")
-        time.sleep(2)
+        time.sleep(0.25)
 
 
 @contextlib.contextmanager

@@ -45,13 +45,14 @@ def test_stage1_distils_the_teacher_into_a_multilingual_student(altclip_run):
     parent = runs["altclip"].info.run_id
     assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in ("altclip-distill", "altclip-contrastive"))
     metrics = runs["altclip-distill"].data.metrics
-    # Measured here: held-out MSE 1.73 -> 0.65, cosine to the teacher 0.01 -> 0.79; a Japanese sentence lands
-    # nearest its own English sentence's teacher embedding among 10 distractors 0.237 of the time on training
-    # concepts (chance 0.091; ~735 sentences, so chance +- 0.011). Held-out top-1 among every English sentence
-    # (0.004-0.019, chance 0.003-0.005) is too noisy at this size to assert.
+    # Measured here (the chain's settings, three runs on one teacher and a fourth in the suite): held-out MSE
+    # 1.67-1.69 -> 0.67-0.70, cosine to the teacher 0.77; a Japanese sentence lands nearest its own English
+    # sentence's teacher embedding among 10 distractors 0.30-0.49 of the time on training concepts (chance 0.091;
+    # ~735 sentences, so chance +- 0.011).
+    # Held-out top-1 among every English sentence (0.004-0.019, chance 0.003-0.005) is too noisy to assert.
     assert metrics["heldout.mse"] < 0.6 * metrics["heldout.init_mse"], metrics
     assert metrics["heldout.cosine"] > 0.5 > metrics["heldout.init_cosine"], metrics
-    assert metrics["train.ja_vs10"] >= 1.6 * metrics["train.ja_vs10_chance"], metrics
+    assert metrics["train.ja_vs10"] >= 2.5 * metrics["train.ja_vs10_chance"], metrics
     assert metrics["train.ja_pairs"] >= 200
     losses = [m.value for m in sorted(client.get_metric_history(runs["altclip-distill"].info.run_id, "loss"),
                                       key=lambda m: m.step)]
@@ -90,9 +91,12 @@ def test_stage2_keeps_the_image_tower_bit_identical_and_registers_with_lineage(a
     tags = versions[0].tags
     assert tags["teacher.model"] == "clipforge-clip" and tags["teacher.version"] == "1"
     assert tags["teacher.run_id"] == client.get_model_version("clipforge-clip", "1").run_id
+    # The three-way comparison on held-out concepts: the teacher, with its English tokenizer, barely reads Spanish
+    # and Japanese; the student does. Measured (three runs, one teacher): R@5 over ja and es 0.032 for the teacher
+    # against 0.077-0.095 for the final model (chance 0.026).
     compare = runs_by_stage(client)["altclip"].data.metrics
-    for model in ("teacher", "stage1", "altclip"):
-        assert f"compare.{model}.mean_non_en" in compare
+    assert compare["compare.altclip.mean_non_en"] >= 1.5 * compare["compare.teacher.mean_non_en"], compare
+    assert compare["compare.stage1.mean_non_en"] >= 1.5 * compare["compare.teacher.mean_non_en"], compare
     assert "multilingual retrieval on held-out concepts" in output
 
 
@@ -104,11 +108,14 @@ def test_registered_altclip_evaluates_through_the_evaluation_stage(ray_session, 
     run_stage("evaluate", "model_uri=models:/clipforge-altclip/latest", "data=emoji_local",
               f"data.output_dir={emoji_shards}", "tasks=[multilingual_retrieval,zeroshot_classification]",
               f"output_dir={out}", "progress=false", cwd=work)
-    japanese = json.loads((out / "results" / "multilingual_retrieval_ja.json").read_text())
-    assert japanese["language"] == "ja"
-    # Held-out images find their Japanese captions well above chance.
-    metrics = japanese["metrics"]
-    assert metrics["image_to_text_R5"] >= 2.0 * metrics["chance_image_to_text_R5"], metrics
+    results = {path.stem.removeprefix("multilingual_retrieval_"): json.loads(path.read_text())
+               for path in (out / "results").glob("multilingual_retrieval_*.json")}
+    assert len(results) == 14 and results["ja"]["language"] == "ja"
+    # Held-out images find their captions in the 13 other languages well above chance. Measured (the chain's
+    # settings, four runs): mean R@5 0.074-0.095, 2.9-3.7x chance (0.026); each language 0.046-0.124.
+    other = [r["metrics"]["image_to_text_R5"] for language, r in results.items() if language != "en"]
+    chance = results["ja"]["metrics"]["chance_image_to_text_R5"]
+    assert sum(other) / len(other) >= 2.0 * chance, {k: r["metrics"]["image_to_text_R5"] for k, r in results.items()}
     tags = MlflowClient(tracking_uri=uri).get_model_version("clipforge-altclip", "1").tags
     assert float(tags["eval.multilingual_retrieval.ja.image_to_text_R5"]) == pytest.approx(
-        metrics["image_to_text_R5"], abs=1e-4)
+        results["ja"]["metrics"]["image_to_text_R5"], abs=1e-4)

@@ -133,18 +133,23 @@ def _toy_pairs():
     return clip, captions, ids, mask
 
 
-def test_captioner_memorises_its_training_captions():
-    model = tiny_captioner("mlp")
-    clip, captions, ids, mask = _toy_pairs()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+def _fit(model: ClipCap, clip, ids, mask, lr: float, steps: int = 150) -> float:
+    """`steps` of AdamW on the captioner's trainable parameters; returns the last loss, the model left in eval."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    for _ in range(150):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = model(clip, ids, mask)
         loss.backward()
         optimizer.step()
     model.eval()
-    assert loss.item() < 0.05
+    return loss.item()
+
+
+def test_captioner_memorises_its_training_captions():
+    model = tiny_captioner("mlp")
+    clip, captions, ids, mask = _toy_pairs()
+    assert _fit(model, clip, ids, mask, lr=2e-3) < 0.05
     assert model.generate(clip, "greedy", max_length=8) == captions
     assert model.generate(clip, "beam", max_length=8, beam_width=3) == captions
 
@@ -164,14 +169,7 @@ def test_transformer_mapping_steers_a_frozen_language_model_to_each_images_capti
     decoder.requires_grad_(False)
     model.eval()
     assert model.generate(clip, "greedy", max_length=8) != captions  # the language model cannot tell them apart
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for _ in range(150):
-        optimizer.zero_grad()
-        loss = model(clip, ids, mask)
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    _fit(model, clip, ids, mask, lr=5e-3)
     assert not any(p.requires_grad for p in model.decoder.parameters())
     assert model.generate(clip, "greedy", max_length=8) == captions
     assert model.generate(clip, "beam", max_length=8, beam_width=3) == captions
@@ -270,7 +268,7 @@ def test_cached_rows_read_one_split_of_every_file(ray_session, tmp_path, request
     import pyarrow as pa
 
     from components import storage
-    from components.train.data import cached_rows
+    from components.train.data import cached_rows, split_rows
 
     root = storage.location(request.getfixturevalue("object_store") if where == "bucket" else tmp_path)
     for part in range(2):
@@ -278,6 +276,7 @@ def test_cached_rows_read_one_split_of_every_file(ray_session, tmp_path, request
                                         "split": ["train", "test"] * 2 + ["train"]}), root / f"part-{part}.parquet")
     rows = cached_rows(root, ["n", "split"], split="train").take_all()
     assert sorted(r["n"] for r in rows) == [0, 2, 4, 5, 7, 9]
+    assert split_rows(root, "train") == 6 and split_rows(root, "test") == 4
     with pytest.raises(FileNotFoundError, match="no Parquet files"):
         cached_rows(root / "empty", ["n"])
 

@@ -112,7 +112,8 @@ def test_filtered_pool_trains_a_model_that_is_evaluated_on_the_original_held_out
     assert trained_on["kept"] == filtered["kept"] and run.data.params["data.output_dir"] == filtered["shards"]
     assert run.data.metrics["samples_seen"] == FILTERED_SAMPLES
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert curve[-1][1] < curve[0][1] - 0.2, curve  # measured: ...
+    # Measured (20 steps, three chains): loss 4.94-4.96 at step 5, falling by 0.30, 0.35 and 0.45 to step 20.
+    assert curve[-1][1] < curve[0][1] - 0.2, curve
 
     evaluated = chain.state["evaluate_filtered"]["outputs"]
     result = json.loads((Path(evaluated["results_dir"]) / "zeroshot_retrieval.json").read_text())

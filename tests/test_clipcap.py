@@ -20,9 +20,11 @@ from components.caption.metrics import caption_scores
 from tests.conftest import clipcap_settings
 from tests.helpers import REPO, run_stage
 
-# Measured ...
-CAPTION_BLEU1_OVER_CHANCE = 1.5
-CAPTION_CIDER_OVER_CHANCE = 2.0
+# Held-out captions scored against their own references over the same captions against another image's (the
+# chain's 200 steps, three runs): BLEU-1 0.089/0.021, 0.116/0.024, 0.141/0.026 (4.2-5.5x); CIDEr 0.203/0.021,
+# 0.248/0.021, 0.342/0.027 (9.7-12.6x). The bars sit at about half the lowest ratio.
+CAPTION_BLEU1_OVER_CHANCE = 2.0
+CAPTION_CIDER_OVER_CHANCE = 4.0
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +53,8 @@ def test_decoder_pretraining_lowers_heldout_perplexity_and_captions_are_scored(c
     lm = runs["clipcap-lm"].data.metrics
     assert lm["heldout.perplexity"] < 0.5 * lm["heldout.perplexity_init"], lm
     metrics = runs["clipcap"].data.metrics
-    # Memorisation: a clear majority of training images get their caption back exactly.
-    assert metrics["train.exact_match"] > 0.6, clipcap_run.output
+    # Memorisation: at least half the training images get their caption back exactly (0.69-0.84 measured, conftest).
+    assert metrics["train.exact_match"] > 0.5, clipcap_run.output
     # Held out: the captioner against the nearest training caption, printed and in MLflow. Measured once
     # (250 steps): BLEU-1 0.163 vs 0.155, CIDEr 0.430 vs 0.286, BLEU-4 0.000 vs 0.049; reported, not asserted.
     # With each difference comes its paired-bootstrap interval over the held-out images.
@@ -150,8 +152,7 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(r
     table = tmp_path / "pairs.parquet"
     pd.DataFrame({"key": [s["key"] for s in samples], "jpg": [s["image"] for s in samples],
                   "txt": [s["txt"] for s in samples]}).to_parquet(table)
-    counts = run_stage("caption", f"data_path={table}", f"output={tmp_path / 'parquet'}", "progress=false",
-                       cwd=tmp_path)
+    counts = run_stage("caption", f"data_path={table}", f"output={tmp_path / 'parquet'}", cwd=tmp_path)
     assert (counts["rows"], counts["failed"]) == (4, 0)
     written = pd.concat([pd.read_parquet(f) for f in (tmp_path / "parquet").glob("*.parquet")]).set_index("key")
     assert sorted(written.index) == sorted(s["key"] for s in samples)

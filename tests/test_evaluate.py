@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
@@ -72,7 +73,7 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     # Held-out concepts; the probe learns emoji groups on the training concepts (subgroups, 99 classes, separate
     # trained from random-init features by less than the noise at this scale).
     common = [f"tasks={ALL_TASKS}", "where={split: test}", "task_settings.linear_probe.train_where={split: train}",
-              "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[4]"]
+              "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[16]"]
     # The trained model by its registry URI (lineage, nesting, tags); the random one as a plain directory.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pretrained_clip.tracking_uri)
     evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common)
@@ -89,11 +90,14 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     rt_t, rt_r = trained["zeroshot_retrieval"], random["zeroshot_retrieval"]
     assert rt_t["image_to_text_R5"] >= rt_r["image_to_text_R5"] + 0.03
     assert rt_t["text_to_image_R5"] >= rt_r["text_to_image_R5"] + 0.03
-    # The group probe runs and beats chance (5 groups) on both, but at this scale it does not separate trained
-    # from random-init features reliably: full 0.589/0.573/0.586 vs 0.570/0.570/0.568, 4-shot 0.351/0.343/0.365
-    # vs 0.273/0.273/0.335 over three runs (the 4-shot draw follows Ray Data's row order). No margin asserted.
-    for name in ("linear_probe", "linear_probe_4shot"):
-        assert min(trained[name]["acc1"], random[name]["acc1"]) > 1 / 5, name
+    # The group probe (9 groups). Both feature sets beat the commonest group's share by far; with 16 images a group
+    # (the draw follows Ray Data's row order) the trained features lead. Measured (three trained models, five draws
+    # each, paired with the same draw of the random init's): full 0.622/0.624/0.635 vs 0.568; 16-shot 0.427-0.524
+    # vs 0.373-0.424, the trained features ahead in every draw, by 0.027-0.12.
+    groups = pd.Series([s["json"]["group"] for s in read_shards(emoji_shards) if s["json"]["split"] == "test"])
+    majority = groups.value_counts(normalize=True).iloc[0]
+    assert min(trained["linear_probe"]["acc1"], random["linear_probe"]["acc1"]) > majority + 0.1, majority
+    assert trained["linear_probe_16shot"]["acc1"] >= random["linear_probe_16shot"]["acc1"] + 0.01
     languages = [k for k in trained if k.startswith("multilingual_retrieval.")]
     assert len(languages) == 14
     assert trained["multilingual_retrieval.en"]["image_to_text_R5"] >= \

@@ -54,7 +54,9 @@ class LoopbackServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> LoopbackServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="loopback-http", daemon=True)
+        # A short poll: stop() waits for the loop's next look at its shutdown flag.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="loopback-http", daemon=True)
         self._thread.start()
         return self
 

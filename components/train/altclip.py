@@ -29,7 +29,7 @@ from components.data.parallel_text import builtin_parallel_text, fingerprint, re
 from components.models.factory import saved_family
 from components.runtime import path
 from components.tracking import mlflow_runs
-from components.train.data import TextConfig, parallel_text_dataset
+from components.train.data import TextConfig, parallel_text_dataset, split_rows
 from components.train.pretraining import (
     deepspeed_settings,
     describe_scale,
@@ -251,7 +251,8 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: UP
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[altclip] stage 1 (teacher learning): student {model.num_parameters(trainable_only=True) / 1e6:.1f}M "
               f"trainable parameters, {describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train")
+        in_memory = split_rows(targets_dir, "train") <= cfg.in_memory_rows
+        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train", in_memory)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "distill",
                         "model": spec, "tokenizer_dir": tokenizer_dir}
         export_dir = storage.location(cfg.export_dir) / "stage1"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pa_compute
 import ray
 from PIL import Image
 from upath import UPath
@@ -255,10 +256,19 @@ def cached_rows(directory: str | Path, columns: list[str], split: str | None = N
     return rows.filter(expr=f"split == '{split}'") if split is not None else rows
 
 
-def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train"
-                          ) -> ray.data.Dataset:
+def split_rows(directory: str | Path, split: str) -> int:
+    """How many rows of a Parquet cache have `split` in their split column (read alone)."""
+    table = storage.read_parquet(directory, columns=["split"])
+    return int(pa_compute.sum(pa_compute.equal(table.column("split"), split)).as_py() or 0)
+
+
+def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train",
+                          in_memory: bool = False) -> ray.data.Dataset:
     """Stage 1's training stream: the cached (src, tgt, lang, split, target) Parquet rows of `split` (shuffled
-    when cached), tgt tokenised by Ray tasks (as training_dataset does for images)."""
+    when cached), tgt tokenised by Ray tasks (as training_dataset does for images). Streamed from Parquet, or,
+    `in_memory`, tokenised once and held in Ray's object store: a pass started from Parquet costs seconds (a new
+    execution, file listing, tokenizer loading), which a small set pays every few dozen steps."""
     rows = cached_rows(targets_dir, ["tgt", "split", "target"], split)
-    return rows.map_batches(tokenize_parallel, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length},
-                            batch_size=256, num_cpus=0.5, batch_format="numpy")
+    tokens = rows.map_batches(tokenize_parallel, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length},
+                              batch_size=256, num_cpus=0.5, batch_format="numpy")
+    return tokens.materialize() if in_memory else tokens
