@@ -241,6 +241,10 @@ def linear_probe(context: EvalContext, settings: dict) -> TaskOutput:
     label = settings["label"]
     train_y, test_y = _labels(train, label), _labels(context.images, label)
     train_x = np.concatenate([train.embeddings(a, b) for a, b in train.blocks(4096)])
+    # The store keeps rows in the order Ray Data delivered them. Ordered by key, a seed draws the same images
+    # (shots, validation split) on every run and for every model, so two models' probes compare pair-wise.
+    order = np.argsort(np.asarray(train.meta_column("key")), kind="stable")
+    train_x, train_y = train_x[order], [train_y[i] for i in order]
     test_x = np.concatenate([context.images.embeddings(a, b) for a, b in context.images.blocks(4096)])
     output = TaskOutput()
     for shots in [None, *settings.get("shots", [])]:
