@@ -260,3 +260,37 @@ def test_linear_probe_needs_two_classes():
     x = np.random.default_rng(0).normal(size=(10, 4))
     with pytest.raises(ValueError, match="linear probe needs >= 2 classes in the training set"):
         linear_probe(x, np.zeros(10, dtype=int), x, np.zeros(10, dtype=int))
+
+
+def test_linear_probe_task_draws_the_same_shots_whatever_order_the_rows_arrived_in(tmp_path):
+    """The evaluation stage's probe reads its training rows in the order Ray Data delivered them; the same rows in
+    another order must give the same few-shot draw, so two models' probes compare pair-wise."""
+    from components.eval.store import EmbeddingStore
+    from components.eval.tasks import EvalContext, linear_probe
+
+    rng = np.random.default_rng(0)
+
+    def noisy_clusters(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        """Three classes around one-hot centres in 8 dimensions, noisy enough that the drawn shots matter."""
+        labels = np.repeat(["a", "b", "c"], per_class)
+        centres = np.eye(8, dtype=np.float32)[:3]
+        return centres[np.repeat(np.arange(3), per_class)] + rng.normal(size=(3 * per_class, 8)), labels
+
+    train_x, labels = noisy_clusters(40)
+    keys = [f"{i:04d}" for i in range(len(labels))]
+    test_x, test_labels = noisy_clusters(20)
+    test = EmbeddingStore.create(tmp_path / "test")
+    test.append((test_x,), test_x, {"key": [f"t{i}" for i in range(60)], "label_cls": list(test_labels)})
+
+    def probe(order: np.ndarray) -> list[float]:
+        train = EmbeddingStore.create(tmp_path / f"train{order[0]}")
+        train.append((train_x[order],), train_x[order], {"key": [keys[i] for i in order],
+                                                          "label_cls": list(labels[order])})
+        context = EvalContext(model=None, tokenizer=None, images=test, dataset="toy", model_name="toy",
+                              embed_texts=None, embed_rows=lambda name, where: train, sample_rows=None)
+        output = linear_probe(context, {"train_where": {}, "label": "cls", "shots": [2], "c_values": [1.0]})
+        return [result["metrics"]["acc1"] for result in output.results]
+
+    orders = [np.arange(120), np.random.default_rng(1).permutation(120), np.arange(120)[::-1]]
+    results = [probe(order) for order in orders]
+    assert results[0] == results[1] == results[2], results
