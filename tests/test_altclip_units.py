@@ -169,6 +169,7 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teac
     from components import storage
     from components.eval.runner import fetch_model
     from components.train.altclip import read_targets, teacher_targets
+    from components.train.data import parallel_text_dataset, split_rows
 
     work = storage.location(request.getfixturevalue("object_store") if where == "bucket" else tmp_path)
     teacher = fetch_model(str(teacher_dir), work / "teacher")
@@ -190,6 +191,12 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teac
         with torch.no_grad():
             expected = model.text_features(text_inputs(model, tokenizer, list(rows["src"]))).numpy()
         np.testing.assert_allclose(np.stack(rows["target"]), expected, atol=1e-5)
+    # Stage 1's stream of the cache: streamed from Parquet, or tokenised once and held in Ray's object store (the
+    # stage picks by split_rows against in_memory_rows): the same rows either way.
+    assert split_rows(out, "train") == 4 and split_rows(out, "test") == 2
+    streams = [sorted((tuple(row["input_ids"]), tuple(np.round(row["target"], 5))) for row in parallel_text_dataset(
+        out, str(teacher_dir), 16, "train", in_memory).take_all()) for in_memory in (False, True)]
+    assert streams[0] == streams[1] and len(streams[0]) == 4
     capsys.readouterr()
     assert teacher_targets(frame, teacher, work / "targets", batch_size=4, actors=1, use_gpu=False) == out
     assert "cached" in capsys.readouterr().out
