@@ -112,8 +112,9 @@ def test_filtered_pool_trains_a_model_that_is_evaluated_on_the_original_held_out
     assert trained_on["kept"] == filtered["kept"] and run.data.params["data.output_dir"] == filtered["shards"]
     assert run.data.metrics["samples_seen"] == FILTERED_SAMPLES
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    # Measured (20 steps, three chains): loss 4.94-4.96 at step 5, falling by 0.30, 0.35 and 0.45 to step 20.
-    assert curve[-1][1] < curve[0][1] - 0.2, curve
+    # Measured (40 steps, three seeds on the clean shards): loss 4.91-4.94 over steps 1-5, falling by 0.66-0.81
+    # to steps 36-40; the filtered pool still holds some swapped captions, hence the lower bar.
+    assert curve[-1][1] < curve[0][1] - 0.3, curve
 
     evaluated = chain.state["evaluate_filtered"]["outputs"]
     result = json.loads((Path(evaluated["results_dir"]) / "zeroshot_retrieval.json").read_text())
