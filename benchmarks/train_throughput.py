@@ -110,7 +110,7 @@ def in_process(shards: Path, samples: int, batch: int, threads: int, engine: boo
         b = next_batch()
         image, text, scale, _ = plain(normalise(b["pixels"], plain.image_mean, plain.image_std, torch.float32),
                                       {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
-        loss_fn(image, text, plain.similarity, scale).backward()
+        loss_fn(image, text, plain.loss_similarity, scale).backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

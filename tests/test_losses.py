@@ -44,13 +44,13 @@ def clip_similarity(image, text):
     return _normalise(image[0]) @ _normalise(text[0]).T
 
 
-def filip_similarity(image, text):
-    """Token-wise late interaction with a text mask: mean of max over the other side, averaged both ways."""
+def filip_similarities(image, text):
+    """Token-wise late interaction with a text mask, FILIP's two directions: (image-to-text, text-to-image)."""
     img, (txt, mask) = _normalise(image[0]), (_normalise(text[0]), text[1])
     tok = torch.einsum("ipd,jld->ijpl", img, txt)  # [n_img, n_txt, P, L]
     i2t = tok.masked_fill(~mask[None, :, None, :], float("-inf")).amax(dim=-1).mean(dim=-1)
     t2i = (tok.amax(dim=2) * mask[None]).sum(dim=-1) / mask.sum(dim=-1)[None]
-    return (i2t + t2i) / 2
+    return i2t, t2i
 
 
 class TinyModel(torch.nn.Module):
@@ -71,7 +71,7 @@ class TinyModel(torch.nn.Module):
         return image, text
 
     def similarity(self, image, text):
-        return (clip_similarity if self.arch == "clip" else filip_similarity)(image, text)
+        return (clip_similarity if self.arch == "clip" else filip_similarities)(image, text)
 
 
 def make_model(arch: str, kind: str) -> TinyModel:
@@ -290,6 +290,41 @@ def test_infonce_matches_explicit_softmax_cross_entropy():
     rows = [-math.log(math.exp(scale * s[i][i]) / sum(math.exp(scale * s[i][j]) for j in range(n))) for i in range(n)]
     cols = [-math.log(math.exp(scale * s[j][j]) / sum(math.exp(scale * s[i][j]) for i in range(n))) for j in range(n)]
     assert loss.item() == pytest.approx((sum(rows) / n + sum(cols) / n) / 2, rel=1e-12)
+
+
+def test_filip_infonce_takes_each_direction_over_its_own_similarity():
+    """FILIP's loss (Yao et al. 2021, eq. 4-5) written from the paper, one pair and one token at a time: the
+    image-to-text softmax over s^I_ij (each patch's best real token of text j, averaged over patches), the
+    text-to-image softmax over s^T_ij (each real token's best patch of image i, averaged over real tokens). The
+    model's `loss_similarity` through ContrastiveLoss must give the same number; padding holds large values."""
+    from components.models.filip import FILIP
+
+    g = torch.Generator().manual_seed(3)
+    n, patches, length = 5, 4, 6
+    image = F.normalize(torch.randn(n, patches, DIM, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(n, length, DIM, generator=g, dtype=torch.float64), dim=-1)
+    mask = (torch.arange(length)[None] < torch.tensor([6, 2, 4, 1, 3])[:, None]).to(torch.float64)
+    text[mask == 0] = 10.0
+    scale = 1 / 0.07
+
+    def dot(i: int, p: int, j: int, t: int) -> float:
+        return float(image[i, p] @ text[j, t])
+
+    real = [[t for t in range(length) if mask[j, t]] for j in range(n)]
+    s_image = [[sum(max(dot(i, p, j, t) for t in real[j]) for p in range(patches)) / patches for j in range(n)]
+               for i in range(n)]
+    s_text = [[sum(max(dot(i, p, j, t) for p in range(patches)) for t in real[j]) / len(real[j]) for j in range(n)]
+              for i in range(n)]
+
+    def cross_entropy(logits: list[float], positive: int) -> float:
+        return -math.log(math.exp(logits[positive]) / sum(math.exp(v) for v in logits))
+
+    image_to_text = sum(cross_entropy([scale * s_image[i][j] for j in range(n)], i) for i in range(n)) / n
+    text_to_image = sum(cross_entropy([scale * s_text[i][j] for i in range(n)], j) for j in range(n)) / n
+    model = FILIP.__new__(FILIP)  # loss_similarity reads no parameter
+    loss = ContrastiveLoss("infonce")((image,), (text, mask), model.loss_similarity,
+                                      torch.tensor(math.log(scale), dtype=torch.float64))
+    assert loss.item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-12)
 
 
 def test_siglip_matches_reference_loop():

@@ -190,6 +190,11 @@ class ContrastiveModel(nn.Module):
         """[n_images, n_texts] similarities in [-1, 1], not yet multiplied by exp(logit_scale)."""
         raise NotImplementedError
 
+    def loss_similarity(self, image: Features, text: Features) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What the contrastive loss scores pairs with: one matrix for both directions, or an (image-to-text,
+        text-to-image) pair of [n_images, n_texts] matrices where the family's paper uses two (FILIP)."""
+        return self.similarity(image, text)
+
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, D] L2-normalised global image embedding (linear probe, pyfunc)."""
         return self.image_embedding(self.encode_image(pixel_values))

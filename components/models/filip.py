@@ -12,8 +12,10 @@ Similarity (`late_interaction`), for image i with patches x_ip and text j with u
   s_ij^I = mean_p max_t <x_ip, y_jt>      each patch finds its best-matching word (image-to-text)
   s_ij^T = mean_t max_p <x_ip, y_jt>      each word finds its best-matching patch (text-to-image)
   similarity = (s^I + s^T) / 2            in [-1, 1]
-The paper's loss uses s^I for the image-to-text softmax and s^T for the text-to-image one: a loss that wants
-exactly that calls `similarity_pair`, which returns both matrices.
+Training (`loss_similarity`) follows the paper: the image-to-text softmax runs over s^I and the text-to-image one
+over s^T. Ranking (`similarity`, used by retrieval, zero-shot and prompt ensembles) scores one matrix for both
+directions, the symmetric mean: an evaluator then ranks images and texts by the same number, and a single matrix
+halves the memory of a large evaluation block.
 
 Token selection (paper, section 3.1.2 "Reduce communication"): with token_topk_fraction = f, the loss calls
 `select_tokens(image, text)` on the local features BEFORE all_gather; it keeps, per sample, the ceil(f * P)
@@ -204,8 +206,8 @@ class FILIP(ContrastiveModel):
     def similarity(self, image: Features, text: Features) -> torch.Tensor:
         return late_interaction(image[0], text[0], text[1])
 
-    def similarity_pair(self, image: Features, text: Features) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s^I, s^T): image-to-text and text-to-image token-wise similarities, each [n_images, n_texts]."""
+    def loss_similarity(self, image: Features, text: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s^I, s^T): the paper's loss takes the image-to-text softmax over s^I and the text-to-image one over s^T."""
         return similarity_pair(image[0], text[0], text[1])
 
     def token_embeddings(self, pixel_values: torch.Tensor, batch: Mapping[str, torch.Tensor]

@@ -5,6 +5,11 @@ callable giving the unscaled [n_img, n_txt] matrix, and a `logit_scale` paramete
 The loss never looks inside the features, so dual encoders (CLIP: `(emb[B, D],)`) and late-interaction models
 (FILIP: image `(tokens[B, P, d],)`, text `(tokens[B, L, d], mask[B, L])`) go through the same code.
 
+Direction-specific similarities: `similarity` may instead return a pair (image-to-text, text-to-image), both
+[n_img, n_txt]. InfoNCE then takes the image rows' softmax over the first and the text rows' softmax over the
+second: FILIP's loss (Yao et al. 2021, eq. 4-5) uses s^I for image-to-text and s^T for text-to-image. SigLIP has no
+direction (one sigmoid per pair), so it scores a pair with the mean of the two, FILIP's symmetric similarity.
+
 Scale and bias
 - `scale = logit_scale.exp().clamp(max=max_logit_scale)`; CLIP clamps at 100 (the default) so the temperature
   cannot collapse. At the clamp the scale's gradient is zero. Initialising it is the model's job: CLIP uses
@@ -52,7 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Features = tuple[Tensor, ...]
-Similarity = Callable[[Features, Features], Tensor]
+# One [n_img, n_txt] matrix for both directions, or (image-to-text, text-to-image) matrices.
+Similarity = Callable[[Features, Features], Tensor | tuple[Tensor, Tensor]]
 
 KINDS = ("infonce", "siglip")
 
@@ -197,30 +203,37 @@ class ContrastiveLoss(torch.nn.Module):
         n_all = all_image[0].shape[0]
         local = self.local_loss and world > 1
 
-        def scores(img: Features, txt: Features) -> Tensor:
-            s = similarity(img, txt)
+        def scores(img: Features, txt: Features) -> tuple[Tensor, Tensor]:
+            """(image-to-text, text-to-image) similarities, each [n_img, n_txt]."""
+            pair = similarity(img, txt)
+            pair = pair if isinstance(pair, tuple) else (pair, pair)
             expected = (img[0].shape[0], txt[0].shape[0])
-            if tuple(s.shape) != expected:
-                raise ValueError(f"similarity returned shape {tuple(s.shape)}, expected {expected}")
-            return _loss_dtype(s)
+            for s in pair:
+                if tuple(s.shape) != expected:
+                    raise ValueError(f"similarity returned shape {tuple(s.shape)}, expected {expected}")
+            return _loss_dtype(pair[0]), _loss_dtype(pair[1])
 
         if self.kind == "infonce":
             if local:
-                logits_per_image = scale * scores(image, all_text)  # [B, N]
-                logits_per_text = scale * scores(all_image, text).T  # [B, N]
+                logits_per_image = scale * scores(image, all_text)[0]  # [B, N]
+                logits_per_text = scale * scores(all_image, text)[1].T  # [B, N]
                 labels = torch.arange(n_local, device=logits_per_image.device) + rank * n_local
             else:
-                logits_per_image = scale * scores(all_image, all_text)  # [N, N]
-                logits_per_text = logits_per_image.T
+                image_to_text, text_to_image = scores(all_image, all_text)  # [N, N] each
+                logits_per_image, logits_per_text = scale * image_to_text, scale * text_to_image.T
                 labels = torch.arange(n_all, device=logits_per_image.device)
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
+        def symmetric(img: Features, txt: Features) -> Tensor:
+            image_to_text, text_to_image = scores(img, txt)
+            return (image_to_text + text_to_image) / 2  # exactly the one matrix when both directions share it
+
         # siglip: rows are images; positives on the diagonal (shifted to this rank's columns for the local loss)
         if local:
-            logits = scale * scores(image, all_text) + logit_bias  # [B, N]
+            logits = scale * symmetric(image, all_text) + logit_bias  # [B, N]
             offset = rank * n_local
         else:
-            logits = scale * scores(all_image, all_text) + logit_bias  # [N, N]
+            logits = scale * symmetric(all_image, all_text) + logit_bias  # [N, N]
             offset = 0
         rows = logits.shape[0]
         signs = -torch.ones_like(logits)

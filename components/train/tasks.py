@@ -55,7 +55,7 @@ class ContrastiveTask:
         select_tokens = getattr(self.model, "select_tokens", None)  # FILIP: top-k% tokens, before the gather
         if select_tokens is not None:
             image, text_features = select_tokens(image, text_features)
-        loss = self.loss(_float(image), _float(text_features), self.model.similarity, logit_scale.float(),
+        loss = self.loss(_float(image), _float(text_features), self.model.loss_similarity, logit_scale.float(),
                          None if logit_bias is None else logit_bias.float())
         metrics = {"logit_scale": float(logit_scale.detach().float().exp().clamp(max=self.loss.max_logit_scale))}
         if logit_bias is not None:
