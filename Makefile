@@ -72,6 +72,8 @@ bench: setup
 	$(PY) benchmarks/clippo_patch_size.py
 	$(PY) benchmarks/zero_memory_profile.py --stage 0
 	$(PY) benchmarks/zero_memory_profile.py --stage 3
+	$(PY) benchmarks/filip_token_selection.py
+	$(PY) benchmarks/versus_open_clip.py
 	$(PY) benchmarks/object_store_chain.py
 
 clean:
