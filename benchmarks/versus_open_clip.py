@@ -22,6 +22,7 @@ Results go to benchmarks/results/versus_open_clip.json.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -70,7 +71,6 @@ def matches(meta: dict, where: dict) -> bool:
 def corpus_file(rows: list[dict], texts: list[str], path: Path) -> None:
     """What open_clip's side reads: the same decoded pixels, the training mask, each row's caption, the texts."""
     from PIL import Image
-    import io
 
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
     np.savez(path, pixels=pixels, train=np.array([matches(r["json"], TRAIN) for r in rows]),
@@ -126,12 +126,11 @@ def summarise(results: list[dict]) -> dict:
     keys = ("image_to_text_R1", "image_to_text_R5", "text_to_image_R1", "text_to_image_R5", "group_top1")
     table = {}
     for name in HELD_OUT:
-        row = {}
+        row = {"group_majority": results[0]["sets"][name]["group_majority"]}  # the same rows for every run
         for recipe in RECIPES:
             runs = [r["sets"][name] for r in results if r["recipe"] == recipe]
             row[recipe] = {k: {"mean": float(np.mean([m[k] for m in runs])), "min": min(m[k] for m in runs),
                                "max": max(m[k] for m in runs)} for k in keys}
-            row["group_majority"] = runs[0]["group_majority"]
         row["ratio_R1_image_to_text"] = (row["ours"]["image_to_text_R1"]["mean"]
                                          / max(row["open_clip"]["image_to_text_R1"]["mean"], 1e-9))
         table[name] = row
