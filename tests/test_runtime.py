@@ -38,3 +38,33 @@ def test_embedded_rays_workers_drop_only_the_cleaners_state_api_warning(ray_sess
     assert _CLEANER_WARNING in inspect.getsource(placement_group_cleaner)
     assert ray.get(cleaner_messages_that_get_through.remote()) == [
         "Detected that the Ray Train controller actor (abc) is dead."]
+
+
+def test_embedded_ray_keeps_idle_workers_warm_while_a_run_holds_its_actors(ray_session):
+    """Data tasks that follow a burst reuse the burst's worker processes (their imports done) even while as many
+    long-lived actors as a Ray Train run holds are alive: with Ray's default soft limit (one worker per CPU) the
+    idle workers were killed after a second and every run started its data workers anew."""
+    import os
+    import time
+
+    import psutil
+
+    @ray.remote(num_cpus=0)
+    class Holder:  # a controller, a worker, a data coordinator: a process that lives as long as the run
+        def pid(self) -> int:
+            return os.getpid()
+
+    @ray.remote(num_cpus=0.5)
+    def task_pid(hold: float) -> int:
+        time.sleep(hold)
+        return os.getpid()
+
+    holders = [Holder.remote() for _ in range(10)]
+    held = set(ray.get([h.pid.remote() for h in holders]))
+    burst = set(ray.get([task_pid.remote(0.5) for _ in range(8)]))
+    assert not held & burst
+    time.sleep(3)  # Ray kills a worker idle for longer than 1 s while the pool is above its soft limit
+    assert all(psutil.pid_exists(pid) for pid in burst), burst
+    assert set(ray.get([task_pid.remote(0) for _ in range(4)])) <= burst  # ready, not started anew
+    for holder in holders:
+        ray.kill(holder)

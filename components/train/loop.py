@@ -117,12 +117,23 @@ def resumable_layout(base: dict[str, Any], state: dict[str, Any] | None) -> dict
     return {**base, "zero_optimization": {**zero, PARAMETER_ALIGNMENT: saved}}
 
 
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (deepspeed_shm_comm) when its
+    communication backend starts. Only DeepSpeed's inference all-reduce calls that op; training's collectives go
+    through torch.distributed (gloo, NCCL) either way. Compiling it costs 25-45 s of a two-core machine's first run,
+    and again whenever a process whose build flags differ (a Ray job's environment) rewrites the shared cache."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the probe's dict, read by the backend
+
+
 def initialise_engine(model: torch.nn.Module, settings: LoopSettings, deepspeed_base: dict[str, Any],
                       micro_batch: int):
     """(DeepSpeed engine, its lr scheduler) for `model`: AdamW without decay on norms, biases and scalars, linear
     warmup then cosine, the ZeRO stage and precision of `deepspeed_base` (a conf/deepspeed config)."""
     import deepspeed
 
+    skip_shared_memory_allreduce()
     scalars_as_vectors(model)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
                                   eps=settings.eps)
