@@ -63,7 +63,7 @@ def test_embedded_ray_keeps_idle_workers_warm_while_a_run_holds_its_actors(ray_s
     held = set(ray.get([h.pid.remote() for h in holders]))
     burst = set(ray.get([task_pid.remote(0.5) for _ in range(8)]))
     assert not held & burst
-    time.sleep(3)  # Ray kills a worker idle for longer than 1 s while the pool is above its soft limit
+    time.sleep(2)  # Ray kills a worker idle for longer than 1 s while the pool is above its soft limit
     assert all(psutil.pid_exists(pid) for pid in burst), burst
     assert set(ray.get([task_pid.remote(0) for _ in range(4)])) <= burst  # ready, not started anew
     for holder in holders:
