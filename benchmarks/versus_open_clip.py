@@ -2,6 +2,7 @@
 
     python benchmarks/versus_open_clip.py                          # 3 seeds x 64,000 samples (~1.5 h on 2 cores)
     python benchmarks/versus_open_clip.py --seeds 0 --samples 12800       # a quick look
+    python benchmarks/versus_open_clip.py --ours deepspeed.gradient_clipping=0   # a lead: our recipe changed
 
 Both recipes train a randomly initialised CLIP with `tiny` towers (width 128, 4 layers, 4 heads, patch 8 at 64 px,
 embedding 128) on the built-in corpus' OpenMoji drawings of its training concepts only, with batch 128, learning
@@ -16,7 +17,8 @@ code (components/eval/metrics.py) on three held-out sets:
 - held-out style and unseen concepts: Twemoji drawings of the test concepts.
 Reported per set and recipe: image->text and text->image R@1/R@5 and zero-shot group top-1 (9 groups, the bare
 group name as prompt) against the majority group's share; mean and range over seeds, and ours/open_clip ratios.
-Results go to benchmarks/results/versus_open_clip.json.
+Results go to benchmarks/results/versus_open_clip.json; with `--ours` (overrides of our recipe, one lead at a
+time) to versus_open_clip-<overrides>.json, its runs in their own directories (open_clip's are reused).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def train_ours(work: Path, shards: Path, seed: int, args: argparse.Namespace, en
                         f"trainer.samples={args.samples}", "trainer.global_batch=128", "trainer.lr=0.001",
                         "trainer.warmup_fraction=0.1", "trainer.augment.scale=[0.8,1.0]", f"trainer.seed={seed}",
                         f"export_dir={export}", f"tokenizer.save_dir={work / 'tokenizer'}",
-                        f"trainer.storage_path={work / 'ray'}", "progress=false", f"hydra.run.dir={work / 'hydra'}"],
+                        f"trainer.storage_path={work / 'ray'}", "progress=false", f"hydra.run.dir={work / 'hydra'}",
+                        *args.ours],
                        check=True, cwd=work, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"})
     return export
 
@@ -155,7 +158,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "data" / "benchmarks" / "versus_open_clip")
     parser.add_argument("--venv", type=Path, default=REPO / "data" / "venvs" / "open_clip",
                         help="open_clip's virtual environment (built here when missing)")
+    parser.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides of our recipe (a lead to measure), e.g. deepspeed.gradient_clipping=0")
     args = parser.parse_args()
+    lead = "-".join(o.replace("=", "_") for o in args.ours)  # names the lead's run directories and results
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     args.work.mkdir(parents=True, exist_ok=True)
     open_clip_python = ensure_open_clip_venv(args.venv)
@@ -170,7 +176,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for recipe in RECIPES:
-            work = args.work / f"{recipe}-{args.samples}-seed{seed}"
+            work = args.work / f"{recipe}-{args.samples}-seed{seed}{f'-{lead}' if lead and recipe == 'ours' else ''}"
             work.mkdir(exist_ok=True)
             start = time.time()
             if recipe == "ours":
@@ -192,7 +198,8 @@ def main() -> None:
     table = summarise(results)
     print_table(table, len(args.seeds))
     write_results({"samples": args.samples, "seeds": args.seeds, "train": TRAIN, "held_out": HELD_OUT,
-                   "runs": results, "table": table}, REPO / OUT)
+                   "ours_overrides": args.ours, "runs": results, "table": table},
+                  REPO / (OUT.replace(".json", f"-{lead}.json") if lead else OUT))
 
 
 if __name__ == "__main__":
