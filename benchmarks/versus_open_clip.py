@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
                         help="Hydra overrides of our recipe (a lead to measure), e.g. deepspeed.gradient_clipping=0")
     args = parser.parse_args()
-    lead = "-".join(o.replace("=", "_") for o in args.ours)  # names the lead's run directories and results
+    # names the lead's run directories and results file
+    lead = "-".join(o.replace("=", "_").replace("/", "_") for o in args.ours)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     args.work.mkdir(parents=True, exist_ok=True)
     open_clip_python = ensure_open_clip_venv(args.venv)
