@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -151,3 +152,22 @@ def kill_when(args: list[str], condition: Callable[[], bool], cwd: Path, pipelin
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def dds_of_unimplemented_pixel_format() -> bytes:
+    """A DDS header whose pixel format (FourCC "ZZZZ") Pillow's DDS plugin does not implement: NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I", 32, 0x4) + b"ZZZZ" + bytes(20)
+    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + bytes(64)
+
+
+def spider_image_of_a_missing_stack() -> bytes:
+    """A SPIDER header of an image inside a stack (stack 0, image 1): Pillow's SPIDER plugin reads the stack's
+    offset, which it never set: AttributeError."""
+    fields = [0.0] * 28  # SPIDER counts its header fields from 1
+    fields[1], fields[2], fields[5], fields[12], fields[13], fields[22], fields[23], fields[27] = 1, 4, 1, 4, 1, 108, 108, 1
+    return struct.pack(">27f", *fields[1:]) + bytes(200)
+
+
+PLUGIN_FAILURES = {"DDS": (dds_of_unimplemented_pixel_format(), NotImplementedError),
+                   "SPIDER": (spider_image_of_a_missing_stack(), AttributeError)}

@@ -19,7 +19,7 @@ from components.data.ingest import IngestJob, run_ingest
 from components.data.loopback_server import LoopbackServer, redirect_to, send_bytes
 from components.data.process_part import ImageSettings, PartSettings
 from tests.conftest import CORPUS_LIMIT
-from tests.helpers import DEFAULT_FILTERS, read_shards
+from tests.helpers import DEFAULT_FILTERS, PLUGIN_FAILURES, read_shards
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,8 @@ def faults(small_corpus):
             "/copy-b.png": lambda h: send_bytes(h, original, "image/png"),
             "/reencoded.jpg": lambda h: send_bytes(h, jpeg, "image/jpeg"),
             "/redirect-out": redirect_to(f"{outside.base_url}/secret.png"),
+            "/texture.dds": lambda h: send_bytes(h, PLUGIN_FAILURES["DDS"][0], "image/vnd-ms.dds"),
+            "/scan.spi": lambda h: send_bytes(h, PLUGIN_FAILURES["SPIDER"][0], "application/octet-stream"),
         }
         with LoopbackServer(small_corpus, routes=routes) as server:
             yield server, outside, corpus
@@ -89,6 +91,9 @@ def fault_rows(base: str, outside: str) -> list[tuple[str, str, str]]:
         ("not a url at all", "garbage", "invalid_url"),
         (f"{outside}/image.png", "other loopback address", "blocked_address"),
         (f"{base}/redirect-out", "redirect to 127.0.0.2", "blocked_address"),
+        # Files that make Pillow's DDS and SPIDER plugins raise (no accepted format: those plugins never run).
+        (f"{base}/texture.dds", "a DDS texture", "not_an_image"),
+        (f"{base}/scan.spi", "a SPIDER scan", "not_an_image"),
     ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -13,13 +15,15 @@ import pyarrow.dataset  # noqa: F401  (pa.dataset)
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from upath import UPath
 
 from components.data import images
 from components.data import dedup
 from components.data.dedup import band_masks, exact_group, find_duplicates, hamming, near_group, read_part_drops
 from components.data.filters import build_filters
+from components.data.process_part import ImageSettings, PartProcessor, PartSettings, process_part
 from components.data.url_list import UrlListError, split_into_parts
-from tests.helpers import DEFAULT_FILTERS
+from tests.helpers import DEFAULT_FILTERS, PLUGIN_FAILURES
 
 ROWS = pd.DataFrame({"link": [f"http://127.0.0.1/{i}.png" for i in range(23)],
                      "text": [f"caption {i}" for i in range(23)],
@@ -250,3 +254,98 @@ def test_the_corpus_build_directory_refuses_object_store_urls_in_one_line():
     assert path("data/shards").is_absolute()
     with pytest.raises(ValueError, match="corpus_dir .*takes a filesystem path"):
         path("s3://bucket/shards")
+
+
+# Every reason the image checks can give a row (the part's filters: tests/helpers.DEFAULT_FILTERS).
+IMAGE_REASONS = {"ok", "not_an_image", "truncated_image", "decode_error", "max_pixels", "min_side", "max_aspect_ratio"}
+
+
+def noise_image(fmt: str, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def processed_part(tmp_path, bodies: list[bytes], image: ImageSettings = ImageSettings(image_size=32)) -> pd.DataFrame:
+    """`bodies` as one input part (local image bytes, as the built-in corpus gives them) through stage 1 of ingest;
+    returns its staging rows."""
+    tmp_path.mkdir(exist_ok=True)
+    part, staging = tmp_path / "part-00000.parquet", tmp_path / "staging.parquet"
+    pq.write_table(pa.table({"key": [f"{i:09d}" for i in range(len(bodies))], "url": ["local"] * len(bodies),
+                             "caption": ["an image"] * len(bodies), "image": bodies}), part)
+    worker = PartProcessor(PartSettings(image=image, filters=DEFAULT_FILTERS))
+    summary = process_part(UPath(part), UPath(staging), worker)
+    rows = pq.read_table(staging).to_pandas()
+    assert summary["rows"] == len(rows) == len(bodies) and summary["ok"] == (rows["status"] == "ok").sum()
+    return rows
+
+
+def test_files_that_make_pillow_plugins_raise_lose_their_row_and_nothing_else(tmp_path):
+    """A crawl meets files that make Pillow's rarely used plugins raise what no caller expects. Such a file costs
+    its own row: Pillow tries only the accepted formats (it is not_an_image), and where a user accepts the plugin's
+    format the exception becomes the row's decode_error, named by type; the part is written either way."""
+    for body, error in PLUGIN_FAILURES.values():
+        with pytest.raises(error):
+            Image.open(io.BytesIO(body))  # every plugin tried, as before: these files are real failures
+    good = [noise_image("PNG", seed) for seed in range(2)]
+    bodies = [*good, *(body for body, _ in PLUGIN_FAILURES.values())]
+
+    rows = processed_part(tmp_path / "default", bodies)
+    assert rows["status"].tolist() == ["ok", "ok", "not_an_image", "not_an_image"]
+    assert "accepted formats (JPEG, PNG" in rows["error_message"][2]
+
+    accepting = ImageSettings(image_size=32, formats=(*images.ACCEPTED_FORMATS, *PLUGIN_FAILURES))
+    rows = processed_part(tmp_path / "accepting", bodies, accepting)
+    assert rows["status"].tolist() == ["ok", "ok", "decode_error", "decode_error"]
+    assert rows["error_message"][2].startswith("NotImplementedError: Unimplemented pixel format")
+    assert rows["error_message"][3].startswith("AttributeError:")
+    assert rows["image"][2:].isna().all() and rows["sha256"][2:].isna().all()
+
+
+def test_a_fuzz_pass_over_every_accepted_format_accounts_for_every_row(tmp_path):
+    """Seeded mutations (bytes flipped, cut out, inserted) of an image in each accepted format and of the two plugin
+    failures, 1,600 files in one part: every file leaves as one row with a reason, the part is written, and the
+    decoders were reached (some mutations still decode, some fail at the header, some in the decoder)."""
+    rnd = random.Random(0)
+
+    def mutated(data: bytes) -> bytes:
+        data = bytearray(data)
+        for _ in range(rnd.randint(1, 8)):
+            at, op = rnd.randrange(len(data)), rnd.random()
+            if op < 0.6:
+                data[at] = rnd.randrange(256)
+            elif op < 0.8:
+                del data[at:at + rnd.randint(1, 16)]
+            else:
+                data[at:at] = rnd.randbytes(rnd.randint(1, 8))
+        return bytes(data)
+
+    seeds = [noise_image(fmt, 0) for fmt in images.ACCEPTED_FORMATS] + [b for b, _ in PLUGIN_FAILURES.values()]
+    bodies = [mutated(seed) for seed in seeds for _ in range(200)]
+    rows = processed_part(tmp_path, bodies)
+    counts = rows["status"].value_counts().to_dict()
+    assert set(counts) <= IMAGE_REASONS, counts
+    assert {"ok", "not_an_image", "truncated_image", "decode_error"} <= set(counts), counts
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ingest.shard_size=0", "ingest.shard_size must be >= 1, got 0"),  # looped forever writing empty parts
+    ("ingest.shard_size=-1", "ingest.shard_size must be >= 1, got -1"),  # an IndexError traceback
+    ("ingest.workers=0", "ingest.workers must be >= 1 or null, got 0"),
+    ("ingest.image_size=0", "ingest.image_size must be >= 1, got 0"),
+    ("ingest.resize_mode=stretch", "ingest.resize_mode must be one of border, keep_ratio"),
+    ("ingest.encode_quality=101", "ingest.encode_quality must be in [0, 100] for jpg, got 101"),
+    ("ingest.image_formats=[JPEG,JPG]", "ingest.image_formats must name Pillow formats"),
+    ("ingest.download.timeout=0", "ingest.download.timeout must be > 0, got 0"),
+    ("ingest.download.thread_count=0", "ingest.download.thread_count must be >= 1, got 0"),
+])
+def test_an_ingest_setting_out_of_range_is_refused_by_name_before_anything_starts(tmp_path, override, message):
+    from tests.helpers import run_stage
+
+    ROWS.to_csv(tmp_path / "pairs.csv", index=False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_stage("ingest", "data=url_list", f"data.url_list={tmp_path / 'pairs.csv'}", "data.url_col=link",
+                  "data.caption_col=text", f"data.output_dir={tmp_path / 'out'}", "progress=false", override,
+                  cwd=tmp_path)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()  # no run began, no Ray

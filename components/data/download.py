@@ -77,11 +77,10 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {self.timeout}")
-        if self.retries < 0 or self.max_redirects < 0:
-            raise ValueError("retries and max_redirects must be >= 0")
-        if self.max_bytes <= 0 or self.thread_count <= 0:
-            raise ValueError("max_bytes and thread_count must be > 0")
+            raise ValueError(f"ingest.download.timeout must be > 0, got {self.timeout}")
+        for name, least in (("retries", 0), ("max_redirects", 0), ("max_bytes", 1), ("thread_count", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"ingest.download.{name} must be >= {least}, got {getattr(self, name)}")
         for network in self.allow_networks:
             ipaddress.ip_network(network)  # fail at construction on a typo, not at the first download
 

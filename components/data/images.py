@@ -22,6 +22,13 @@ _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND\xaeB`\x82"
 
 
+# The formats a downloaded file may be decoded as (Pillow's names). Pillow otherwise tries each of its ~40 plugins
+# on a file it does not recognise, and the rarely used ones fail on small crafted files with exceptions no caller
+# expects (the DDS plugin's NotImplementedError, the SPIDER plugin's AttributeError); a web crawl meets such files.
+# A file in no accepted format is dropped as not_an_image before any other plugin runs.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 @dataclass(frozen=True)
 class Header:
     format: str  # "JPEG", "PNG", "WEBP", "GIF", ...
@@ -29,25 +36,26 @@ class Header:
     height: int
 
 
-def read_header(data: bytes) -> Header | None:
-    """Format and size from the header alone; None when the bytes are not an image Pillow knows."""
+def read_header(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Header | None:
+    """Format and size from the header alone; None when the bytes are not an image in one of `formats`. Other
+    exceptions of a plugin's parser propagate (the caller drops the row with the exception's type)."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (and at 2x its limit raises) on huge images; our max_pixels filter decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=formats) as image:
                 return Header(image.format or "", image.width, image.height)
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError):
-        return _read_huge_header(data)
+        return _read_huge_header(data, formats)
 
 
-def _read_huge_header(data: bytes) -> Header | None:
+def _read_huge_header(data: bytes, formats: tuple[str, ...]) -> Header | None:
     # Pillow refuses to even open images over 2x MAX_IMAGE_PIXELS; read their size with the guard lifted,
     # still without decoding, so the max_pixels filter can report them by name.
     saved = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
             return Header(image.format or "", image.width, image.height)
     except (OSError, ValueError, SyntaxError):
         return None

@@ -45,6 +45,14 @@ class IngestJob:
     keep_staging: bool = False
     dataset_name: str = "dataset"
 
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
+        for name in ("workers", "dedup_partitions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ingest.{name} must be >= 1 or null, got {value}")
+
 
 class IngestError(RuntimeError):
     """Ingest cannot go on as configured; the message says why in one line."""

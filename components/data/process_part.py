@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from PIL import Image
 from upath import UPath
 
 from components import storage
@@ -21,6 +22,8 @@ from components.data.download import DownloadConfig, SafeDownloader
 from components.data.filters import FilterSet, build_filters
 
 OK = "ok"
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's
+ENCODE_QUALITY = {"jpg": (0, 100), "webp": (0, 100), "png": (0, 9)}  # quality, or png's compression level
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,25 @@ class ImageSettings:
     resize_mode: str = "border"
     encode_format: str = "jpg"
     encode_quality: int = 95
+    formats: tuple[str, ...] = images.ACCEPTED_FORMATS  # Pillow formats a file may be decoded as
+
+    def __post_init__(self):
+        if self.image_size < 1:
+            raise ValueError(f"ingest.image_size must be >= 1, got {self.image_size}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"ingest.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.encode_format not in ENCODE_QUALITY:
+            raise ValueError(f"ingest.encode_format must be one of {', '.join(ENCODE_QUALITY)}, "
+                             f"got {self.encode_format!r}")
+        low, high = ENCODE_QUALITY[self.encode_format]
+        if not low <= self.encode_quality <= high:
+            raise ValueError(f"ingest.encode_quality must be in [{low}, {high}] for {self.encode_format}, "
+                             f"got {self.encode_quality}")
+        Image.init()
+        unknown = [name for name in self.formats if name not in Image.OPEN]
+        if not self.formats or unknown:
+            raise ValueError(f"ingest.image_formats must name Pillow formats ({', '.join(images.ACCEPTED_FORMATS)}, "
+                             f"...), got {list(self.formats)}")
 
 
 @dataclass(frozen=True)
@@ -113,9 +135,20 @@ def process_part(input_file: UPath, staging_file: UPath, worker: PartProcessor) 
 
 
 def _check_and_resize(body: bytes, worker: PartProcessor, out: dict[str, list], i: int) -> tuple[str, str | None]:
-    header = images.read_header(body)
+    """Row i's (status, detail), its image fields filled in `out` when kept. Any exception while reading, decoding,
+    resizing or hashing this one file drops the row as decode_error (its type in the detail): a crawl holds files
+    that make decoders fail in ways no list of exception types foresees, and one must never fail the part."""
+    try:
+        return _checked_and_resized(body, worker, out, i)
+    except Exception as error:
+        return "decode_error", f"{type(error).__name__}: {error}"[:500]
+
+
+def _checked_and_resized(body: bytes, worker: PartProcessor, out: dict[str, list], i: int) -> tuple[str, str | None]:
+    formats = worker.settings.image.formats
+    header = images.read_header(body, formats)
     if header is None:
-        return "not_an_image", f"{len(body)} bytes that no image decoder recognises"
+        return "not_an_image", f"{len(body)} bytes in none of the accepted formats ({', '.join(formats)})"
     for unit in worker.filters.header:
         if not unit.keep(header):
             return unit.name, f"{header.width}x{header.height}"
@@ -124,11 +157,12 @@ def _check_and_resize(body: bytes, worker: PartProcessor, out: dict[str, list], 
     encoded, width, height, original_width, original_height, error = worker.resizer(io.BytesIO(body))
     if error is not None or encoded is None:
         return "decode_error", str(error)
+    phash = images.perceptual_hash(encoded)  # before any field is filled: a failure leaves the row's fields empty
     out["image"][i] = encoded
     out["width"][i], out["height"][i] = width, height
     out["original_width"][i], out["original_height"][i] = original_width, original_height
     out["sha256"][i] = images.sha256_hex(body)
-    out["phash"][i] = images.perceptual_hash(encoded)
+    out["phash"][i] = phash
     return OK, None
 
 

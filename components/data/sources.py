@@ -23,7 +23,8 @@ def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
     download = OmegaConf.to_container(ingest.download, resolve=True)
     download["allow_networks"] = tuple(download["allow_networks"])
     settings = PartSettings(
-        image=ImageSettings(ingest.image_size, ingest.resize_mode, ingest.encode_format, ingest.encode_quality),
+        image=ImageSettings(ingest.image_size, ingest.resize_mode, ingest.encode_format, ingest.encode_quality,
+                            tuple(ingest.image_formats)),
         download=DownloadConfig(**download),
         filters=OmegaConf.to_container(cfg.filters, resolve=True),
     )
@@ -58,7 +59,9 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
 
 
 def check_source(cfg: DictConfig) -> None:
-    """Refuse a URL list that cannot be ingested (format, existence, columns) before anything starts."""
+    """Refuse settings out of range, or a URL list that cannot be ingested (format, existence, columns), before
+    anything starts."""
+    job_from_config(cfg, url_list="")  # the job checks every setting as it is built; the list is checked below
     if cfg.data.source == "url_list":
         check_url_list(_url_list(cfg), cfg.data.url_col, cfg.data.caption_col)
 
