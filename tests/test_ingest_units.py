@@ -22,7 +22,7 @@ from components.data import dedup
 from components.data.dedup import band_masks, exact_group, find_duplicates, hamming, near_group, read_part_drops
 from components.data.filters import build_filters
 from components.data.process_part import ImageSettings, PartProcessor, PartSettings, process_part
-from components.data.url_list import UrlListError, split_into_parts
+from components.data.url_list import UrlListError, key_digits, make_key, split_into_parts
 from tests.helpers import DEFAULT_FILTERS, PLUGIN_FAILURES
 
 ROWS = pd.DataFrame({"link": [f"http://127.0.0.1/{i}.png" for i in range(23)],
@@ -141,9 +141,9 @@ def test_exact_group_keeps_smallest_key():
     assert sorted(out["key"]) == ["000005", "000007"] and set(out["duplicate_of"]) == {"000002"}
 
 
-def planted_staging(rng, parts: int, rows: int, max_distance: int) -> pd.DataFrame:
-    """Staging rows with planted exact copies, near copies, twins through several bands, identical-hash
-    crowds and one band value shared by more than CROWDED_CLASSES distinct hashes."""
+def planted_staging(rng, parts: int, rows: int, max_distance: int, first_part: int = 0) -> pd.DataFrame:
+    """Staging rows of parts first_part.. with planted exact copies, near copies, twins through several bands,
+    identical-hash crowds and one band value shared by more than CROWDED_CLASSES distinct hashes."""
     n = parts * rows
     u64 = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
     sha = np.array([f"{v:016x}" for v in rng.integers(0, 2**62, n)], dtype=object)
@@ -172,7 +172,7 @@ def planted_staging(rng, parts: int, rows: int, max_distance: int) -> pd.DataFra
             u64[j] = flip(u64[i].copy(), max_distance)
     u64[originals[270:300]] = u64[originals[270]]  # a crowd of identical hashes
     status = np.where(rng.random(n) < 0.05, "too_small", "ok")
-    keys = [f"{i // rows:05d}{i % rows:04d}" for i in range(n)]
+    keys = [make_key(first_part + i // rows, i % rows, rows) for i in range(n)]
     return pd.DataFrame({"key": keys, "status": status, "sha256": sha, "phash": u64.view(np.int64)})
 
 
@@ -190,20 +190,23 @@ def brute_force_drops(frame: pd.DataFrame, max_distance: int) -> dict[str, tuple
     return expected
 
 
-def test_find_duplicates_matches_brute_force(ray_session, tmp_path):
+@pytest.mark.parametrize("first_part", [0, 123_455])  # from part 100,000 on a key's part has six digits
+def test_find_duplicates_matches_brute_force(ray_session, tmp_path, first_part):
     max_distance, parts, rows = 2, 4, 2000
-    frame = planted_staging(np.random.default_rng(7), parts, rows, max_distance)
+    frame = planted_staging(np.random.default_rng(7), parts, rows, max_distance, first_part)
+    names = [f"{part:05d}" for part in range(first_part, first_part + parts)]  # as split_into_parts names them
     files = []
-    for part in range(parts):  # staging files carry more columns than the pass reads
-        chunk = frame.iloc[part * rows:(part + 1) * rows].assign(image=b"x")
-        files.append(tmp_path / f"part-{part:05d}.parquet")
+    for i, name in enumerate(names):  # staging files carry more columns than the pass reads
+        chunk = frame.iloc[i * rows:(i + 1) * rows].assign(image=b"x")
+        files.append(tmp_path / f"part-{name}.parquet")
         pq.write_table(pa.Table.from_pandas(chunk, preserve_index=False), files[-1])
-    find_duplicates(files, tmp_path / "drops", exact=True, near_distance=max_distance, num_partitions=3)
+    find_duplicates(files, tmp_path / "drops", exact=True, near_distance=max_distance,
+                    index_digits=key_digits(rows), num_partitions=3)
 
     expected = brute_force_drops(frame, max_distance)
     found = {}
-    for part in range(parts):
-        found.update(read_part_drops(tmp_path / "drops", f"{part:05d}"))
+    for name in names:
+        found.update(read_part_drops(tmp_path / "drops", name))
     reasons = pd.Series([reason for reason, _ in expected.values()]).value_counts()
     assert reasons["duplicate_exact"] > 200 and reasons["duplicate_near"] > 200
     assert found == expected
@@ -211,7 +214,7 @@ def test_find_duplicates_matches_brute_force(ray_session, tmp_path):
     by_part = pa.dataset.partitioning(pa.schema([("part", pa.string())]), flavor="hive")
     drops = pq.read_table(tmp_path / "drops", partitioning=by_part).to_pandas()
     assert set(drops.columns) == {"key", "part", "reason", "duplicate_of"}
-    assert (drops["part"] == drops["key"].str.slice(0, 5)).all()
+    assert set(drops["part"]) <= set(names) and (drops["part"] == drops["key"].str.slice(0, -4)).all()
     row = frame.set_index("key")
     twin, own = row.loc[drops["duplicate_of"]], row.loc[drops["key"]]
     exact = drops["reason"].to_numpy() == "duplicate_exact"
@@ -230,7 +233,7 @@ def test_bucket_kernel_paths_match_brute_force():
             patch.setattr(dedup, "CROWDED_CLASSES", crowded)
             patch.setattr(dedup, "PAIRS_PER_STEP", 64)
             patch.setattr(dedup, "BLOCK_CELLS", 5000)
-            drops = dedup._bucket_drops(records, 2).to_pandas()
+            drops = dedup._bucket_drops(records, 2, key_digits(3000)).to_pandas()
         drops = drops.sort_values(["reason", "duplicate_of"]).drop_duplicates("key")
         assert dict(zip(drops["key"], zip(drops["reason"], drops["duplicate_of"]))) == expected
 

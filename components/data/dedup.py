@@ -201,15 +201,16 @@ def _near_drops(records: pa.Table, max_distance: int) -> tuple[pa.Array, pa.Arra
     return keys.take(row_of_rank[dropped]), keys.take(row_of_rank[smallest[dropped]])
 
 
-def _bucket_drops(records: pa.Table, max_distance: int | None) -> pa.Table:
-    """All records of one bucket -> its drop rows (key, part, reason, duplicate_of)."""
+def _bucket_drops(records: pa.Table, max_distance: int | None, index_digits: int) -> pa.Table:
+    """All records of one bucket -> its drop rows (key, part, reason, duplicate_of). A key is the part's number
+    (five digits, more from part 100,000 on) then the row's index in `index_digits` digits."""
     is_exact = pc.equal(records["band_key"], EXACT_BAND)
     found = []
     for reason, rows, drops in (("duplicate_exact", records.filter(is_exact), _exact_drops),
                                 ("duplicate_near", records.filter(pc.invert(is_exact)), _near_drops)):
         if len(rows):
             key, twin = drops(rows) if reason == "duplicate_exact" else drops(rows, max_distance)
-            found.append(pa.table({"key": key, "part": pc.utf8_slice_codeunits(key, 0, 5),
+            found.append(pa.table({"key": key, "part": pc.utf8_slice_codeunits(key, 0, -index_digits),
                                    "reason": pa.array([reason] * len(key), pa.string()), "duplicate_of": twin},
                                   schema=_DROP_SCHEMA))
     return pa.concat_tables(found) if found else _DROP_SCHEMA.empty_table()
@@ -221,8 +222,9 @@ def _count_rows(files: list[UPath]) -> int:
 
 
 def find_duplicates(staging_files: list[UPath], drops_dir: UPath, exact: bool, near_distance: int | None,
-                    num_partitions: int | None = None) -> None:
-    """Write the drop list under drops_dir/part=<part>/ (nothing when there are no duplicates)."""
+                    index_digits: int, num_partitions: int | None = None) -> None:
+    """Write the drop list under drops_dir/part=<part>/ (nothing when there are no duplicates); keys end in
+    `index_digits` digits of row index (components/data/url_list.make_key)."""
     if (not exact and near_distance is None) or not staging_files:
         return
     partitions = num_partitions or 2 * int(ray.cluster_resources().get("CPU", 1))
@@ -233,7 +235,7 @@ def find_duplicates(staging_files: list[UPath], drops_dir: UPath, exact: bool, n
     records = records.map_batches(_read_staging, batch_size=1, batch_format="numpy",
                                   fn_kwargs={"exact": exact, "max_distance": near_distance, "buckets": buckets})
     dropped = records.groupby("bucket", num_partitions=partitions).map_groups(
-        _bucket_drops, fn_kwargs={"max_distance": near_distance}, batch_format="pyarrow")
+        _bucket_drops, fn_kwargs={"max_distance": near_distance, "index_digits": index_digits}, batch_format="pyarrow")
     (target,), filesystem = storage.arrow_paths([UPath(drops_dir)])
     dropped.write_parquet(target, filesystem=filesystem, partition_cols=["part"])
 

@@ -27,7 +27,7 @@ from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
 from components.data.shards import ShardWriter, stats_file
-from components.data.url_list import split_into_parts
+from components.data.url_list import key_digits, split_into_parts
 
 MANIFEST = "_manifest.json"
 
@@ -89,7 +89,8 @@ def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
         _say(progress, "dedup: distributed pass over hashes")
         # Ray Data's default of 200 shuffle partitions is far too many for a small cluster.
         partitions = job.dedup_partitions or 2 * _cluster_cpus()
-        find_duplicates(staging, drops_dir, filters.exact_dedup, filters.near_dedup_distance, partitions)
+        find_duplicates(staging, drops_dir, filters.exact_dedup, filters.near_dedup_distance,
+                        key_digits(job.shard_size), partitions)
         dedup_marker.touch()
     timings["dedup_seconds"] = time.perf_counter() - t
 
