@@ -15,7 +15,7 @@ from PIL import Image
 
 from components.data.download import DownloadConfig
 from components.data.emoji_corpus import load_corpus
-from components.data.ingest import IngestJob, run_ingest
+from components.data.ingest import IngestError, IngestJob, run_ingest
 from components.data.loopback_server import LoopbackServer, redirect_to, send_bytes
 from components.data.process_part import ImageSettings, PartSettings
 from tests.conftest import CORPUS_LIMIT
@@ -137,6 +137,14 @@ def test_ingest_with_faults_accounts_for_every_row(ray_session, faults, tmp_path
     samples = read_shards(tmp_path / "shards")
     assert len(samples) == manifest["kept"] and len({s["key"] for s in samples}) == len(samples)
     assert all(s["json"]["expected"] == "kept" for s in samples)
+
+    # A shard that lost a row and its count alike (its own stats still add up) fails the total against the list.
+    stats = tmp_path / "shards" / "00000_stats.json"
+    lost = json.loads(stats.read_text())
+    lost["input"], lost["kept"] = lost["input"] - 1, lost["kept"] - 1
+    stats.write_text(json.dumps(lost))
+    with pytest.raises(IngestError, match=f"shards account for {len(rows) - 1} input rows, the URL list had {len(rows)}"):
+        run_ingest(make_job(url_list, tmp_path / "shards"), progress=False)
 
 
 def read_dropped(shard_dir: Path) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
 from components.data.shards import ShardWriter, stats_file
-from components.data.url_list import key_digits, split_into_parts
+from components.data.url_list import key_digits, listed_rows, split_into_parts
 
 MANIFEST = "_manifest.json"
 
@@ -99,7 +99,8 @@ def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
     _write_shards(pending, job, work / "drops", progress)
     timings["write_seconds"] = time.perf_counter() - t
 
-    manifest = _manifest(job, shard_names, filters.reasons(), timings, time.perf_counter() - started)
+    manifest = _manifest(job, shard_names, listed_rows(work / "input"), filters.reasons(), timings,
+                         time.perf_counter() - started)
     storage.write_text(job.output_dir / MANIFEST, json.dumps(manifest, indent=2))
     storage.write_text(job.output_dir / "sizes.json",
                        json.dumps({f"{s['shard']}.tar": s["kept"] for s in manifest["shards"]}))
@@ -140,7 +141,10 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _manifest(job: IngestJob, shard_names: list[str], reasons: list[str], timings: dict, seconds: float) -> dict:
+def _manifest(job: IngestJob, shard_names: list[str], listed: int, reasons: list[str], timings: dict,
+              seconds: float) -> dict:
+    """The shards' stats summed, checked against the `listed` rows of the URL list: each shard's kept + dropped
+    equals its input by construction, so only that total shows a shard that lost or gained rows."""
     shards = [json.loads(stats_file(job.output_dir, name).read_text()) for name in shard_names]
     dropped: Counter[str] = Counter({reason: 0 for reason in reasons})
     for stats in shards:
@@ -149,6 +153,8 @@ def _manifest(job: IngestJob, shard_names: list[str], reasons: list[str], timing
     kept = sum(s["kept"] for s in shards)
     if kept + sum(dropped.values()) != total_in:
         raise IngestError(f"accounting broken: kept {kept} + dropped {sum(dropped.values())} != input {total_in}")
+    if total_in != listed:
+        raise IngestError(f"accounting broken: the shards account for {total_in} input rows, the URL list had {listed}")
     image = job.part_settings.image
     return {
         "dataset": job.dataset_name,

@@ -141,6 +141,11 @@ def split_into_parts(
     return parts
 
 
+def listed_rows(parts_dir: UPath) -> int:
+    """How many rows split_into_parts read from the URL list into `parts_dir` (recorded as it cut the parts)."""
+    return json.loads((parts_dir / "_done.json").read_text())["rows"]
+
+
 def _normalise_columns(batch: pa.RecordBatch, url_col: str, caption_col: str, path: str) -> pa.RecordBatch:
     names = batch.schema.names
     missing = [c for c in (url_col, caption_col) if c not in names]
