@@ -352,3 +352,21 @@ def test_an_ingest_setting_out_of_range_is_refused_by_name_before_anything_start
                   "data.caption_col=text", f"data.output_dir={tmp_path / 'out'}", "progress=false", override,
                   cwd=tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()  # no run began, no Ray
+
+
+def test_input_columns_named_like_ours_are_carried_as_source_columns(tmp_path):
+    """DataComp-style lists carry columns that ingest writes itself (status, width, sha256, original_width, key)
+    and sometimes an `image` column of paths: each is carried as source_<name>, never overwritten, and a string
+    `image` is never read as image bytes."""
+    theirs = {"key": ["a", "b"], "image": ["s3://pool/a.jpg", "s3://pool/b.jpg"], "status": ["success", "failed"],
+              "width": [640, 480], "sha256": ["00ff", "ff00"], "original_width": [1280, 960]}
+    # Loopback URLs that the default rules refuse: the rows end as blocked_address, nothing is fetched.
+    pd.DataFrame({"url": ["http://127.0.0.1/a.png", "http://127.0.0.1/b.png"], "caption": ["a", "b"],
+                  **theirs}).to_parquet(tmp_path / "list.parquet")
+    (part,) = split_into_parts(str(tmp_path / "list.parquet"), tmp_path / "parts", 10)
+    worker = PartProcessor(PartSettings(filters=DEFAULT_FILTERS))
+    process_part(UPath(part), UPath(tmp_path / "staging.parquet"), worker)
+    rows = pq.read_table(tmp_path / "staging.parquet").to_pandas()
+    assert rows["key"].tolist() == ["000000", "000001"] and rows["status"].tolist() == ["blocked_address"] * 2
+    for name, values in theirs.items():
+        assert rows[f"source_{name}"].tolist() == values

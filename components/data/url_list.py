@@ -141,6 +141,12 @@ def split_into_parts(
     return parts
 
 
+# Columns ingest writes itself (keys, the staging rows of stage 1, the shards' Parquet). DataComp-style lists carry
+# some of the same names; such an input column is carried as source_<name> rather than overwritten.
+OWN_COLUMNS = ("key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
+               "phash", "language", "language_score", "model_score")
+
+
 def listed_rows(parts_dir: UPath) -> int:
     """How many rows split_into_parts read from the URL list into `parts_dir` (recorded as it cut the parts)."""
     return json.loads((parts_dir / "_done.json").read_text())["rows"]
@@ -151,8 +157,9 @@ def _normalise_columns(batch: pa.RecordBatch, url_col: str, caption_col: str, pa
     missing = [c for c in (url_col, caption_col) if c not in names]
     if missing:
         raise UrlListError(f"{path} lacks column(s) {missing}; it has {names} (set data.url_col / data.caption_col)")
-    # Ingest assigns `key` itself; a key column of the input is carried as source_key.
-    rename = {url_col: "url", caption_col: "caption", "key": "source_key"}
+    rename = {url_col: "url", caption_col: "caption", **{name: f"source_{name}" for name in OWN_COLUMNS}}
+    if "image" in names and not pa.types.is_binary(batch.schema.field("image").type):
+        rename["image"] = "source_image"  # image bytes of a local list (the built-in corpus); a path or URL is not
     renamed = [rename.get(n, n) for n in names]
     batch = batch.rename_columns(renamed)
     # url and caption are strings everywhere downstream, whatever the reader inferred.
