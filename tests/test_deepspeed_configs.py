@@ -175,3 +175,30 @@ def test_a_resumed_checkpoint_keeps_the_layout_it_was_saved_with():
     assert shipped["zero_optimization"]["parameter_alignment"] is True  # the run's config is not mutated
     assert resumable_layout(shipped, {"step": 20, "parameter_alignment": True}) is shipped
     assert resumable_layout(shipped, None) is shipped
+
+
+class _RunsCode:
+    """Unpickled, it makes the directory `marker`: what a planted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])  # our own torch.load, and DeepSpeed's zero_to_fp32
+def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, stage):
+    import torch
+
+    from components.train.loop import CHECKPOINT_TAG
+    from components.train.trainer import consolidated_state_dict
+
+    state, marker = tmp_path / "checkpoint" / CHECKPOINT_TAG, tmp_path / "code-ran"
+    state.mkdir(parents=True)
+    torch.save({"module": {"weight": torch.zeros(2)}, "payload": _RunsCode(marker)}, state / "mp_rank_00_model_states.pt")
+    if stage == "zero2":
+        torch.save({"optimizer_state_dict": {}}, state / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="refused, it holds objects other than weights .*GLOBAL posix.mkdir"):
+        consolidated_state_dict(tmp_path / "checkpoint")
+    assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

@@ -117,6 +117,31 @@ def resumable_layout(base: dict[str, Any], state: dict[str, Any] | None) -> dict
     return {**base, "zero_optimization": {**zero, PARAMETER_ALIGNMENT: saved}}
 
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it on every call, over the caller's choice
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every torch.load unpickles only tensors, plain containers and the three DeepSpeed classes its
+    checkpoints hold (ZeRO-0 to 3), DeepSpeed's own loads included: they ask for weights_only=False, which
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides. A checkpoint named by a setting (trainer.resume_from) or found in
+    shared storage can then not run code as it is loaded; a file that needs any other class is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    saved = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = saved
+
+
 def skip_shared_memory_allreduce() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (deepspeed_shm_comm) when its
     communication backend starts. Only DeepSpeed's inference all-reduce calls that op; training's collectives go
@@ -173,7 +198,8 @@ def train_worker(config: dict[str, Any]) -> None:
         deepspeed_base = resumable_layout(config["deepspeed"], state)
         engine, scheduler = initialise_engine(task.model, settings, deepspeed_base, micro_batch)
         if state:
-            engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+            with weights_only_loads():
+                engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
             step, samples_seen = state["step"], state["samples_seen"]
             _say(rank, f"resumed from step {step} ({samples_seen} samples seen)")
     alignment = bool((deepspeed_base.get("zero_optimization") or {}).get(PARAMETER_ALIGNMENT, False))

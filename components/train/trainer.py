@@ -7,6 +7,7 @@ rank's ZeRO shards are visible: DeepSpeed's zero_to_fp32 consolidates them into 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from upath import UPath
 
 from components import storage
-from components.train.loop import CHECKPOINT_TAG, MODEL_SPEC, TRAINER_STATE, train_worker
+from components.train.loop import CHECKPOINT_TAG, MODEL_SPEC, TRAINER_STATE, train_worker, weights_only_loads
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,20 @@ def fit(train_config: dict[str, Any], dataset: ray.data.Dataset, scale: ScaleSet
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, unpickled weights-only (loop.weights_only_loads)."""
     state_dir = checkpoint_dir / CHECKPOINT_TAG
-    if list(state_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with weights_only_loads():
+            if list(state_dir.glob("*optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
-    else:  # ZeRO-0 without a separate master copy: the module's own weights
-        state = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+            else:  # ZeRO-0 without a separate master copy: the module's own weights
+                state = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                                   weights_only=True)["module"]
+    except pickle.UnpicklingError as error:
+        refused = next((line for line in str(error).splitlines() if "GLOBAL" in line), "")
+        raise ValueError(f"{checkpoint_dir}: refused, it holds objects other than weights ({refused.strip()})") from None
     return {name: tensor.float() for name, tensor in state.items()}
 
 
