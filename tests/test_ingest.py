@@ -292,3 +292,29 @@ def test_bad_url_list_is_one_clear_line_and_exit_code_2(tmp_path):
     assert len(errors) == 1 and "lacks column(s) ['caption']" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "Started a local Ray instance" not in done.stdout + done.stderr  # refused before anything started
+
+
+def test_credentials_in_the_lists_url_are_recorded_nowhere(ray_session, faults, tmp_path, capsys):
+    """A URL list behind a presigned URL, fetched over HTTP with user:pass@ and a signature in its query string: the
+    list is read, and neither secret reaches the MLflow parameters, the manifest, the resume marker or the output."""
+    import mlflow
+
+    from tests.helpers import run_stage
+
+    server, _, corpus = faults
+    pairs = pd.DataFrame({"url": [f"{server.base_url}/{p}" for p in corpus["image_path"][:4]],
+                          "caption": corpus["caption"][:4]}).to_csv(index=False).encode()
+    server.routes["/pairs.csv"] = lambda handler: send_bytes(handler, pairs, "text/csv")
+    host = server.base_url.removeprefix("http://")
+    run_stage("ingest", "data=url_list", f"data.url_list='http://reader:pa55word@{host}/pairs.csv?X-Sig=s3cr3t'",
+              f"data.output_dir={tmp_path / 'shards'}", "data.allow_networks=[127.0.0.1/32]", "progress=false",
+              cwd=tmp_path)
+    output = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "shards" / "_manifest.json").read_text())
+    assert manifest["input_rows"] == 4 and manifest["url_list"] == f"http://<redacted>@{host}/pairs.csv?<redacted>"
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs(client.get_experiment_by_name("clipforge").experiment_id)
+    assert run.data.params["data.url_list"] == manifest["url_list"]
+    recorded = [json.dumps(run.data.params), output, (tmp_path / "shards" / "_manifest.json").read_text(),
+                *(p.read_text() for p in (tmp_path / "shards").rglob("*.json"))]
+    assert not [text for text in recorded if "s3cr3t" in text or "pa55word" in text]

@@ -28,6 +28,7 @@ from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
 from components.data.shards import ShardWriter, stats_file
 from components.data.url_list import key_digits, listed_rows, split_into_parts
+from components.secrets import redacted_text
 
 MANIFEST = "_manifest.json"
 
@@ -158,7 +159,7 @@ def _manifest(job: IngestJob, shard_names: list[str], listed: int, reasons: list
     image = job.part_settings.image
     return {
         "dataset": job.dataset_name,
-        "url_list": job.url_list,
+        "url_list": redacted_text(job.url_list),
         "input_rows": total_in,
         "kept": kept,
         "dropped": dict(dropped),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from components import storage
+from components.secrets import redacted_text
 
 READ_BATCH_ROWS = 65_536
 
@@ -27,12 +29,18 @@ class UrlListError(ValueError):
     """The URL list cannot be used as given; the message says why in one line."""
 
 
+def _file_name(path: str) -> str:
+    """The path's file name in lower case, without a URL's query string (a presigned URL's signature)."""
+    return (urlsplit(path).path if "://" in path else path).lower()
+
+
 def list_format(path: str) -> str:
-    name = path.lower().removesuffix(".gz")
+    name = _file_name(path).removesuffix(".gz")
     for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
         if name.endswith(suffix):
             return fmt
-    raise UrlListError(f"unknown URL list format for {path}: use .parquet, .csv, .tsv or .jsonl (optionally .gz)")
+    raise UrlListError(f"unknown URL list format for {redacted_text(path)}: use .parquet, .csv, .tsv or .jsonl "
+                       "(optionally .gz)")
 
 
 def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
@@ -42,7 +50,7 @@ def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
         with fsspec.open(path, "rb") as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS)
         return
-    with fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+    with fsspec.open(path, "rb", compression="gzip" if _file_name(path).endswith(".gz") else None) as f:
         if fmt == "jsonl":
             # pyarrow's JSON reader streams in blocks of this many bytes.
             table = pa_json.read_json(f, read_options=pa_json.ReadOptions(block_size=16 << 20))
@@ -62,7 +70,7 @@ def check_url_list(path: str, url_col: str = "url", caption_col: str = "caption"
     try:
         fingerprint(path)
     except FileNotFoundError:
-        raise UrlListError(f"URL list {path} does not exist") from None
+        raise UrlListError(f"URL list {redacted_text(path)} does not exist") from None
     first = next(iter_batches(path), None)
     if first is not None:
         _normalise_columns(first, url_col, caption_col, path)
@@ -80,7 +88,8 @@ def fingerprint(path: str) -> dict:
     """Identity of an input file for resume checks: path, size and modification time."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     info = fs.info(fs_path)
-    return {"path": path, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified"))}
+    return {"path": redacted_text(path), "size": info.get("size"),
+            "mtime": str(info.get("mtime") or info.get("LastModified"))}
 
 
 def split_into_parts(
@@ -98,7 +107,7 @@ def split_into_parts(
     try:
         source = fingerprint(path)
     except FileNotFoundError:
-        raise UrlListError(f"URL list {path} does not exist") from None
+        raise UrlListError(f"URL list {redacted_text(path)} does not exist") from None
     parts_dir.mkdir(parents=True, exist_ok=True)
     done_file = parts_dir / "_done.json"
     identity = {"input": source, "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
@@ -136,7 +145,7 @@ def split_into_parts(
     if pending_rows:
         flush(pending)
     if total == 0:
-        raise UrlListError(f"{path} holds no rows")
+        raise UrlListError(f"{redacted_text(path)} holds no rows")
     done_file.write_text(json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
     return parts
 
@@ -156,7 +165,8 @@ def _normalise_columns(batch: pa.RecordBatch, url_col: str, caption_col: str, pa
     names = batch.schema.names
     missing = [c for c in (url_col, caption_col) if c not in names]
     if missing:
-        raise UrlListError(f"{path} lacks column(s) {missing}; it has {names} (set data.url_col / data.caption_col)")
+        raise UrlListError(f"{redacted_text(path)} lacks column(s) {missing}; it has {names} "
+                          "(set data.url_col / data.caption_col)")
     rename = {url_col: "url", caption_col: "caption", **{name: f"source_{name}" for name in OWN_COLUMNS}}
     if "image" in names and not pa.types.is_binary(batch.schema.field("image").type):
         rename["image"] = "source_image"  # image bytes of a local list (the built-in corpus); a path or URL is not

@@ -16,6 +16,8 @@ from typing import Any
 
 import mlflow
 
+from components.secrets import redacted_setting
+
 DEFAULT_EXPERIMENT = "clipforge"
 PARENT_RUN_ENV = "CLIPFORGE_PARENT_RUN_ID"
 
@@ -63,8 +65,9 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_params(config: Mapping[str, Any]) -> None:
+    """Log the config flattened, credentials redacted (components/secrets.py)."""
     # MLflow caps a param value at 6000 characters; longer values are logged as artifacts by the caller.
-    params = {k: str(v)[:6000] for k, v in flatten(config).items()}
+    params = {k: str(redacted_setting(k, v))[:6000] for k, v in flatten(config).items()}
     mlflow.log_params(params)
 
 
