@@ -118,6 +118,50 @@ def remove_tree(where: str | os.PathLike) -> None:
         where.fs.rm(where.path, recursive=True)
 
 
+# Written into every output directory a stage replaces on its next run (an export, a filter's shards): what marks
+# a directory as ours to delete. An export written before the marker existed is known by its clipforge.json.
+OUTPUT_MARKER = ".clipforge-output"
+_LEGACY_MARKERS = ("clipforge.json",)
+
+
+def _key(where: UPath) -> str:
+    return str(where.resolve() if not is_remote(where) else where).rstrip("/")
+
+
+def _overlaps(a: UPath, b: UPath) -> bool:
+    """True when a and b are one location, or one lies inside the other."""
+    a, b = _key(a), _key(b)
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def check_output(directory: str | os.PathLike, setting: str, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """ValueError, one line naming `setting`, when `directory` is, holds or lies inside one of `inputs`, or holds
+    files but no marker of ours: we never delete what we did not write (`export_dir=s3://bucket` must not empty a
+    bucket). A stage calls it before it starts its work, and replace_output again when it writes."""
+    directory = UPath(directory)
+    for source in inputs:
+        if _overlaps(directory, UPath(source)):
+            raise ValueError(f"{setting}={directory} overlaps the input {source}: writing it would delete the input; "
+                             f"choose another {setting}")
+    if directory.exists():
+        names = {entry.name for entry in directory.iterdir()}
+        if names and not names & {OUTPUT_MARKER, *_LEGACY_MARKERS}:
+            raise ValueError(f"{setting}={directory} holds files clipforge did not write ({len(names)} entries, no "
+                             f"{OUTPUT_MARKER}): choose an empty or new {setting}")
+
+
+def replace_output(directory: str | os.PathLike, setting: str, inputs: tuple[str | os.PathLike, ...] = ()) -> UPath:
+    """Empty `directory` (local or in an object store) for a stage to write its output into, once check_output
+    allows it, and mark it ours. Returns the directory."""
+    check_output(directory, setting, inputs)
+    directory = UPath(directory)
+    if directory.exists():
+        remove_tree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / OUTPUT_MARKER).write_text("written by clipforge: a rerun replaces this directory\n")
+    return directory
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """A local directory to write `target`'s files into: the directory itself when local; for an object store

@@ -52,6 +52,7 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
     if not (source / "_manifest.json").is_file():
         raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
     output = storage.location(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
+    storage.check_output(output, "output", inputs=(source,))
     mlflow_runs.configure(cfg.mlflow.experiment)
     model = fetch_model(str(cfg.model_uri), output.with_name(f".{output.name}.model"))
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from components.data.emoji_corpus import MISMATCH_COLUMN, Mismatch, _rows, _salted
 from components.data.model_filter import ScoreFilter, decide_threshold, removal_quality
 from tests.conftest import FILTERED_SAMPLES, SALTED_FRACTION
-from tests.helpers import REPO, read_shards
+from tests.helpers import REPO, read_shards, run_stage
 
 
 def test_salting_moves_whole_caption_sets_between_training_rows_only(small_corpus):
@@ -95,6 +95,12 @@ def test_filter_finds_the_wrong_captions_in_a_bucket_and_writes_shards_there(cha
     assert run.data.metrics["truth.precision"] == pytest.approx(truth["precision"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "filter")} >= {"filter/scores.png",
                                                                                     "filter/manifest.json"}
+
+    # Asked to write over its own pool, the filter is refused before it scores (it used to delete the pool first).
+    with pytest.raises(ValueError, match=f"^output={salted_pool} overlaps the input"):
+        run_stage("clip_filter", f"data_path={salted_pool}", f"output={salted_pool}",
+                  f"model_uri={chain.output_dir('pretrain')}", "progress=false", cwd=tmp_path)
+    assert (storage.location(salted_pool) / "00000.tar").exists()
 
 
 @pytest.mark.slow

@@ -163,3 +163,28 @@ def test_model_files_in_a_bucket_are_read_through_local_copies(object_store, tmp
     state = StateFile(bucket / "workflow" / "state.json")
     state.put("ingest", {"key": "k", "status": "done"})
     assert StateFile(bucket / "workflow" / "state.json").get("ingest") == {"key": "k", "status": "done"}
+
+
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_an_output_is_replaced_only_where_we_wrote_it_and_never_over_an_input(object_store, tmp_path, where):
+    """replace_output: `export_dir=s3://bucket` or a filter's `output=` equal to its input used to delete what
+    they named. Now an input (the location, one inside it, one holding it) and a directory of files we did not
+    write are refused in one line naming the setting, with every file intact; our own output is replaced."""
+    root = storage.location(object_store if where == "bucket" else tmp_path / "root")
+    shards = root / "shards"
+    if where == "disk":
+        shards.mkdir(parents=True)
+    storage.write_text(shards / "00000.tar", "shard")
+    storage.write_text(root / "notes.txt", "the user's")
+    for output, why in ((shards, "overlaps the input"), (shards / "filtered", "overlaps the input"),
+                        (root, "overlaps the input"), (root, "holds files clipforge did not write")):
+        inputs = (shards,) if why == "overlaps the input" else ()
+        with pytest.raises(ValueError, match=f"^output={output} {why}"):
+            storage.replace_output(output, "output", inputs=inputs)
+    assert (shards / "00000.tar").read_text() == "shard" and (root / "notes.txt").read_text() == "the user's"
+
+    output = storage.replace_output(root / "filtered", "output", inputs=(shards,))  # new: made, and marked ours
+    storage.write_text(output / "00000.tar", "old output")
+    output = storage.replace_output(output, "output", inputs=(shards,))  # ours: replaced
+    assert sorted(p.name for p in output.iterdir()) == [storage.OUTPUT_MARKER]
+    assert (shards / "00000.tar").read_text() == "shard"

@@ -161,7 +161,7 @@ def run_filter(source_dir: UPath, output_dir: UPath, model_dir: str, spec: Score
     source_manifest = json.loads((source_dir / MANIFEST).read_text())
     parts = [shard["shard"] for shard in source_manifest["shards"]]
     scored_dir = output_dir / "_work" / "scored"
-    storage.remove_tree(output_dir)
+    storage.replace_output(output_dir, "output", inputs=(source_dir,))
     scored_dir.mkdir(parents=True)
 
     scorer_args = {"model_dir": str(model_dir), "source_dir": str(source_dir), "scored_dir": str(scored_dir),

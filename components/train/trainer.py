@@ -120,7 +120,7 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: UPath, tokenizer_dir: st
     missing = [name for name in missing if name not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    storage.remove_tree(export_dir)
+    storage.replace_output(export_dir, "export_dir", inputs=(checkpoint_dir,))
     with storage.staged_directory(export_dir) as local:
         model.save_pretrained(local)
         if tokenizer_dir:
