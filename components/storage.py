@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -78,6 +79,35 @@ def ray_write_parquet(dataset, directory: str | os.PathLike) -> None:
     dataset.write_parquet(target, filesystem=filesystem)
 
 
+TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # atomic_write's: .<name>.<pid>.tmp
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> int:
+    """Delete the temporaries that atomic_write leaves under a local `directory` when its process is killed
+    mid-write (a live process's are kept); returns how many. An object store gets none: its writes are one put."""
+    directory = UPath(directory)
+    if is_remote(directory) or not directory.is_dir():
+        return 0
+    removed = 0
+    for path in Path(directory).rglob(f".*{TEMPORARY_SUFFIX}"):
+        found = _TEMPORARY.match(path.name)
+        if found and path.is_file() and not _alive(int(found["pid"])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file that appears at `target` whole or not at all: locally written beside it and renamed; for
@@ -90,7 +120,7 @@ def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
                 yield file
             target.fs.put_file(str(local), target.path)
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
     try:
         with open(tmp, "wb") as file:
             yield file

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
 import time
 import zlib
 from pathlib import Path
@@ -137,6 +139,19 @@ def test_ingest_with_faults_accounts_for_every_row(ray_session, faults, tmp_path
     samples = read_shards(tmp_path / "shards")
     assert len(samples) == manifest["kept"] and len({s["key"] for s in samples}) == len(samples)
     assert all(s["json"]["expected"] == "kept" for s in samples)
+
+    # A rerun whose download settings would keep other rows is refused (it would mix two datasets); a killed
+    # write's temporary is cleaned up, a live process's is not.
+    slower = make_job(url_list, tmp_path / "shards")
+    slower = dataclasses.replace(slower, part_settings=dataclasses.replace(
+        slower.part_settings, download=dataclasses.replace(slower.part_settings.download, timeout=5.0)))
+    stale = tmp_path / "shards" / "_work" / ".settings.json.999999999.tmp"
+    live = tmp_path / "shards" / f".sizes.json.{os.getpid()}.tmp"
+    stale.write_text("half")
+    live.write_text("half")
+    with pytest.raises(IngestError, match="holds an ingest with other download settings"):
+        run_ingest(slower, progress=False)
+    assert not stale.exists() and live.exists()
 
     # A shard that lost a row and its count alike (its own stats still add up) fails the total against the list.
     stats = tmp_path / "shards" / "00000_stats.json"

@@ -65,6 +65,7 @@ def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
     build_filters(job.part_settings.filters)  # fail on a bad filter config before any work starts
     work = job.output_dir / "_work"
     work.mkdir(parents=True, exist_ok=True)
+    storage.remove_stale_temporaries(job.output_dir)
     _check_same_settings(work / "settings.json", job)
 
     parts = split_into_parts(job.url_list, work / "input", job.shard_size, job.url_col, job.caption_col)
@@ -173,16 +174,22 @@ def _manifest(job: IngestJob, shard_names: list[str], listed: int, reasons: list
     }
 
 
+# The download settings that decide which rows an ingest keeps (thread_count and user_agent only change its speed).
+_OUTCOME_DOWNLOAD_SETTINGS = ("timeout", "retries", "max_bytes", "max_redirects", "allow_networks")
+
+
 def _check_same_settings(path: UPath, job: IngestJob) -> None:
+    download = asdict(job.part_settings.download)
     settings = {"image": asdict(job.part_settings.image), "filters": job.part_settings.filters,
-                "shard_size": job.shard_size}
+                "shard_size": job.shard_size, "download": {k: download[k] for k in _OUTCOME_DOWNLOAD_SETTINGS}}
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != json.loads(json.dumps(settings)):
-            raise IngestError(f"{job.output_dir} holds an ingest with other image/filter settings; "
+            changed = sorted(name for name in settings if previous.get(name) != json.loads(json.dumps(settings[name])))
+            raise IngestError(f"{job.output_dir} holds an ingest with other {'/'.join(changed)} settings; "
                               "use a new output_dir or delete it")
     else:
-        path.write_text(json.dumps(settings, indent=1))
+        storage.write_text(path, json.dumps(settings, indent=1))
 
 
 def _say(progress: bool, message: str) -> None:

@@ -146,7 +146,7 @@ def split_into_parts(
         flush(pending)
     if total == 0:
         raise UrlListError(f"{redacted_text(path)} holds no rows")
-    done_file.write_text(json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
+    storage.write_text(done_file, json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
     return parts
 
 
