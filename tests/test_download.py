@@ -393,8 +393,21 @@ def test_allow_networks_admit_exactly_their_addresses() -> None:
 
 
 def test_bad_allow_network_fails_at_config_time() -> None:
-    with pytest.raises(ValueError):
-        DownloadConfig(allow_networks=("127.0.0.1/99",))
+    for entry in ("127.0.0.1/99", "127.0.0.1/32:http", "127.0.0.1/32:70000", "localhost:80"):
+        with pytest.raises(ValueError):
+            DownloadConfig(allow_networks=(entry,))
+
+
+def test_an_allowed_network_with_a_port_opens_that_port_only(server: LoopbackServer) -> None:
+    """`127.0.0.1/32:<port>` admits the mirror on that port; another service on the same address stays refused,
+    before any connection (an entry without a port would admit both)."""
+    with LoopbackServer(routes={"/img": ROUTES["/img"]}) as other_service:
+        allow = (f"127.0.0.1/32:{server.port}",)
+        assert fetch(f"{server.base_url}/img", allow_networks=allow).error is None
+        refused = fetch(f"{other_service.base_url}/img", allow_networks=allow)
+        assert refused.error == "blocked_address" and other_service.requests == []
+        assert fetch(f"{other_service.base_url}/img", allow_networks=("127.0.0.1/32",)).error is None
+    assert DownloadConfig(allow_networks=("::1/128:8080", "::1")).allow_networks  # IPv6, with and without a port
 
 
 # --- URLs that never reach the network -----------------------------------------------------------------------

@@ -71,7 +71,7 @@ class DownloadConfig:
     retries: int = 1  # extra attempts, only for transient failures (timeout, connection error, HTTP 5xx/429)
     max_bytes: int = 16 * 2**20  # refuse bodies larger than this
     max_redirects: int = 5
-    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although non-public (tests/demo: ("127.0.0.1/32",))
+    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although non-public, each optionally :port (allowed_network)
     user_agent: str = "clipforge-ingest/0.1"
     thread_count: int = 16
 
@@ -81,8 +81,8 @@ class DownloadConfig:
         for name, least in (("retries", 0), ("max_redirects", 0), ("max_bytes", 1), ("thread_count", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"ingest.download.{name} must be >= {least}, got {getattr(self, name)}")
-        for network in self.allow_networks:
-            ipaddress.ip_network(network)  # fail at construction on a typo, not at the first download
+        for entry in self.allow_networks:
+            allowed_network(entry)  # fail at construction on a typo, not at the first download
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,25 @@ def _embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
     if addr in _NAT64_PREFIX:
         return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     return None
+
+
+@dataclass(frozen=True)
+class AllowedNetwork:
+    network: IPNetwork
+    port: int | None  # None: every port
+
+
+def allowed_network(entry: str) -> AllowedNetwork:
+    """An allow_networks entry: a CIDR (127.0.0.1/32: every port of it) or a CIDR and one port (127.0.0.1/32:8080,
+    ::1/128:8080), so that allowing a mirror does not open every other service on its address. ValueError when it
+    is neither."""
+    try:
+        return AllowedNetwork(ipaddress.ip_network(entry), None)
+    except ValueError:
+        network, _, port = entry.rpartition(":")
+        if not (network and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"ingest.download.allow_networks: {entry!r} is not a CIDR, nor CIDR:port") from None
+        return AllowedNetwork(ipaddress.ip_network(network), int(port))
 
 
 def blocked_reason(addr: IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
@@ -262,7 +281,7 @@ class SafeDownloader:
 
     def __init__(self, config: DownloadConfig):
         self.config = config
-        self._allow = tuple(ipaddress.ip_network(network) for network in config.allow_networks)
+        self._allow = tuple(allowed_network(entry) for entry in config.allow_networks)
         self._pools: OrderedDict[tuple[str, str, int, str], HTTPConnectionPool] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=config.thread_count, thread_name_prefix="clipforge-download")
@@ -353,8 +372,9 @@ class SafeDownloader:
         host = parsed.host.strip("[]")
         port = parsed.port or _SCHEMES[scheme]
         addresses = self._resolve(host, port)
+        allowed_here = [entry.network for entry in self._allow if entry.port in (None, port)]
         for addr in addresses:
-            reason = blocked_reason(addr, self._allow)
+            reason = blocked_reason(addr, allowed_here)
             if reason is not None:
                 shown = str(addr) if str(addr) == host else f"{host} resolves to {addr}, which"
                 raise _Refused("blocked_address", f"{shown} is not a public address ({reason})")
