@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from upath import UPath
 
 from components.cache import file_digest
+from components import lease
 from components.data.ingest import IngestError
 from components.runtime import init_ray, one_line_errors
 from components.storage import location
@@ -189,7 +190,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
 
 @hydra.main(config_path="../conf", config_name="end_to_end", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors("end-to-end", WorkflowError, IngestError, ValueError, FileNotFoundError):
+    with one_line_errors("end-to-end", WorkflowError, IngestError, lease.LeaseError, ValueError, FileNotFoundError):
         end_to_end(cfg)
 
 
@@ -207,8 +208,9 @@ def end_to_end(cfg: DictConfig) -> list:
                                    tags={"stage": stage.name, "workflow.action": "skipped"}):
             mlflow_runs.log_json(record, "workflow/record.json")
 
-    with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
-                               tags={"stage": "end-to-end", "workflow.stages": ",".join(selected)}) as parent:
+    with lease.held(work_dir, "workflow"), mlflow_runs.start_run(
+            cfg.mlflow.run_name, cfg.mlflow.experiment,
+            tags={"stage": "end-to-end", "workflow.stages": ",".join(selected)}) as parent:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
         try:
             reports = run_stages(stages, selected, state, work_dir, force=list(cfg.force), on_skip=on_skip)

@@ -370,3 +370,16 @@ def test_input_columns_named_like_ours_are_carried_as_source_columns(tmp_path):
     assert rows["key"].tolist() == ["000000", "000001"] and rows["status"].tolist() == ["blocked_address"] * 2
     for name, values in theirs.items():
         assert rows[f"source_{name}"].tolist() == values
+
+
+def test_an_ingest_into_an_output_another_run_holds_is_refused_in_one_line(tmp_path):
+    from components import lease
+    from components.data.ingest import IngestError, IngestJob, run_ingest
+
+    ROWS.to_csv(tmp_path / "pairs.csv", index=False)
+    job = IngestJob(url_list=str(tmp_path / "pairs.csv"), output_dir=UPath(tmp_path / "out"),
+                    part_settings=PartSettings(filters=DEFAULT_FILTERS), url_col="link", caption_col="text")
+    with lease.held(tmp_path / "out", "ingest"):
+        with pytest.raises(IngestError, match="out is in use by another ingest"):
+            run_ingest(job, progress=False)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [lease.LEASE]  # nothing else was written

@@ -188,3 +188,38 @@ def test_an_output_is_replaced_only_where_we_wrote_it_and_never_over_an_input(ob
     output = storage.replace_output(output, "output", inputs=(shards,))  # ours: replaced
     assert sorted(p.name for p in output.iterdir()) == [storage.OUTPUT_MARKER]
     assert (shards / "00000.tar").read_text() == "shard"
+
+
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_a_held_directory_refuses_a_second_run_until_its_holder_is_gone(object_store, tmp_path, where):
+    """components/lease.py: a second run on a held output is refused in one line; a lease whose holder was killed
+    (its process gone on this host, or no heartbeat for STALE_AFTER_S from another host) is taken over."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from components import lease
+
+    directory = storage.location(f"{object_store}/shards" if where == "bucket" else tmp_path / "shards")
+    with lease.held(directory, "ingest"):
+        with pytest.raises(lease.LeaseError, match=rf"shards is in use by another ingest \(pid {os.getpid()} on "):
+            with lease.held(directory, "workflow"):
+                pass
+    assert not (directory / lease.LEASE).exists()
+
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    now = time.time()
+    for holder, gone in (({"host": socket.gethostname(), "pid": killed.pid, "heartbeat": now}, True),
+                         ({"host": "another-host", "pid": 1, "heartbeat": now - lease.STALE_AFTER_S - 1}, True),
+                         ({"host": "another-host", "pid": 1, "heartbeat": now}, False)):
+        storage.write_text(directory / lease.LEASE, json.dumps({"what": "ingest", "started": now, "token": "t",
+                                                                 **holder}))
+        if gone:
+            with lease.held(directory, "ingest"):
+                assert json.loads((directory / lease.LEASE).read_text())["pid"] == os.getpid()
+        else:
+            with pytest.raises(lease.LeaseError, match="pid 1 on another-host"):
+                with lease.held(directory, "ingest"):
+                    pass

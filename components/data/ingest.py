@@ -22,7 +22,7 @@ import ray
 from tqdm import tqdm
 from upath import UPath
 
-from components import storage
+from components import lease, storage
 from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
@@ -60,9 +60,17 @@ class IngestError(RuntimeError):
 
 
 def run_ingest(job: IngestJob, progress: bool = True) -> dict[str, Any]:
-    """Run (or finish) the ingest job and return its manifest."""
-    started = time.perf_counter()
+    """Run (or finish) the ingest job and return its manifest; one run at a time per output_dir (a lease)."""
     build_filters(job.part_settings.filters)  # fail on a bad filter config before any work starts
+    try:
+        with lease.held(job.output_dir, "ingest"):
+            return _run_ingest(job, progress)
+    except lease.LeaseError as error:
+        raise IngestError(str(error)) from None
+
+
+def _run_ingest(job: IngestJob, progress: bool) -> dict[str, Any]:
+    started = time.perf_counter()
     work = job.output_dir / "_work"
     work.mkdir(parents=True, exist_ok=True)
     storage.remove_stale_temporaries(job.output_dir)
