@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -15,7 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILTERS = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "filters" / "default.yaml"))
@@ -171,3 +175,33 @@ def spider_image_of_a_missing_stack() -> bytes:
 
 PLUGIN_FAILURES = {"DDS": (dds_of_unimplemented_pixel_format(), NotImplementedError),
                    "SPIDER": (spider_image_of_a_missing_stack(), AttributeError)}
+
+
+def noise_image(fmt: str, seed: int) -> bytes:
+    """A 64x48 image of random pixels in Pillow's format `fmt`."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def mutated(data: bytes, rnd: random.Random) -> bytes:
+    """`data` with 1-8 random edits: a byte flipped, a run of bytes cut out, or random bytes inserted."""
+    data = bytearray(data)
+    for _ in range(rnd.randint(1, 8)):
+        at, op = rnd.randrange(len(data)), rnd.random()
+        if op < 0.6:
+            data[at] = rnd.randrange(256)
+        elif op < 0.8:
+            del data[at:at + rnd.randint(1, 16)]
+        else:
+            data[at:at] = rnd.randbytes(rnd.randint(1, 8))
+    return bytes(data)
+
+
+def fuzz_bodies(rnd: random.Random, per_seed: int) -> list[bytes]:
+    """`per_seed` mutations of an image in each accepted format and of each plugin failure (PLUGIN_FAILURES)."""
+    from components.data.images import ACCEPTED_FORMATS
+
+    seeds = [noise_image(fmt, 0) for fmt in ACCEPTED_FORMATS] + [body for body, _ in PLUGIN_FAILURES.values()]
+    return [mutated(seed, rnd) for seed in seeds for _ in range(per_seed)]

@@ -23,7 +23,7 @@ from components.data.dedup import band_masks, exact_group, find_duplicates, hamm
 from components.data.filters import build_filters
 from components.data.process_part import ImageSettings, PartProcessor, PartSettings, process_part
 from components.data.url_list import UrlListError, key_digits, make_key, split_into_parts
-from tests.helpers import DEFAULT_FILTERS, PLUGIN_FAILURES
+from tests.helpers import DEFAULT_FILTERS, PLUGIN_FAILURES, fuzz_bodies, noise_image
 
 ROWS = pd.DataFrame({"link": [f"http://127.0.0.1/{i}.png" for i in range(23)],
                      "text": [f"caption {i}" for i in range(23)],
@@ -263,13 +263,6 @@ def test_the_corpus_build_directory_refuses_object_store_urls_in_one_line():
 IMAGE_REASONS = {"ok", "not_an_image", "truncated_image", "decode_error", "max_pixels", "min_side", "max_aspect_ratio"}
 
 
-def noise_image(fmt: str, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, fmt)
-    return out.getvalue()
-
-
 def processed_part(tmp_path, bodies: list[bytes], image: ImageSettings = ImageSettings(image_size=32)) -> pd.DataFrame:
     """`bodies` as one input part (local image bytes, as the built-in corpus gives them) through stage 1 of ingest;
     returns its staging rows."""
@@ -310,23 +303,7 @@ def test_a_fuzz_pass_over_every_accepted_format_accounts_for_every_row(tmp_path)
     """Seeded mutations (bytes flipped, cut out, inserted) of an image in each accepted format and of the two plugin
     failures, 1,600 files in one part: every file leaves as one row with a reason, the part is written, and the
     decoders were reached (some mutations still decode, some fail at the header, some in the decoder)."""
-    rnd = random.Random(0)
-
-    def mutated(data: bytes) -> bytes:
-        data = bytearray(data)
-        for _ in range(rnd.randint(1, 8)):
-            at, op = rnd.randrange(len(data)), rnd.random()
-            if op < 0.6:
-                data[at] = rnd.randrange(256)
-            elif op < 0.8:
-                del data[at:at + rnd.randint(1, 16)]
-            else:
-                data[at:at] = rnd.randbytes(rnd.randint(1, 8))
-        return bytes(data)
-
-    seeds = [noise_image(fmt, 0) for fmt in images.ACCEPTED_FORMATS] + [b for b, _ in PLUGIN_FAILURES.values()]
-    bodies = [mutated(seed) for seed in seeds for _ in range(200)]
-    rows = processed_part(tmp_path, bodies)
+    rows = processed_part(tmp_path, fuzz_bodies(random.Random(0), 200))  # benchmarks/fuzz_images.py: for minutes
     counts = rows["status"].value_counts().to_dict()
     assert set(counts) <= IMAGE_REASONS, counts
     assert {"ok", "not_an_image", "truncated_image", "decode_error"} <= set(counts), counts

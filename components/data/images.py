@@ -40,13 +40,18 @@ def read_header(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Hea
     """Format and size from the header alone; None when the bytes are not an image in one of `formats`. Other
     exceptions of a plugin's parser propagate (the caller drops the row with the exception's type)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and at 2x its limit raises) on huge images; our max_pixels filter decides instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=formats) as image:
-                return Header(image.format or "", image.width, image.height)
+        return _header(data, formats)
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError):
         return _read_huge_header(data, formats)
+
+
+def _header(data: bytes, formats: tuple[str, ...]) -> Header:
+    with warnings.catch_warnings():
+        # Pillow warns on huge images (and at 2x its limit raises; our max_pixels filter decides instead) and on
+        # corrupt metadata (TIFF tags, EXIF): a crawl's worker log would fill with them; the row's status tells.
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            return Header(image.format or "", image.width, image.height)
 
 
 def _read_huge_header(data: bytes, formats: tuple[str, ...]) -> Header | None:
@@ -55,8 +60,7 @@ def _read_huge_header(data: bytes, formats: tuple[str, ...]) -> Header | None:
     saved = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(io.BytesIO(data), formats=formats) as image:
-            return Header(image.format or "", image.width, image.height)
+        return _header(data, formats)
     except (OSError, ValueError, SyntaxError):
         return None
     finally:
