@@ -53,9 +53,8 @@ def rendered(url: str, screenshot: Path | None = None) -> str:
     """The page's DOM after its scripts ran (the UI is a single-page app that fetches from the server)."""
     flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=25000",
              "--window-size=1600,1000"]
-    if screenshot is not None:
-        subprocess.run([browser(), *flags, f"--screenshot={screenshot}", url], check=True, capture_output=True,
-                       timeout=180)
+    if screenshot is not None:  # one launch draws the page and dumps its DOM
+        flags.append(f"--screenshot={screenshot}")
     done = subprocess.run([browser(), *flags, "--dump-dom", url], check=True, capture_output=True, text=True,
                           timeout=180)
     return done.stdout

@@ -70,3 +70,18 @@ def test_embedded_ray_keeps_idle_workers_warm_while_a_run_holds_its_actors(ray_s
     finally:  # the session's Ray outlives this test
         for holder in holders:
             ray.kill(holder)
+
+
+def test_embedded_ray_train_polls_often_and_watches_no_preemption(ray_session):
+    """Ray Train's controller on the embedded Ray notices a run's end within 0.25 s and starts no preemption
+    watcher (components/runtime.py); the variables are the ones Ray Train reads and passes to its controller."""
+    import os
+
+    from ray.train.v2._internal import constants
+
+    from components.runtime import EMBEDDED_TRAIN_ENV
+
+    assert set(EMBEDDED_TRAIN_ENV) == {constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+                                       constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR}
+    assert set(EMBEDDED_TRAIN_ENV) <= constants.ENV_VARS_TO_PROPAGATE
+    assert {name: os.environ.get(name) for name in EMBEDDED_TRAIN_ENV} == EMBEDDED_TRAIN_ENV
