@@ -64,13 +64,20 @@ CONTAINER = {"type": "object", "required": ["name", "image"], "properties": {
     "command": {"type": "array", "items": {"type": "string"}},
     "resources": {"type": "object", "properties": {"requests": RESOURCES, "limits": RESOURCES}},
     "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
-                                        "properties": {"containerPort": {"type": "integer"}}}}}}
-POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
-    "type": "object", "required": ["containers"],
-    "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
+                                        "properties": {"containerPort": {"type": "integer"}}}},
+    "env": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "value": {"type": "string"}, "valueFrom": {"type": "object", "properties": {
+            "secretKeyRef": {"type": "object", "required": ["key"], "properties": {
+                "name": {"type": "string"}, "key": {"type": "string"}}}}}}}}}}
+LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {
+    "metadata": {"type": "object", "properties": {"labels": LABELS}},
+    "spec": {"type": "object", "required": ["containers"],
+             "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
 START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
 CLUSTER_SPEC = {"type": "object", "required": ["headGroupSpec"], "properties": {
     "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"},
+    "authOptions": {"type": "object", "properties": {"mode": {"enum": ["disabled", "token"]}}},
     "autoscalerOptions": {"type": "object", "properties": {
         "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
         "idleTimeoutSeconds": {"type": "integer"}}},
@@ -90,6 +97,7 @@ KUBERAY = {
                 "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
                 "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer"},
                 "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+                "submitterPodTemplate": POD_TEMPLATE,
                 "rayClusterSpec": CLUSTER_SPEC}}}},
 }
 
@@ -137,3 +145,55 @@ def test_rayjob_entrypoint_is_a_pipeline_whose_overrides_compose():
     shared = set.intersection(*({m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
                                 for pod in pods))
     assert "/mnt/clipforge-data" in shared
+
+
+# Who can reach what (cluster/README.md): Ray's token on every node, the dashboard and job API on the head's
+# loopback (launcher) or behind a ClusterIP service and a NetworkPolicy (KubeRay), MLflow behind its basic-auth app.
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_launcher_configs_open_no_port_to_the_world_and_authenticate_ray_and_mlflow(name):
+    config = yaml.safe_load((REPO / "cluster" / name).read_text())
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("0.0.0.0" in c for c in commands + config["setup_commands"])
+    starts = [c for c in commands if " start " in c and "ray" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts), starts
+    (head,) = [c for c in starts if "--head" in c]
+    assert "--dashboard-host=127.0.0.1" in head
+    # The secrets reach every node as files, synced from the operator's machine, never as text in the config.
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["file_mounts"]["/home/ubuntu/.mlflow/credentials"] == "~/.mlflow/credentials"
+    (mlflow,) = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert "--app-name basic-auth" in mlflow and "--host $(hostname -I | cut -d' ' -f1)" in mlflow
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(sed" in mlflow and "~/.mlflow/credentials" in mlflow
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=$(openssl rand" in mlflow  # the basic-auth app refuses to start without
+
+
+def _pods(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+def _secret_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", []) if "valueFrom" in e}
+
+
+def test_kuberay_authenticates_ray_and_mlflow_and_admits_only_the_clusters_pods():
+    network = yaml.safe_load((REPO / "cluster" / "kuberay" / "networkpolicy.yaml").read_text())
+    assert network["kind"] == "NetworkPolicy" and network["spec"]["podSelector"]["matchLabels"] == {"app": "clipforge"}
+    sources = network["spec"]["ingress"]
+    assert sources[0] == {"from": [{"podSelector": {"matchLabels": {"app": "clipforge"}}}]}
+    assert [p["port"] for p in sources[1]["ports"]] == [8265] and "podSelector" not in sources[1]["from"][0]
+    assert len(sources) == 2
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / name).read_text())
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        assert spec["authOptions"] == {"mode": "token"}
+        pods = _pods(spec) + ([manifest["spec"]["submitterPodTemplate"]] if name == "rayjob.yaml" else [])
+        assert all(p["metadata"]["labels"]["app"] == "clipforge" for p in pods), name  # the policy covers them
+        for pod in _pods(spec):
+            ray_container = next(c for c in pod["spec"]["containers"] if c["name"].startswith("ray-"))
+            assert _secret_env(ray_container) == {"MLFLOW_TRACKING_USERNAME": "username",
+                                                  "MLFLOW_TRACKING_PASSWORD": "password"}, name
+    cluster = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    (mlflow,) = [c for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    assert mlflow["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert _secret_env(mlflow) == {"MLFLOW_AUTH_ADMIN_USERNAME": "username", "MLFLOW_AUTH_ADMIN_PASSWORD": "password",
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-key"}

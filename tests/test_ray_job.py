@@ -1,20 +1,27 @@
-"""Cluster use as README documents it: a real Ray head (`ray start --head`), a real MLflow server (as `make
-mlflow-ui` runs it, artifacts proxied) and a real S3 API on loopback as the cluster's bucket. `ray job submit` of
+"""Cluster use as README documents it: a real Ray head (`ray start --head`, token authentication), a real MLflow
+server (basic-auth app, artifacts proxied, as cluster/README.md starts it) and a real S3 API on loopback as the
+cluster's bucket. `ray job submit` of
 pipelines/end_to_end.py (ingest into the bucket, then FILIP pretraining under ZeRO-3 from the bucket's shards, its
 tokenizer, checkpoints and export in the bucket), logging to the server over HTTP; wait for SUCCEEDED, read the
 runs, the registered version and the bucket, open
-the UI in headless Chromium (the experiment, the stage runs nested under their parent, the model's versions;
-screenshots kept in outputs/test-artifacts/), stop the head."""
+the UI in headless Chromium through an authenticating proxy (the experiment, the stage runs nested under their
+parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop the head."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,15 +37,28 @@ FILIP_SAMPLES = 7680  # 60 steps of 128
 FILIP_MEAN_RANK_OVER_CHANCE = 0.85
 
 
+MLFLOW_ACCOUNT = "clipforge-ci"
+
+
 @pytest.fixture
-def mlflow_server(object_store, tmp_path):
-    """`mlflow server` as on a cluster's head: sqlite runs, artifacts in the bucket (proxied by the server)."""
+def mlflow_server(object_store, tmp_path, monkeypatch):
+    """`mlflow server` as the cluster configs start it on a head: MLflow's basic-auth app, whose admin is the account
+    the pipelines log with; sqlite runs, artifacts in the bucket (proxied by the server). Yields its URL; this
+    process's client has the account (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)."""
     port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", f"{object_store}/mlflow",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    password = secrets.token_urlsafe(16)
+    accounts = tmp_path / "basic_auth.ini"  # MLflow's own file, its account store in tmp_path
+    accounts.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'accounts.db'}\n"
+                        f"admin_username = {MLFLOW_ACCOUNT}\n")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(accounts), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+               f"{object_store}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    with server_process(command, f"{url}/health", "mlflow server", tmp_path / "server.log"):
+    with server_process(command, f"{url}/health", "mlflow server", tmp_path / "server.log", env=env):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ACCOUNT)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         yield url
 
 
@@ -47,6 +67,58 @@ def browser() -> str:
     if not found:
         raise AssertionError("headless Chromium is missing: `make setup` installs the Debian package chromium")
     return found
+
+
+class AuthenticatingProxy(ThreadingHTTPServer):
+    """The authenticating proxy cluster/README.md puts before MLflow, on loopback: every request is passed to
+    `upstream` with the account's Authorization header. A browser cannot carry the account in the page's address
+    (the UI's fetches refuse a URL with credentials)."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, authorization: str):
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command,
+                                                 headers={**headers, "Authorization": proxy.authorization})
+                try:
+                    answer = urllib.request.urlopen(request, timeout=60)
+                except urllib.error.HTTPError as error:
+                    answer = error
+                content = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_POST = do_PATCH = do_DELETE = do_GET
+
+        super().__init__(("127.0.0.1", 0), Forward)
+        self.upstream, self.authorization = upstream, authorization
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def rendered(url: str, screenshot: Path | None = None) -> str:
@@ -96,7 +168,10 @@ def submit(head: str, tracking_uri: str, script: str, args: list[str]) -> str:
     API's own record, read through the CLI: this process's Ray client has read its auth mode already)."""
     job_id = f"clipforge-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # README: Ray 2.60 heads require the token
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
+    # The job's driver and workers log with the account (on a cluster it comes from each node's
+    # ~/.mlflow/credentials or the pods' Secret: cluster/README.md).
+    account = {name: os.environ[name] for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, **account}})
     ray_cli = str(Path(sys.executable).with_name("ray"))
     done = subprocess.run([ray_cli, "job", "submit", "--address", head, "--submission-id", job_id, "--working-dir",
                            ".", "--runtime-env-json", runtime_env, "--", "python", f"pipelines/{script}", *args],
@@ -120,6 +195,14 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     # FILIP runs under ZeRO-3 (every parameter partitioned across the two workers) with the paper's token selection
     # before the all-gather, and held-out retrieval inside the loop every 30 steps (every rank takes part in the
     # forward passes that gather the weights). Its stages run on the head's cluster and nest under the parent run.
+    # Nobody gets in without credentials: not the job API without Ray's token, not MLflow without its account.
+    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    wrong = basic_authorization(MLFLOW_ACCOUNT, "wrong")
+    for request in (urllib.request.Request(f"{ray_head}/api/jobs/"), urllib.request.Request(search),
+                    urllib.request.Request(search, headers={"Authorization": wrong})):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401, request.full_url
     corpus, bucket = emoji_shards.parent / "corpus", storage.location(object_store)
     work_dir = bucket / "workflow"
     pretrain = [f"tokenizer.save_dir={bucket / 'tok'}", f"trainer.storage_path={bucket / 'ray'}", "model=filip",
@@ -182,12 +265,13 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     assert list((bucket / "mlflow").rglob("model.safetensors"))
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    runs_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs",
-                         screenshot=ARTIFACTS / "mlflow-ui-runs.png")
-    assert "clipforge" in runs_page and parent.info.run_name in runs_page  # its stages fold under it
-    child_page = rendered(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/"
-                          f"{run.info.run_id}")
-    assert "Parent run" in child_page and parent.info.run_name in child_page
-    models_page = rendered(f"{mlflow_server}/#/models/clipforge-filip", screenshot=ARTIFACTS / "mlflow-ui-model.png")
-    assert "Version 1" in models_page
+    account = basic_authorization(os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    with AuthenticatingProxy(mlflow_server, account) as ui:
+        runs_page = rendered(f"{ui}/#/experiments/{experiment.experiment_id}/runs",
+                             screenshot=ARTIFACTS / "mlflow-ui-runs.png")
+        assert "clipforge" in runs_page and parent.info.run_name in runs_page  # its stages fold under it
+        child_page = rendered(f"{ui}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+        assert "Parent run" in child_page and parent.info.run_name in child_page
+        models_page = rendered(f"{ui}/#/models/clipforge-filip", screenshot=ARTIFACTS / "mlflow-ui-model.png")
+        assert "Version 1" in models_page
     assert (ARTIFACTS / "mlflow-ui-runs.png").stat().st_size > 10_000
