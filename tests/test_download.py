@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -267,6 +268,46 @@ def test_slow_drip_headers_cannot_outlast_the_deadline(server: LoopbackServer) -
 # --- size limits ---------------------------------------------------------------------------------------------
 
 
+# In a network namespace of its own (only `lo`, so no query can leave the machine) whose resolv.conf names a DNS
+# server on 127.0.0.1 that reads every query and never answers: the system resolver waits 5 s a try on it.
+SILENT_DNS = """
+import json, socket, sys, time, os
+sys.path.insert(0, {repo!r})
+from components.data.download import DownloadConfig, SafeDownloader
+silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+silent.bind(("127.0.0.1", 53))
+started = time.monotonic()
+with SafeDownloader(DownloadConfig(timeout=1.0, retries=0)) as downloader:
+    result = downloader.fetch("http://images.unanswered.example/cat.jpg")
+print(json.dumps({{"error": result.error, "detail": result.detail, "seconds": time.monotonic() - started}}))
+sys.stdout.flush()
+os._exit(0)  # the lookup thread is still waiting on the silent server
+"""
+
+
+def test_a_resolver_that_never_answers_cannot_outlast_the_deadline(tmp_path) -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("this test needs root and unshare(1) for a network namespace of its own (CI runs as root)")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:1\n")
+    script = tmp_path / "silent_dns.py"
+    script.write_text(SILENT_DNS.format(repo=str(REPO)))
+    inside = f"ip link set lo up && mount --bind {resolv} /etc/resolv.conf && exec {sys.executable} {script}"
+    done = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", inside], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["error"] == "timeout" and "resolving images.unanswered.example" in outcome["detail"], outcome
+    assert 0.9 < outcome["seconds"] < 1.8, outcome  # the deadline, not the resolver's 5 s
+
+
 def test_too_large_by_content_length_is_refused_before_reading(server: LoopbackServer) -> None:
     start = time.monotonic()
     result = fetch(f"{server.base_url}/huge-length", max_bytes=1000, timeout=5)
@@ -438,13 +479,13 @@ def test_invalid_urls(url: str, no_lookups: None) -> None:
 # --- many URLs -----------------------------------------------------------------------------------------------
 
 
-def test_fetch_many_preserves_order_and_runs_concurrently(server: LoopbackServer) -> None:
+def test_submitted_fetches_run_concurrently(server: LoopbackServer) -> None:
     for i in range(6):
         server.routes[f"/d{i}"] = sleep_then(0.05 * (6 - i), f"d{i}".encode())  # earlier URLs finish later
     urls = [f"{server.base_url}/d{i}" for i in range(6)] + [f"{server.base_url}/missing", "ftp://127.0.0.1/x"]
     start = time.monotonic()
     with downloader(thread_count=8) as dl:
-        results = dl.fetch_many(urls)
+        results = [future.result() for future in [dl.submit(url) for url in urls]]
     elapsed = time.monotonic() - start
     assert [r.url for r in results] == urls
     assert [r.body for r in results[:6]] == [f"d{i}".encode() for i in range(6)]

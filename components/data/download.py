@@ -8,8 +8,9 @@ reads bodies without a bound. Here, on urllib3:
   and so is every redirect hop, which we follow ourselves;
 - the connection goes to the checked IP itself (the `Host` header / TLS SNI carry the name), so a DNS answer
   that changes between check and connect cannot redirect us;
-- one deadline per attempt covers connect, headers and body: every socket read gets only the time left, so a
-  server dripping a byte at a time cannot stretch it;
+- one deadline per attempt covers name resolution, connect, headers and body: the lookup runs on a resolver
+  thread the attempt waits on only for the time left (the system resolver's own timeout is 5 s a try), and every
+  socket read gets only the time left, so a slow DNS server or a server dripping a byte at a time cannot stretch it;
 - bodies are bounded by Content-Length up front and by counting while streaming;
 - keep-alive pools per (scheme, IP, port, host), so loopback benchmarks measure transfers, not handshakes.
 """
@@ -24,7 +25,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urljoin, urlsplit
@@ -285,6 +287,8 @@ class SafeDownloader:
         self._pools: OrderedDict[tuple[str, str, int, str], HTTPConnectionPool] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=config.thread_count, thread_name_prefix="clipforge-download")
+        # One lookup per download thread at most; a lookup past its attempt's deadline finishes here unwaited for.
+        self._resolver = ThreadPoolExecutor(max_workers=config.thread_count, thread_name_prefix="clipforge-resolve")
 
     def __enter__(self) -> SafeDownloader:
         return self
@@ -297,14 +301,15 @@ class SafeDownloader:
     def close(self) -> None:
         """Stop the worker threads and close every pooled connection."""
         self._executor.shutdown(wait=True)
+        self._resolver.shutdown(wait=False, cancel_futures=True)  # a hung lookup must not hold the part
         with self._lock:
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
 
-    def fetch_many(self, urls: Sequence[str]) -> list[DownloadResult]:
-        """Fetch on `thread_count` threads; results are in the order of `urls`."""
-        return list(self._executor.map(self.fetch, urls))
+    def submit(self, url: str) -> Future[DownloadResult]:
+        """Fetch on one of the `thread_count` threads; the future's result is `fetch(url)`'s."""
+        return self._executor.submit(self.fetch, url)
 
     def fetch(self, url: str) -> DownloadResult:
         """Download one URL, retrying transient failures; never raises for a bad URL or server."""
@@ -326,7 +331,7 @@ class SafeDownloader:
         for hop in range(cfg.max_redirects + 1):
             where = f", redirect hop {hop}" if hop else ""
             try:
-                target = self._validate(current)
+                target = self._validate(current, deadline)
                 seen.add(current)
                 resp = self._request(target, deadline)
                 status = resp.status
@@ -354,8 +359,8 @@ class SafeDownloader:
         detail = f"more than {cfg.max_redirects} redirects"
         return DownloadResult(url, None, "too_many_redirects", detail, status, current)
 
-    def _validate(self, url: object) -> _Target:
-        """Parse and check one hop's URL; resolve its host and check every address. Raises _Refused."""
+    def _validate(self, url: object, deadline: float) -> _Target:
+        """Parse and check one hop's URL; resolve its host (by `deadline`) and check every address. Raises _Refused."""
         if not isinstance(url, str) or not url.strip():
             raise _Refused("invalid_url", "empty or not a string")
         try:
@@ -371,7 +376,7 @@ class SafeDownloader:
             raise _Refused("invalid_url", "no host")
         host = parsed.host.strip("[]")
         port = parsed.port or _SCHEMES[scheme]
-        addresses = self._resolve(host, port)
+        addresses = self._resolve(host, port, deadline)
         allowed_here = [entry.network for entry in self._allow if entry.port in (None, port)]
         for addr in addresses:
             reason = blocked_reason(addr, allowed_here)
@@ -380,15 +385,18 @@ class SafeDownloader:
                 raise _Refused("blocked_address", f"{shown} is not a public address ({reason})")
         return _Target(scheme, host, port, str(addresses[0]), parsed.request_uri)
 
-    @staticmethod
-    def _resolve(host: str, port: int) -> list[IPAddress]:
-        """All addresses of `host` (a literal IP needs no lookup), deduplicated, in resolver order."""
+    def _resolve(self, host: str, port: int, deadline: float) -> list[IPAddress]:
+        """All addresses of `host` (a literal IP needs no lookup), deduplicated, in resolver order, or a timeout
+        once `deadline` passes."""
         try:
             return [ipaddress.ip_address(host)]
         except ValueError:
             pass
+        lookup = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise _Refused("timeout", f"resolving {host} outlasted the {self.config.timeout:g} s deadline") from None
         except (socket.gaierror, UnicodeError) as exc:
             raise _Refused("dns_error", f"cannot resolve {host}: {exc}") from None
         # The scope of a link-local IPv6 answer (fe80::1%eth0) is dropped: such an address is refused anyway.
