@@ -114,9 +114,9 @@ def caption_run_ids(uri: str) -> set[str]:
 
 def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(ray_session, clipcap_run,
                                                                                emoji_shards, object_store, tmp_path,
-                                                                               monkeypatch):
-    """The command on a folder of images in a bucket, captions written to the bucket; then a local Parquet file to
-    a disk; then the same output again, refused."""
+                                                                               monkeypatch, capfd):
+    """The stage on a folder of images in a bucket, captions written to the bucket; then a local Parquet file to
+    a disk; then the command with the same output again, refused."""
     from components import storage
     from tests.helpers import read_shards
 
@@ -132,12 +132,10 @@ def test_caption_pipeline_writes_every_image_of_a_folder_and_of_a_parquet_file(r
     (folder / "notes.txt").write_text("not an image: not read")
     bucket = storage.location(object_store)
     storage.upload(folder, bucket / "photos")
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "caption.py"), f"data={bucket / 'photos'}",
-                           f"output={bucket / 'jsonl'}", "output_format=jsonl", "generate.method=greedy",
-                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "accounting: input 4 = captioned 3 + failed 1" in done.stdout
+    capfd.readouterr()
+    run_stage("caption", f"data_path={bucket / 'photos'}", f"output={bucket / 'jsonl'}", "output_format=jsonl",
+              "generate.method=greedy", cwd=tmp_path)
+    assert "accounting: input 4 = captioned 3 + failed 1" in capfd.readouterr().out
     rows = pd.concat([pd.read_json(f.open("rb"), lines=True) for f in (bucket / "jsonl").glob("*.json*")])
     rows = rows.set_index("key")
     assert sorted(rows.index) == ["broken.png", "image0.jpg", "image1.jpg", "nested/image2.jpg"]

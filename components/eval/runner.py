@@ -118,9 +118,16 @@ def fields_from_config(cfg: dict) -> EvalFields:
                       image=tuple(cfg.get("image") or EvalFields().image))
 
 
-def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, progress: bool = True
-             ) -> list[dict]:
-    """Run every task in cfg["tasks"]; returns the results (and writes them + artifacts under work_dir)."""
+def image_store_dir(work_dir: Path) -> Path:
+    """Where `evaluate` keeps the rows' image embeddings under its work_dir."""
+    return work_dir / "images"
+
+
+def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, progress: bool = True,
+             images: EmbeddingStore | None = None) -> list[dict]:
+    """Run every task in cfg["tasks"]; returns the results (and writes them + artifacts under work_dir).
+    `images`: the rows' image embeddings from an earlier evaluation of a model with the same image tower (AltCLIP's
+    stages keep their teacher's), used instead of embedding the images again."""
     fields = fields_from_config(cfg["fields"])
     embed_settings = {"batch_size": cfg["batch_size"], "actors": cfg["actors"], "use_gpu": cfg["use_gpu"],
                       "progress": progress}
@@ -130,11 +137,12 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
         dataset = read_eval_rows(data_path, fields, row_where, limit)
         return dataset.map_batches(transform, batch_format="pandas") if transform else dataset
 
-    started = time.perf_counter()
-    images = embed_to_store(rows(), model.for_workers, "image", work_dir / "images", **embed_settings)
-    if len(images) == 0:
-        raise ValueError(f"no rows to evaluate in {data_path} (where {where})")
-    print(f"[evaluate] {len(images)} images embedded in {time.perf_counter() - started:.1f} s", flush=True)
+    if images is None:
+        started = time.perf_counter()
+        images = embed_to_store(rows(), model.for_workers, "image", image_store_dir(work_dir), **embed_settings)
+        if len(images) == 0:
+            raise ValueError(f"no rows to evaluate in {data_path} (where {where})")
+        print(f"[evaluate] {len(images)} images embedded in {time.perf_counter() - started:.1f} s", flush=True)
     text_stores = embed_text_sets(caption_sets(images, list(cfg["tasks"]), cfg["task_settings"]), model.for_workers,
                                   work_dir, **embed_settings)
 

@@ -311,9 +311,11 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
 # -- the comparison (the evaluation stage's multilingual retrieval) -----------------------------------------
 def compare_models(cfg: DictConfig, shard_dir: UPath, models: dict[str, str]) -> dict[str, dict[str, float]]:
     """Multilingual retrieval on the held-out rows for each model; {model: {lang: R@5}}, a table and a chart in the
-    pipeline's MLflow run."""
+    pipeline's MLflow run. The images are embedded once, by the first model: the teacher's image tower is every
+    model's (stage 1 copies it, stage 2 keeps it locked; tests/test_altclip.py checks it bit for bit)."""
     from components.eval import runner
     from components.eval.plots import model_language_chart
+    from components.eval.store import EmbeddingStore
     from components.train.trainer import resolve_use_gpu
 
     compare = cfg.compare
@@ -325,16 +327,18 @@ def compare_models(cfg: DictConfig, shard_dir: UPath, models: dict[str, str]) ->
                 "task_settings": {"multilingual_retrieval": {"languages": compare.languages,
                                                              "metric": compare.metric}}}
     table: dict[str, dict[str, float]] = {}
-    for name, directory in models.items():
-        scratch = runner.scratch_dir()
-        try:
+    scratch = runner.scratch_dir()
+    images = None
+    try:
+        for name, directory in models.items():
             with storage.local_copy(directory) as local:
                 results = runner.evaluate(settings, shard_dir, runner.ResolvedModel(local, directory, shared=directory),
-                                          scratch, progress=False)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        table[name] = {r["language"]: float(r["metrics"][compare.metric]) for r in results}
-        mlflow_runs.log_metrics({f"compare.{name}.{lang}.{compare.metric}": v for lang, v in table[name].items()})
+                                          scratch / name, progress=False, images=images)
+            images = images or EmbeddingStore(runner.image_store_dir(scratch / name))
+            table[name] = {r["language"]: float(r["metrics"][compare.metric]) for r in results}
+            mlflow_runs.log_metrics({f"compare.{name}.{lang}.{compare.metric}": v for lang, v in table[name].items()})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     summary = comparison_summary(table)
     mlflow_runs.log_metrics({f"compare.{k}": v for k, v in summary.items()})
     mlflow_runs.log_json({"metric": compare.metric, "per_language": table, "summary": summary},
