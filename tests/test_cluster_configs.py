@@ -3,6 +3,7 @@ package (after the launcher's own default filling), plus the shapes the README p
 
 from __future__ import annotations
 
+import configparser
 import copy
 
 import pytest
@@ -165,6 +166,7 @@ def test_launcher_configs_open_no_port_to_the_world_and_authenticate_ray_and_mlf
     assert "--app-name basic-auth" in mlflow and "--host $(hostname -I | cut -d' ' -f1)" in mlflow
     assert "MLFLOW_AUTH_ADMIN_PASSWORD=$(sed" in mlflow and "~/.mlflow/credentials" in mlflow
     assert "MLFLOW_FLASK_SERVER_SECRET_KEY=$(openssl rand" in mlflow  # the basic-auth app refuses to start without
+    assert "MLFLOW_AUTH_CONFIG_PATH=~/clipforge/cluster/mlflow_auth.ini" in mlflow  # checked accounts cached
 
 
 def _pods(spec: dict) -> list[dict]:
@@ -195,5 +197,9 @@ def test_kuberay_authenticates_ray_and_mlflow_and_admits_only_the_clusters_pods(
     cluster = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
     (mlflow,) = [c for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
     assert mlflow["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert {"name": "MLFLOW_AUTH_CONFIG_PATH", "value": "/app/cluster/mlflow_auth.ini"} in mlflow["env"]
+    auth = configparser.ConfigParser()
+    auth.read(REPO / "cluster" / "mlflow_auth.ini")
+    assert auth.getint("mlflow", "auth_cache_ttl_seconds") > 0 and auth["mlflow"]["default_permission"] == "READ"
     assert _secret_env(mlflow) == {"MLFLOW_AUTH_ADMIN_USERNAME": "username", "MLFLOW_AUTH_ADMIN_PASSWORD": "password",
                                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-key"}

@@ -439,6 +439,39 @@ def test_bad_allow_network_fails_at_config_time() -> None:
             DownloadConfig(allow_networks=(entry,))
 
 
+def with_robots_tags(*values: str) -> Route:
+    """A 200 with the payload and an X-Robots-Tag header per value."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        for value in values:
+            request.send_header("X-Robots-Tag", value)
+        request.send_header("Content-Type", "image/png")
+        request.send_header("Content-Length", str(len(PAYLOAD)))
+        request.end_headers()
+        request.wfile.write(PAYLOAD)
+
+    return handler
+
+
+def test_an_image_opted_out_by_x_robots_tag_is_dropped_as_img2dataset_drops_it(server: LoopbackServer) -> None:
+    routes = {"/noai": ("noai",), "/several": ("noarchive", "NoImageIndex, nofollow"), "/ours": ("clipforge-ingest: noai",),
+              "/theirs": ("otherbot: noai",), "/harmless": ("noarchive, nosnippet",), "/after-redirect": ("noindex",)}
+    for path, values in routes.items():
+        server.routes[path] = with_robots_tags(*values)
+    server.routes["/hop"] = redirect_to("/after-redirect")
+    outcome = {path: fetch(f"{server.base_url}{path}") for path in [*routes, "/hop"]}
+    opted_out = {path for path, result in outcome.items() if result.error == "opted_out"}
+    assert opted_out == {"/noai", "/several", "/ours", "/after-redirect", "/hop"}, outcome
+    assert outcome["/several"].detail == "X-Robots-Tag: NoImageIndex, nofollow"
+    assert outcome["/hop"].detail == "X-Robots-Tag: noindex, redirect hop 1" and outcome["/hop"].body is None
+    assert outcome["/theirs"].body == outcome["/harmless"].body == PAYLOAD
+    # An empty list downloads regardless; a directive with a comma or a colon is refused when the config is built.
+    assert fetch(f"{server.base_url}/noai", disallowed_header_directives=()).body == PAYLOAD
+    with pytest.raises(ValueError, match="disallowed_header_directives must be directive names"):
+        DownloadConfig(disallowed_header_directives=("noai, noindex",))
+
+
 def test_an_allowed_network_with_a_port_opens_that_port_only(server: LoopbackServer) -> None:
     """`127.0.0.1/32:<port>` admits the mirror on that port; another service on the same address stays refused,
     before any connection (an entry without a port would admit both)."""

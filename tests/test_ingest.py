@@ -56,6 +56,14 @@ def faults(small_corpus):
         time.sleep(2.0)
         send_bytes(handler, original, "image/png")
 
+    def opted_out_copy(handler):  # a valid image whose site opts it out of AI training
+        handler.send_response(200)
+        handler.send_header("X-Robots-Tag", "noai")
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(original)))
+        handler.end_headers()
+        handler.wfile.write(original)
+
     with LoopbackServer(host="127.0.0.2") as outside:
         routes = {
             "/missing.png": lambda h: send_bytes(h, b"no", "text/plain", 404),
@@ -70,6 +78,7 @@ def faults(small_corpus):
             "/redirect-out": redirect_to(f"{outside.base_url}/secret.png"),
             "/texture.dds": lambda h: send_bytes(h, PLUGIN_FAILURES["DDS"][0], "image/vnd-ms.dds"),
             "/scan.spi": lambda h: send_bytes(h, PLUGIN_FAILURES["SPIDER"][0], "application/octet-stream"),
+            "/opted-out.png": opted_out_copy,
         }
         with LoopbackServer(small_corpus, routes=routes) as server:
             yield server, outside, corpus
@@ -96,6 +105,7 @@ def fault_rows(base: str, outside: str) -> list[tuple[str, str, str]]:
         # Files that make Pillow's DDS and SPIDER plugins raise (no accepted format: those plugins never run).
         (f"{base}/texture.dds", "a DDS texture", "not_an_image"),
         (f"{base}/scan.spi", "a SPIDER scan", "not_an_image"),
+        (f"{base}/opted-out.png", "a site's image under X-Robots-Tag: noai", "opted_out"),
     ]
 
 

@@ -10,6 +10,7 @@ parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop
 from __future__ import annotations
 
 import base64
+import configparser
 import json
 import os
 import secrets
@@ -47,10 +48,13 @@ def mlflow_server(object_store, tmp_path, monkeypatch):
     process's client has the account (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)."""
     port = free_port()
     password = secrets.token_urlsafe(16)
-    accounts = tmp_path / "basic_auth.ini"  # MLflow's own file, its account store in tmp_path
-    accounts.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'accounts.db'}\n"
-                        f"admin_username = {MLFLOW_ACCOUNT}\n")
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(accounts), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+    settings = configparser.ConfigParser()  # the cluster's file, its account store moved into tmp_path
+    settings.read(REPO / "cluster" / "mlflow_auth.ini")
+    settings["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'accounts.db'}"
+    with open(tmp_path / "basic_auth.ini", "w") as file:
+        settings.write(file)
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+           "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ACCOUNT, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",

@@ -51,6 +51,7 @@ DOWNLOAD_ERRORS = (
     "http_error",
     "too_large",
     "too_many_redirects",
+    "opted_out",
 )
 
 _SCHEMES = {"http": 80, "https": 443}
@@ -76,6 +77,9 @@ class DownloadConfig:
     allow_networks: tuple[str, ...] = ()  # CIDRs allowed although non-public, each optionally :port (allowed_network)
     user_agent: str = "clipforge-ingest/0.1"
     thread_count: int = 16
+    # X-Robots-Tag directives by which a site opts an image out (img2dataset's default list): the row is dropped as
+    # opted_out. A directive scoped to an agent ("otherbot: noai") counts only for ours, the user agent's product.
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -85,6 +89,9 @@ class DownloadConfig:
                 raise ValueError(f"ingest.download.{name} must be >= {least}, got {getattr(self, name)}")
         for entry in self.allow_networks:
             allowed_network(entry)  # fail at construction on a typo, not at the first download
+        if any(not isinstance(d, str) or not d.strip() or "," in d or ":" in d for d in self.disallowed_header_directives):
+            raise ValueError("ingest.download.disallowed_header_directives must be directive names such as noai, "
+                             f"got {list(self.disallowed_header_directives)}")
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,17 @@ class _Target:
         return host if self.port == _SCHEMES[self.scheme] else f"{host}:{self.port}"
 
 
+def opt_out(values: Sequence[str], agent: str, disallowed: Sequence[str]) -> str | None:
+    """The first X-Robots-Tag value that opts a response out for `agent`: one of the `disallowed` directives, for
+    every agent ("noai, noimageai") or for `agent` ("clipforge-ingest: noai"). Read as img2dataset reads it."""
+    disallowed = {d.lower() for d in disallowed}
+    for value in values:
+        scope, _, directives = value.rpartition(":") if value.count(":") == 1 else ("", "", value)
+        if scope.strip().lower() in ("", agent) and disallowed & {d.strip().lower() for d in directives.split(",")}:
+            return value
+    return None
+
+
 def _release(resp: BaseHTTPResponse, reuse: bool) -> None:
     """Give the connection back: kept alive if the unread rest is small, otherwise closed unread."""
     remaining = resp.length_remaining
@@ -284,6 +302,7 @@ class SafeDownloader:
     def __init__(self, config: DownloadConfig):
         self.config = config
         self._allow = tuple(allowed_network(entry) for entry in config.allow_networks)
+        self._agent = config.user_agent.split("/")[0].strip().lower()  # "clipforge-ingest"
         self._pools: OrderedDict[tuple[str, str, int, str], HTTPConnectionPool] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=config.thread_count, thread_name_prefix="clipforge-download")
@@ -348,6 +367,10 @@ class SafeDownloader:
                 if not 200 <= status < 300:
                     _release(resp, reuse=True)
                     return DownloadResult(url, None, "http_error", f"HTTP {status}{where}", status, current)
+                refusal = opt_out(resp.headers.getlist("X-Robots-Tag"), self._agent, cfg.disallowed_header_directives)
+                if refusal is not None:
+                    _release(resp, reuse=False)  # the body is not wanted
+                    return DownloadResult(url, None, "opted_out", f"X-Robots-Tag: {refusal}{where}", status, current)
                 body = self._read_body(resp, deadline)
                 return DownloadResult(url, body, None, f"HTTP {status}", status, current)
             except _Refused as refused:

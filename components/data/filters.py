@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from components.data.download import DOWNLOAD_ERRORS
 from components.data.images import Header
 
 # Drop reasons that are not filter names: what the download and decode steps record.
-DOWNLOAD_REASONS = ("invalid_url", "unsupported_scheme", "blocked_address", "dns_error", "connection_error",
-                    "timeout", "http_error", "too_large", "too_many_redirects")
+DOWNLOAD_REASONS = DOWNLOAD_ERRORS
 DECODE_REASONS = ("not_an_image", "truncated_image", "decode_error")
 DEDUP_REASONS = ("duplicate_exact", "duplicate_near")
 

@@ -182,8 +182,10 @@ def _manifest(job: IngestJob, shard_names: list[str], listed: int, reasons: list
     }
 
 
-# The download settings that decide which rows an ingest keeps (thread_count and user_agent only change its speed).
-_OUTCOME_DOWNLOAD_SETTINGS = ("timeout", "retries", "max_bytes", "max_redirects", "allow_networks")
+# The download settings that decide which rows an ingest keeps (thread_count only changes its speed; the user
+# agent names us to X-Robots-Tag directives scoped to an agent).
+_OUTCOME_DOWNLOAD_SETTINGS = ("timeout", "retries", "max_bytes", "max_redirects", "allow_networks", "user_agent",
+                              "disallowed_header_directives")
 
 
 def _check_same_settings(path: UPath, job: IngestJob) -> None:

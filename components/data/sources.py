@@ -21,7 +21,8 @@ from components.storage import location
 def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
     ingest = cfg.ingest
     download = OmegaConf.to_container(ingest.download, resolve=True)
-    download["allow_networks"] = tuple(download["allow_networks"])
+    for name in ("allow_networks", "disallowed_header_directives"):
+        download[name] = tuple(download[name])
     settings = PartSettings(
         image=ImageSettings(ingest.image_size, ingest.resize_mode, ingest.encode_format, ingest.encode_quality,
                             tuple(ingest.image_formats)),
