@@ -179,9 +179,11 @@ def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(
     zero_shot = got["zeroshot_classification"]
     assert zero_shot["classes"] == len(classes) and zero_shot["templates"] == len(templates)
     assert zero_shot["acc1"] == pytest.approx(float((scores.argmax(axis=1) == truth).mean()), abs=1e-6)
-    # ... which differs from the bare class names' scores on these rows: the ensemble is what was measured.
+    # ... which moves every score off the bare class names' (the ensemble's formula itself is checked exactly, model
+    # free, in tests/test_models.py). Whether the two also disagree on a prediction depends on the session's model:
+    # in one suite run in five or so they agreed on all 96 rows of these 2 classes, and an argmax check failed.
     bare = images @ prompts.reshape(len(classes), len(templates), -1)[:, 0].T
-    assert (scores.argmax(axis=1) != bare.argmax(axis=1)).any()
+    assert np.abs(scores - bare).mean() > 1e-3, np.abs(scores - bare).mean()
 
 
 def _replicated_shards(shards: Path, out: Path, copies: int) -> int:
