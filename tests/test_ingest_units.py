@@ -361,3 +361,42 @@ def test_an_ingest_into_an_output_another_run_holds_is_refused_in_one_line(tmp_p
         with pytest.raises(IngestError, match="out is in use by another ingest"):
             run_ingest(job, progress=False)
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [lease.LEASE]  # nothing else was written
+
+
+def test_a_part_streams_its_downloads_a_bounded_window_ahead_in_input_order(tmp_path, monkeypatch):
+    """While the part's first image hangs, the worker downloads at most AHEAD_ROWS rows past it, never the whole
+    part (which held every body of the part in memory); the staging file keeps the input's order, one row group
+    per GROUP_ROWS rows."""
+    import threading
+
+    from components.data import process_part as stage
+    from components.data.download import DownloadConfig
+    from components.data.loopback_server import LoopbackServer, send_bytes
+
+    monkeypatch.setattr(stage, "GROUP_ROWS", 4)
+    monkeypatch.setattr(stage, "AHEAD_ROWS", 16)
+    png = noise_image("PNG", 0)
+    release, seen_while_first_hung = threading.Event(), []
+
+    def first(handler):  # answers once the worker has had time to run as far ahead as it will
+        release.wait(timeout=3)
+        seen_while_first_hung.append(len(server.requests) - 1)
+        send_bytes(handler, png, "image/png")
+
+    rows = 64
+    with LoopbackServer(tmp_path, routes={"/img0.png": first}) as server:
+        for i in range(1, rows):
+            (tmp_path / f"img{i}.png").write_bytes(png)
+        threading.Timer(1.5, release.set).start()
+        part = tmp_path / "part.parquet"
+        pq.write_table(pa.table({"key": [f"{i:09d}" for i in range(rows)],
+                                 "caption": [f"picture {i}" for i in range(rows)],
+                                 "url": [f"{server.base_url}/img{i}.png" for i in range(rows)]}), part)
+        worker = PartProcessor(PartSettings(image=ImageSettings(image_size=16), filters={},
+                                            download=DownloadConfig(allow_networks=("127.0.0.1/32",), thread_count=4)))
+        result = process_part(UPath(part), UPath(tmp_path / "staging.parquet"), worker)
+    assert result["rows"] == result["ok"] == rows
+    assert stage.GROUP_ROWS < seen_while_first_hung[0] <= stage.AHEAD_ROWS, seen_while_first_hung
+    staging = pq.ParquetFile(tmp_path / "staging.parquet")
+    assert staging.num_row_groups == rows // stage.GROUP_ROWS
+    assert staging.read().column("key").to_pylist() == [f"{i:09d}" for i in range(rows)]

@@ -86,7 +86,7 @@ class PartProcessor:
 
 # A part streams through in input order, one Parquet row group at a time: downloads run at most AHEAD_ROWS rows
 # past the group being finished, each body is checked and resized as it arrives and then dropped, and a finished
-# group is written out. A worker so holds a few groups of resized rows and at most DOWNLOAD_WINDOW bodies, whatever
+# group is written out. A worker so holds a few groups of resized rows and at most 2 x thread_count bodies, whatever
 # the part's size (it used to hold every body of the part at once: up to shard_size x max_bytes).
 GROUP_ROWS = 256
 AHEAD_ROWS = 4 * GROUP_ROWS
