@@ -455,8 +455,9 @@ def with_robots_tags(*values: str) -> Route:
 
 
 def test_an_image_opted_out_by_x_robots_tag_is_dropped_as_img2dataset_drops_it(server: LoopbackServer) -> None:
-    routes = {"/noai": ("noai",), "/several": ("noarchive", "NoImageIndex, nofollow"), "/ours": ("clipforge-ingest: noai",),
-              "/theirs": ("otherbot: noai",), "/harmless": ("noarchive, nosnippet",), "/after-redirect": ("noindex",)}
+    routes = {"/noai": ("noai",), "/several": ("noarchive", "NoImageIndex, nofollow"),
+              "/ours": ("clipforge-ingest: noai",), "/theirs": ("otherbot: noai",),
+              "/harmless": ("noarchive, nosnippet",), "/after-redirect": ("noindex",)}
     for path, values in routes.items():
         server.routes[path] = with_robots_tags(*values)
     server.routes["/hop"] = redirect_to("/after-redirect")

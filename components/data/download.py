@@ -89,7 +89,8 @@ class DownloadConfig:
                 raise ValueError(f"ingest.download.{name} must be >= {least}, got {getattr(self, name)}")
         for entry in self.allow_networks:
             allowed_network(entry)  # fail at construction on a typo, not at the first download
-        if any(not isinstance(d, str) or not d.strip() or "," in d or ":" in d for d in self.disallowed_header_directives):
+        directives = self.disallowed_header_directives
+        if any(not isinstance(d, str) or not d.strip() or "," in d or ":" in d for d in directives):
             raise ValueError("ingest.download.disallowed_header_directives must be directive names such as noai, "
                              f"got {list(self.disallowed_header_directives)}")
 
