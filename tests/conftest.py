@@ -18,7 +18,9 @@ import pytest
 import ray
 
 from components.data.emoji_corpus import build_corpus
-from tests.helpers import run_stage
+from tests import cluster
+from tests.cluster import WorkflowJob
+from tests.helpers import listed, run_stage
 
 CORPUS_LIMIT = 40  # concepts -> 80 images (two art styles)
 SHARD_CONCEPTS = 900  # of ~1870: ~1440 training images, ~360 held-out images (~180 captions)
@@ -188,11 +190,6 @@ class Chain:
         return f"sqlite:///{work / 'mlflow.db'}"
 
 
-def listed(values: list[str]) -> str:
-    """A Hydra list override's value with every item quoted (paths hold characters Hydra would parse)."""
-    return "[" + ",".join(f'"{value}"' for value in values) + "]"
-
-
 @pytest.fixture(scope="session")
 def salted_pool(emoji_shards, s3_endpoint, tmp_path_factory) -> str:
     """The session's corpus ingested again with SALTED_FRACTION of its training rows' captions swapped between
@@ -218,7 +215,34 @@ CHAIN = ["ingest", "pretrain", "evaluate", "clip_filter", "pretrain_filtered", "
 
 
 @pytest.fixture(scope="session")
-def chain(emoji_shards, salted_pool, tmp_path_factory) -> Chain:
+def workflow_job(s3_endpoint, emoji_shards, tmp_path_factory) -> Iterator[WorkflowJob]:
+    """tests/test_ray_job.py's cluster: a Ray head, an MLflow server and the workflow submitted to the head as a job
+    (tests/cluster.py), in a bucket of its own. Yields the job still running; `wait()` waits for it."""
+    import boto3
+
+    work = tmp_path_factory.mktemp("ray_job")
+    bucket = f"s3://clipforge-job-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket.removeprefix("s3://"))
+    with cluster.ray_head() as head, cluster.mlflow_server(bucket, work) as (tracking_uri, password):
+        job = WorkflowJob.submit(head, tracking_uri, password, bucket, emoji_shards.parent / "corpus", SHARD_CONCEPTS,
+                                 work)
+        try:
+            yield job
+        finally:
+            job.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_job_beside_the_chain(request) -> None:
+    """Submits `workflow_job` before the chain when this session will run a test that reads it. The job runs on its
+    own Ray head and the chain on the session's: the job's start-ups and waits fill the CPU time the chain leaves
+    idle (the machine is ~80% busy during the chain), which saves most of a minute of the suite's wall time."""
+    if any("workflow_job" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("workflow_job")
+
+
+@pytest.fixture(scope="session")
+def chain(emoji_shards, cluster_job_beside_the_chain, salted_pool, tmp_path_factory) -> Chain:
     """The whole chain once per session, as pipelines/end_to_end.py runs it (ingest -> pretrain -> evaluate; the
     DataComp loop: clip_filter -> pretrain_filtered -> evaluate_filtered; AltCLIP; ClipCap -> caption) on the
     session's Ray, then again (every stage skipped). Its stages' outputs are the trained models the other tests

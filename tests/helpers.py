@@ -104,6 +104,11 @@ def pretrain_args(shards: Path, work: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def listed(values: list[str]) -> str:
+    """A Hydra list override's value with every item quoted (paths hold characters Hydra would parse)."""
+    return "[" + ",".join(f'"{value}"' for value in values) + "]"
+
+
 def caption_length_score(images: list[bytes], captions: list[str]) -> list[float]:
     """A stand-in scorer for the model-score hook: the caption's length."""
     return [float(len(c)) for c in captions]

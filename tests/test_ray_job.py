@@ -1,69 +1,33 @@
 """Cluster use as README documents it: a real Ray head (`ray start --head`, token authentication), a real MLflow
 server (basic-auth app, artifacts proxied, as cluster/README.md starts it) and a real S3 API on loopback as the
-cluster's bucket. `ray job submit` of
-pipelines/end_to_end.py (ingest into the bucket, then FILIP pretraining under ZeRO-3 from the bucket's shards, its
-tokenizer, checkpoints and export in the bucket), logging to the server over HTTP; wait for SUCCEEDED, read the
-runs, the registered version and the bucket, open
-the UI in headless Chromium through an authenticating proxy (the experiment, the stage runs nested under their
-parent, the model's versions; screenshots kept in outputs/test-artifacts/), stop the head."""
+cluster's bucket. `ray job submit` of pipelines/end_to_end.py (ingest into the bucket, then FILIP pretraining under
+ZeRO-3 from the bucket's shards, its tokenizer, checkpoints and export in the bucket), logging to the server over
+HTTP (tests/cluster.py; the session submits it beside the chain); wait for SUCCEEDED, read the runs, the registered
+version and the bucket, open the UI in headless Chromium through an authenticating proxy (the experiment, the stage
+runs nested under their parent, the model's versions; screenshots kept in outputs/test-artifacts/)."""
 
 from __future__ import annotations
 
 import base64
-import configparser
 import json
-import os
-import secrets
 import shutil
 import subprocess
-import sys
-import tempfile
+import threading
 import urllib.error
 import urllib.request
-import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from components import storage
-from tests.conftest import SHARD_CONCEPTS
-from tests.helpers import REPO, free_port, server_process
+from tests.cluster import FILIP_SAMPLES
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
-FILIP_SAMPLES = 7680  # 60 steps of 128
 FILIP_MEAN_RANK_OVER_CHANCE = 0.85
-
-
-MLFLOW_ACCOUNT = "clipforge-ci"
-
-
-@pytest.fixture
-def mlflow_server(object_store, tmp_path, monkeypatch):
-    """`mlflow server` as the cluster configs start it on a head: MLflow's basic-auth app, whose admin is the account
-    the pipelines log with; sqlite runs, artifacts in the bucket (proxied by the server). Yields its URL; this
-    process's client has the account (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)."""
-    port = free_port()
-    password = secrets.token_urlsafe(16)
-    settings = configparser.ConfigParser()  # the cluster's file, its account store moved into tmp_path
-    settings.read(REPO / "cluster" / "mlflow_auth.ini")
-    settings["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'accounts.db'}"
-    with open(tmp_path / "basic_auth.ini", "w") as file:
-        settings.write(file)
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
-           "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_ACCOUNT, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-               f"{object_store}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    url = f"http://127.0.0.1:{port}"
-    with server_process(command, f"{url}/health", "mlflow server", tmp_path / "server.log", env=env):
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ACCOUNT)
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-        yield url
 
 
 def browser() -> str:
@@ -136,87 +100,28 @@ def rendered(url: str, screenshot: Path | None = None) -> str:
     return done.stdout
 
 
-HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-              "ray-client-server-port")
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head --block` on loopback, every port free (the session's own Ray holds the defaults), its
-    workers running this environment's python (README: activate .venv first). Yields the dashboard URL."""
-    import psutil
-
-    temp_dir = tempfile.mkdtemp(prefix="rayhead")  # short: Ray's socket paths must fit 107 characters
-    ports = {name: free_port() for name in HEAD_PORTS}
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "4", "--temp-dir", temp_dir,
-               "--disable-usage-stats", *[f"--{name}={port}" for name, port in ports.items()]]
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        # Its /api/ routes answer 401 without the auth token; / does not.
-        # A test head needs no orderly shutdown (it takes ~20 s): SIGKILL follows the SIGTERM at once.
-        with server_process(command, f"{url}/", "the Ray head", Path(temp_dir) / "head.log", env=env, grace_s=1):
-            yield url
-    finally:
-        # `ray stop` would also stop the test session's own Ray: end exactly this head's processes.
-        for process in psutil.process_iter(["cmdline"]):
-            if any(temp_dir in part for part in process.info["cmdline"] or []):
-                process.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def submit(head: str, tracking_uri: str, script: str, args: list[str]) -> str:
-    """`ray job submit` of pipelines/<script> as README shows; returns the job id once SUCCEEDED (the job
-    API's own record, read through the CLI: this process's Ray client has read its auth mode already)."""
-    job_id = f"clipforge-test-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # README: Ray 2.60 heads require the token
-    # The job's driver and workers log with the account (on a cluster it comes from each node's
-    # ~/.mlflow/credentials or the pods' Secret: cluster/README.md).
-    account = {name: os.environ[name] for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, **account}})
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    done = subprocess.run([ray_cli, "job", "submit", "--address", head, "--submission-id", job_id, "--working-dir",
-                           ".", "--runtime-env-json", runtime_env, "--", "python", f"pipelines/{script}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"Job '{job_id}' succeeded" in done.stdout + done.stderr
-    status = subprocess.run([ray_cli, "job", "status", "--address", head, job_id], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stderr
-    return job_id
-
-
-def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, ray_head, mlflow_server, emoji_shards,
-                                                                  tmp_path):
+def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(workflow_job, emoji_shards, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from components.models.factory import load_model
 
     # The workflow as one job, with the bucket as the cluster's storage: ingest writes the shards there, and FILIP
-    # pretrains from them, its tokenizer, checkpoints and export in the bucket; the workflow keeps its state there.
-    # FILIP runs under ZeRO-3 (every parameter partitioned across the two workers) with the paper's token selection
-    # before the all-gather, and held-out retrieval inside the loop every 30 steps (every rank takes part in the
-    # forward passes that gather the weights). Its stages run on the head's cluster and nest under the parent run.
+    # pretrains from them, its tokenizer, checkpoints and export in the bucket; the workflow keeps its state there
+    # (tests/cluster.py). Its stages run on the head's cluster and nest under the parent run.
     # Nobody gets in without credentials: not the job API without Ray's token, not MLflow without its account.
+    ray_head, mlflow_server = workflow_job.head, workflow_job.tracking_uri
     search = f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
-    wrong = basic_authorization(MLFLOW_ACCOUNT, "wrong")
+    wrong = basic_authorization(workflow_job.username, "wrong")
     for request in (urllib.request.Request(f"{ray_head}/api/jobs/"), urllib.request.Request(search),
                     urllib.request.Request(search, headers={"Authorization": wrong})):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 401, request.full_url
-    corpus, bucket = emoji_shards.parent / "corpus", storage.location(object_store)
+    workflow_job.wait()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", workflow_job.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", workflow_job.password)
+    bucket = storage.location(workflow_job.bucket)
     work_dir = bucket / "workflow"
-    pretrain = [f"tokenizer.save_dir={bucket / 'tok'}", f"trainer.storage_path={bucket / 'ray'}", "model=filip",
-                "model.token_topk_fraction=0.25", "deepspeed=zero3", f"trainer.samples={FILIP_SAMPLES}",
-                "periodic_eval.every=30", "periodic_eval.task=retrieval", "periodic_eval.rows=2000"]
-    submit(ray_head, mlflow_server, "end_to_end.py", [
-        "stages=[ingest,pretrain]", "corpus=emoji_local", f"work_dir={work_dir}", "progress=false",
-        f'data_overrides=["data.output_dir={bucket / "shards"}","data.corpus_dir={corpus}",'
-        f'"data.limit={SHARD_CONCEPTS}"]', "overrides.pretrain=[" + ",".join(f'"{o}"' for o in pretrain) + "]",
-        f"hydra.run.dir={tmp_path / 'hydra-workflow'}"])
     state = json.loads((work_dir / "state.json").read_text())
     assert state["ingest"]["status"] == "done" and state["ingest"]["outputs"]["shards"] == str(bucket / "shards")
     assert state["pretrain"]["outputs"]["model_uri"] == "models:/clipforge-filip/1"
@@ -269,7 +174,7 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(object_store, r
     assert list((bucket / "mlflow").rglob("model.safetensors"))
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    account = basic_authorization(os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    account = basic_authorization(workflow_job.username, workflow_job.password)
     with AuthenticatingProxy(mlflow_server, account) as ui:
         runs_page = rendered(f"{ui}/#/experiments/{experiment.experiment_id}/runs",
                              screenshot=ARTIFACTS / "mlflow-ui-runs.png")
