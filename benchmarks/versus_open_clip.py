@@ -56,12 +56,13 @@ def ensure_open_clip_venv(venv: Path) -> Path:
     return python
 
 
-def ensure_shards(work: Path, env: dict) -> Path:
-    out = work / "shards"
+def ensure_shards(work: Path, env: dict, name: str = "shards", *overrides: str) -> Path:
+    """The whole built-in corpus ingested into work/<name> (with these ingest overrides), once."""
+    out = work / name
     if not (out / "_manifest.json").exists():
         subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=emoji_local",
                         f"data.corpus_dir={REPO / 'data' / 'emoji_corpus'}", f"data.output_dir={out}",
-                        "progress=false", f"hydra.run.dir={work / 'hydra' / 'ingest'}"],
+                        "progress=false", f"hydra.run.dir={work / 'hydra' / f'ingest-{name}'}", *overrides],
                        check=True, cwd=work, env=env)
     return out
 

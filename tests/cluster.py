@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ class WorkflowJob:
                           *workflow)
         with open(work / "submission.log", "w") as log:
             submission = subprocess.Popen(command, cwd=REPO, env=token_auth(), stdout=log, stderr=subprocess.STDOUT)
+        # Reaped as soon as it ends: meanwhile other tests walk this process's children.
+        threading.Thread(target=submission.wait, daemon=True).start()
         return cls(head, tracking_uri, MLFLOW_ACCOUNT, password, bucket, work, submission, job_id)
 
     def wait(self, timeout: float = 900) -> str:

@@ -65,8 +65,34 @@ def test_url_list_errors_are_one_clear_line(tmp_path):
     with pytest.raises(UrlListError, match="unknown URL list format"):
         split_into_parts(str(tmp_path / "list.xlsx"), tmp_path / "b", 10)
     split_into_parts(path, tmp_path / "c", 10, "link", "text")
-    with pytest.raises(UrlListError, match="different input or shard size"):
+    with pytest.raises(UrlListError, match="different input, shard size or shuffle"):
         split_into_parts(path, tmp_path / "c", 5, "link", "text")
+
+
+def test_a_shuffled_split_holds_every_row_once_in_a_seeded_order_within_its_window(tmp_path):
+    from components.data.url_list import shuffled
+
+    path = write_list(tmp_path / "list.parquet", "parquet")
+    parts = split_into_parts(path, tmp_path / "parts", 10, "link", "text", shuffle_window=100, shuffle_seed=3)
+    merged = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+    assert [len(pq.read_table(p)) for p in parts] == [10, 10, 3]
+    assert list(merged["key"]) == [make_key(i // 10, i % 10, 10) for i in range(23)]  # keys in the new order
+    assert sorted(merged["source_key"]) == sorted(ROWS["key"]) and list(merged["source_key"]) != list(ROWS["key"])
+    assert dict(zip(merged["source_key"], merged["url"])) == dict(zip(ROWS["key"], ROWS["link"]))  # rows whole
+    again = split_into_parts(path, tmp_path / "again", 10, "link", "text", shuffle_window=100, shuffle_seed=3)
+    assert [pq.read_table(p).to_pandas().equals(pq.read_table(q).to_pandas()) for p, q in zip(parts, again)] == \
+        [True] * 3
+    other = split_into_parts(path, tmp_path / "other", 10, "link", "text", shuffle_window=100, shuffle_seed=4)
+    assert list(pd.concat([pq.read_table(p).to_pandas() for p in other])["source_key"]) != list(merged["source_key"])
+    with pytest.raises(UrlListError, match="different input, shard size or shuffle"):
+        split_into_parts(path, tmp_path / "parts", 10, "link", "text")
+
+    # A window shorter than the list: each row leaves at most `window` rows after it arrived, every row once.
+    table = pa.table({"i": np.arange(1000)})
+    out = np.concatenate([b.column(0).to_numpy() for b in shuffled(iter(table.to_batches(max_chunksize=50)),
+                                                                  window=200, seed=0)])
+    assert sorted(out) == list(range(1000)) and list(out) != list(range(1000))
+    assert all(i < position + 200 + 50 for position, i in enumerate(out))  # never read past the window and a batch
 
 
 def test_filter_units_and_config():
@@ -314,6 +340,7 @@ def test_a_fuzz_pass_over_every_accepted_format_accounts_for_every_row(tmp_path)
     ("ingest.shard_size=0", "ingest.shard_size must be >= 1, got 0"),  # looped forever writing empty parts
     ("ingest.shard_size=-1", "ingest.shard_size must be >= 1, got -1"),  # an IndexError traceback
     ("ingest.workers=0", "ingest.workers must be >= 1 or null, got 0"),
+    ("ingest.shuffle_window=-5", "ingest.shuffle_window must be >= 0 (0: no shuffle), got -5"),
     ("ingest.image_size=0", "ingest.image_size must be >= 1, got 0"),
     ("ingest.resize_mode=stretch", "ingest.resize_mode must be one of border, keep_ratio"),
     ("ingest.encode_quality=101", "ingest.encode_quality must be in [0, 100] for jpg, got 101"),

@@ -96,14 +96,20 @@ class Case:
     kind: str
     local_loss: bool
     gather_with_grad: bool = True
+    duplicate_positives: bool = False
 
     @property
     def name(self) -> str:
         scope = "local" if self.local_loss else "global"
-        return f"{self.arch}-{self.kind}-{scope}-{'grad' if self.gather_with_grad else 'nograd'}"
+        duplicates = "-duplicates" if self.duplicate_positives else ""
+        return f"{self.arch}-{self.kind}-{scope}-{'grad' if self.gather_with_grad else 'nograd'}{duplicates}"
 
 
-EXACT_CASES = [Case(a, k, loc) for a in ("clip", "filip") for k in ("infonce", "siglip") for loc in (False, True)]
+# The global batch's captions for duplicate_positives: rows 0 and 2 share one (on rank 0), rows 1 and 5 another
+# (across the ranks), rows 4 and 7 a third (on rank 1).
+CAPTION_IDS = torch.tensor([10, 11, 10, 12, 13, 11, 14, 13])
+EXACT_CASES = [Case(a, k, loc, duplicate_positives=dup) for a in ("clip", "filip") for k in ("infonce", "siglip")
+               for loc in (False, True) for dup in (False, True)]
 NOGRAD_CASES = [Case("clip", "infonce", False, False), Case("clip", "infonce", True, False),
                 Case("clip", "siglip", False, False), Case("clip", "siglip", True, False)]
 
@@ -115,8 +121,10 @@ def run_case(case: Case) -> dict:
     n = GLOBAL_BATCH // world
     local = tuple(t[rank * n:(rank + 1) * n] for t in global_batch(case.arch))
     image, text = model.encode(local)
-    loss_fn = ContrastiveLoss(case.kind, local_loss=case.local_loss, gather_with_grad=case.gather_with_grad)
-    loss = loss_fn(image, text, model.similarity, model.logit_scale, model.logit_bias)
+    loss_fn = ContrastiveLoss(case.kind, local_loss=case.local_loss, gather_with_grad=case.gather_with_grad,
+                              duplicate_positives=case.duplicate_positives)
+    caption_ids = CAPTION_IDS[rank * n:(rank + 1) * n] if case.duplicate_positives else None
+    loss = loss_fn(image, text, model.similarity, model.logit_scale, model.logit_bias, caption_ids)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     loss_mean = loss.detach().clone()
@@ -342,6 +350,60 @@ def test_siglip_matches_reference_loop():
     assert loss.item() == pytest.approx(total / n, rel=1e-12)  # mean over images
 
 
+def test_duplicate_positives_spread_each_rows_target_over_its_duplicates():
+    """UniCL's label-based targets written from the formula, one row at a time: row i's loss is the mean over the
+    columns j with i's caption of -log softmax_j, in both directions."""
+    img, txt = _embeddings(n=6)
+    ids = torch.tensor([7, 3, 7, 5, 3, 7])
+    scale = 1 / 0.07
+    log_scale = torch.tensor(math.log(scale), dtype=torch.float64)
+    loss = ContrastiveLoss("infonce", duplicate_positives=True)((img,), (txt,), clip_similarity, log_scale,
+                                                                caption_ids=ids)
+    s, c, n = clip_similarity((img,), (txt,)).tolist(), ids.tolist(), len(ids)
+
+    def direction(score) -> float:  # score(row, column)
+        total = 0.0
+        for i in range(n):
+            log_norm = math.log(sum(math.exp(scale * score(i, k)) for k in range(n)))
+            same = [j for j in range(n) if c[j] == c[i]]
+            total += -sum(scale * score(i, j) - log_norm for j in same) / len(same)
+        return total / n
+
+    want = (direction(lambda i, j: s[i][j]) + direction(lambda j, i: s[i][j])) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    # Every caption once: CLIP's loss exactly; the duplicates change it.
+    plain = ContrastiveLoss("infonce")((img,), (txt,), clip_similarity, log_scale).item()
+    distinct = ContrastiveLoss("infonce", duplicate_positives=True)(
+        (img,), (txt,), clip_similarity, log_scale, caption_ids=torch.arange(n)).item()
+    assert distinct == pytest.approx(plain, rel=1e-12) and abs(loss.item() - plain) > 1e-3
+
+
+def test_siglip_labels_duplicate_captions_positive():
+    img, txt = _embeddings(n=5)
+    ids = torch.tensor([1, 2, 1, 3, 2])
+    scale, bias = 10.0, -10.0
+    loss = ContrastiveLoss("siglip", duplicate_positives=True)(
+        (img,), (txt,), clip_similarity, torch.tensor(math.log(scale), dtype=torch.float64),
+        torch.tensor(bias, dtype=torch.float64), caption_ids=ids)
+    s, c, n = clip_similarity((img,), (txt,)).tolist(), ids.tolist(), len(ids)
+    total = sum(-math.log(1 / (1 + math.exp(-(1.0 if c[i] == c[j] else -1.0) * (scale * s[i][j] + bias))))
+                for i in range(n) for j in range(n))
+    assert loss.item() == pytest.approx(total / n, rel=1e-12)
+
+
+def test_text_ids_are_equal_exactly_for_equal_texts():
+    from components.train.losses import text_ids
+
+    tokens = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 0], [5, 6, 8, 0], [5, 6, 7, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
+    ids = text_ids(tokens, mask).tolist()
+    assert ids[0] == ids[1] == ids[3] != ids[2]  # what lies under the padding does not count
+    pixels = torch.zeros(3, 4, 6, 3, dtype=torch.uint8)
+    pixels[2, 1, 1, 0] = 255
+    ids = text_ids(pixels).tolist()
+    assert ids[0] == ids[1] != ids[2]
+
+
 @pytest.mark.parametrize("kind", ["infonce", "siglip"])
 def test_logit_scale_clamped_at_100(kind):
     img, txt = _embeddings()
@@ -390,5 +452,7 @@ def test_bad_arguments():
         ContrastiveLoss("siglip")((img,), (txt,), clip_similarity, torch.tensor(2.0))
     with pytest.raises(ValueError, match="pairs must align"):
         ContrastiveLoss()((img,), (txt[:3],), clip_similarity, torch.tensor(2.0))
+    with pytest.raises(ValueError, match="duplicate_positives needs caption_ids"):
+        ContrastiveLoss(duplicate_positives=True)((img,), (txt,), clip_similarity, torch.tensor(2.0))
     with pytest.raises(ValueError, match="similarity returned shape"):
         ContrastiveLoss()((img,), (txt,), lambda a, b: clip_similarity(a, b)[:, :2], torch.tensor(2.0))

@@ -81,6 +81,14 @@ def test_clip_learns_exports_for_transformers_and_registers(pretrained_clip, mon
     assert np.allclose(np.stack(predicted["text_embedding"].to_list()), plain_embeddings, atol=1e-5)
 
 
+def command_line(process: psutil.Process) -> str:
+    """A process's command line; empty for one that has ended (a zombie child of another test, not reaped yet)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def kill_a_worker_at(step: int, done: threading.Event) -> list[int]:
     """Watch this process's tracking store for the one running training run's loss at `step`, then SIGKILL one of
     the Ray Train workers of this process's Ray; returns the killed pids (none if `done` came first)."""
@@ -89,8 +97,7 @@ def kill_a_worker_at(step: int, done: threading.Event) -> list[int]:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'")
         logged = [m.step for run in runs for m in client.get_metric_history(run.info.run_id, "loss")]
         if logged and max(logged) >= step:
-            workers = [p for p in psutil.Process().children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in command_line(p)]
             os.kill(workers[-1].pid, signal.SIGKILL)
             return [workers[-1].pid]
     return []

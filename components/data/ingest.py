@@ -39,6 +39,8 @@ class IngestJob:
     output_dir: UPath  # a local directory or an object-store URL (components/storage.py)
     part_settings: PartSettings
     shard_size: int = 10_000
+    shuffle_window: int = 0  # rows the list is shuffled within as it is cut into parts (0: the list's order)
+    shuffle_seed: int = 0
     url_col: str = "url"
     caption_col: str = "caption"
     workers: int | None = None  # concurrent part processors; None = one per CPU in the cluster
@@ -49,6 +51,8 @@ class IngestJob:
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
+        if self.shuffle_window < 0:
+            raise ValueError(f"ingest.shuffle_window must be >= 0 (0: no shuffle), got {self.shuffle_window}")
         for name in ("workers", "dedup_partitions"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -76,7 +80,8 @@ def _run_ingest(job: IngestJob, progress: bool) -> dict[str, Any]:
     storage.remove_stale_temporaries(job.output_dir)
     _check_same_settings(work / "settings.json", job)
 
-    parts = split_into_parts(job.url_list, work / "input", job.shard_size, job.url_col, job.caption_col)
+    parts = split_into_parts(job.url_list, work / "input", job.shard_size, job.url_col, job.caption_col,
+                             job.shuffle_window, job.shuffle_seed)
     staging_dir = work / "staging"
     staging_dir.mkdir(exist_ok=True)
     staging = [staging_dir / p.name for p in parts]
@@ -192,6 +197,8 @@ def _check_same_settings(path: UPath, job: IngestJob) -> None:
     download = asdict(job.part_settings.download)
     settings = {"image": asdict(job.part_settings.image), "filters": job.part_settings.filters,
                 "shard_size": job.shard_size, "download": {k: download[k] for k in _OUTCOME_DOWNLOAD_SETTINGS}}
+    if job.shuffle_window:  # (absent when off: the settings of ingests made before the option still match)
+        settings["shuffle"] = {"window": job.shuffle_window, "seed": job.shuffle_seed}
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != json.loads(json.dumps(settings)):

@@ -31,7 +31,8 @@ def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
     )
     return IngestJob(
         url_list=url_list, output_dir=location(cfg.data.output_dir), part_settings=settings,
-        shard_size=ingest.shard_size, url_col=cfg.data.url_col, caption_col=cfg.data.caption_col,
+        shard_size=ingest.shard_size, shuffle_window=ingest.shuffle_window, shuffle_seed=ingest.shuffle_seed,
+        url_col=cfg.data.url_col, caption_col=cfg.data.caption_col,
         workers=ingest.workers, dedup_partitions=ingest.dedup_partitions, keep_staging=ingest.keep_staging,
         dataset_name=cfg.data.name,
     )

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
@@ -92,14 +93,35 @@ def fingerprint(path: str) -> dict:
             "mtime": str(info.get("mtime") or info.get("LastModified"))}
 
 
+def shuffled(batches: Iterator[pa.RecordBatch], window: int, seed: int) -> Iterator[pa.RecordBatch]:
+    """The rows of `batches` in a seeded random order, holding at most `window` rows plus one batch: every
+    incoming batch adds its rows and the rows beyond `window` leave, drawn at random from all that are held. A list
+    of up to `window` rows comes out in one uniform permutation; a longer one is shuffled within a sliding window
+    (at web scale, shuffle the list itself beforehand, as img2dataset users do)."""
+    rng = np.random.default_rng(seed)
+    held: pa.Table | None = None
+    for batch in batches:
+        arrived = pa.Table.from_batches([batch])
+        held = arrived if held is None else pa.concat_tables([held, arrived])
+        if held.num_rows > window:
+            order = rng.permutation(held.num_rows)
+            yield from held.take(order[:held.num_rows - window]).to_batches()
+            held = held.take(order[held.num_rows - window:])
+    if held is not None and held.num_rows:
+        yield from held.take(rng.permutation(held.num_rows)).to_batches()
+
+
 def split_into_parts(
     path: str,
     parts_dir: UPath,
     shard_size: int,
     url_col: str = "url",
     caption_col: str = "caption",
+    shuffle_window: int = 0,
+    shuffle_seed: int = 0,
 ) -> list[UPath]:
-    """Write `parts_dir/part-XXXXX.parquet` files of `shard_size` rows with columns key, url, caption, extras.
+    """Write `parts_dir/part-XXXXX.parquet` files of `shard_size` rows with columns key, url, caption, extras; with
+    `shuffle_window` > 0 the rows go into the parts in a seeded random order (`shuffled`), else in the list's.
 
     Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
     """
@@ -111,11 +133,13 @@ def split_into_parts(
     parts_dir.mkdir(parents=True, exist_ok=True)
     done_file = parts_dir / "_done.json"
     identity = {"input": source, "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
+    if shuffle_window:  # (absent when off: parts cut before the option still match)
+        identity["shuffle"] = {"window": shuffle_window, "seed": shuffle_seed}
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done["identity"] == identity:
             return [parts_dir / name for name in done["parts"]]
-        raise UrlListError(f"{parts_dir} was cut from a different input or shard size; use a new output_dir")
+        raise UrlListError(f"{parts_dir} was cut from a different input, shard size or shuffle; use a new output_dir")
 
     parts: list[UPath] = []
     pending: list[pa.RecordBatch] = []
@@ -131,8 +155,10 @@ def split_into_parts(
         storage.write_parquet(table, out)
         parts.append(out)
 
-    for batch in iter_batches(path):
-        batch = _normalise_columns(batch, url_col, caption_col, path)
+    batches = (_normalise_columns(batch, url_col, caption_col, path) for batch in iter_batches(path))
+    if shuffle_window:
+        batches = shuffled(batches, shuffle_window, shuffle_seed)
+    for batch in batches:
         total += batch.num_rows
         while batch.num_rows:
             take = min(shard_size - pending_rows, batch.num_rows)

@@ -41,6 +41,15 @@ is dL/df_r, so the averaged tower gradients are exactly 1/W of the right ones (t
 local loss the cross terms dL_k/df_r (k != r) are simply lost (for SigLIP's local loss only on the text side: other
 ranks never see this rank's images). Hence gather_with_grad=True is the default; the tests show both failures.
 
+Duplicate captions (`duplicate_positives=True`; not in CLIP's formula). CLIP's InfoNCE takes every other pair of
+the batch as a negative. When two rows carry the same caption (the built-in corpus gives both art styles of a
+concept one caption; web data repeats stock captions), that pushes each image away from its own caption's twin.
+With the option, each row's target is spread evenly over every column whose caption equals its own (UniCL's
+label-based targets, Yang et al. 2022): q_ij = [c_i = c_j] / |{k : c_k = c_i}|, loss -sum_j q_ij log p_ij, in both
+directions; SigLIP labels such pairs +1. Without duplicates q is the identity and the loss is CLIP's exactly.
+Captions are compared by `caption_ids` (an int64 per row, equal for equal captions: `text_ids`), gathered with
+the features.
+
 Equal local batch sizes are required (and so equal token counts P, L for token features: pad them): all_gather
 needs equal shapes, and the local-loss labels use the offset r * B. `gather_features` checks the shapes across
 ranks with two tiny extra all_gathers of ints and raises a ValueError naming them, rather than hanging or reading
@@ -159,6 +168,18 @@ def gather_features(features: Features, gather_with_grad: bool = True) -> Featur
     return tuple(out)
 
 
+def text_ids(text: Tensor, mask: Tensor | None = None) -> Tensor:
+    """An int64 per row of a text batch (token ids [B, L] with their attention mask, or rendered text pixels),
+    equal for equal rows: the first 8 bytes of each row's BLAKE2b digest (a collision: about 2^-64 a pair)."""
+    import hashlib
+
+    rows = text if mask is None else text * mask
+    flat = rows.detach().reshape(rows.shape[0], -1).cpu().contiguous().numpy()
+    digests = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+               for row in flat]
+    return torch.tensor(digests, dtype=torch.int64, device=text.device)
+
+
 def _loss_dtype(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
@@ -169,11 +190,12 @@ class ContrastiveLoss(torch.nn.Module):
     kind: "infonce" | "siglip". local_loss: each rank scores only its own rows against the gathered batch (cheaper;
     the all-reduced mean over ranks is the global loss) instead of every rank computing the full global loss.
     gather_with_grad: see `gather_features`; keep True for exact gradients. max_logit_scale: clamp on
-    exp(logit_scale) (100, as in CLIP). See the module docstring for why both settings give exact gradients.
+    exp(logit_scale) (100, as in CLIP). duplicate_positives: rows with equal `caption_ids` are each other's
+    positives (see the module docstring). See the module docstring for why both settings give exact gradients.
     """
 
     def __init__(self, kind: str = "infonce", local_loss: bool = False, gather_with_grad: bool = True,
-                 max_logit_scale: float = 100.0):
+                 max_logit_scale: float = 100.0, duplicate_positives: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
@@ -181,18 +203,21 @@ class ContrastiveLoss(torch.nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.max_logit_scale = max_logit_scale
+        self.duplicate_positives = duplicate_positives
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
-                f"max_logit_scale={self.max_logit_scale}")
+                f"max_logit_scale={self.max_logit_scale}, duplicate_positives={self.duplicate_positives}")
 
     def forward(self, image: Features, text: Features, similarity: Similarity, logit_scale: Tensor,
-                logit_bias: Tensor | None = None) -> Tensor:
+                logit_bias: Tensor | None = None, caption_ids: Tensor | None = None) -> Tensor:
         n_local = image[0].shape[0]
         if text[0].shape[0] != n_local:
             raise ValueError(f"image batch {n_local} != text batch {text[0].shape[0]}: pairs must align")
         if self.kind == "siglip" and logit_bias is None:
             raise ValueError("siglip needs logit_bias (a model parameter; init -10 with logit_scale init log(10))")
+        if self.duplicate_positives and (caption_ids is None or tuple(caption_ids.shape) != (n_local,)):
+            raise ValueError(f"duplicate_positives needs caption_ids, one per row ({n_local})")
         scale = logit_scale.exp().clamp(max=self.max_logit_scale)
         rank, world = dist_rank_world()
         if world > 1:
@@ -202,6 +227,10 @@ class ContrastiveLoss(torch.nn.Module):
             all_image, all_text = image, text
         n_all = all_image[0].shape[0]
         local = self.local_loss and world > 1
+        positives = None  # [rows, columns] bool when duplicates count: the rows' ids against the columns'
+        if self.duplicate_positives:
+            all_ids = _all_gather_dim0(caption_ids) if world > 1 else caption_ids
+            positives = (caption_ids if local else all_ids)[:, None] == all_ids[None, :]
 
         def scores(img: Features, txt: Features) -> tuple[Tensor, Tensor]:
             """(image-to-text, text-to-image) similarities, each [n_img, n_txt]."""
@@ -222,6 +251,9 @@ class ContrastiveLoss(torch.nn.Module):
                 image_to_text, text_to_image = scores(all_image, all_text)  # [N, N] each
                 logits_per_image, logits_per_text = scale * image_to_text, scale * text_to_image.T
                 labels = torch.arange(n_all, device=logits_per_image.device)
+            if positives is not None:  # targets spread over each row's duplicates (the relation is symmetric)
+                labels = positives.to(logits_per_image.dtype)
+                labels = labels / labels.sum(dim=1, keepdim=True)
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
         def symmetric(img: Features, txt: Features) -> Tensor:
@@ -239,4 +271,6 @@ class ContrastiveLoss(torch.nn.Module):
         signs = -torch.ones_like(logits)
         idx = torch.arange(rows, device=logits.device)
         signs[idx, idx + offset] = 1.0
+        if positives is not None:
+            signs[positives] = 1.0
         return -F.logsigmoid(signs * logits).sum(dim=1).mean()

@@ -11,7 +11,7 @@ import torch
 
 from components import storage
 from components.models.base import ContrastiveModel
-from components.train.losses import ContrastiveLoss
+from components.train.losses import ContrastiveLoss, text_ids
 
 
 def normalise(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
@@ -55,8 +55,12 @@ class ContrastiveTask:
         select_tokens = getattr(self.model, "select_tokens", None)  # FILIP: top-k% tokens, before the gather
         if select_tokens is not None:
             image, text_features = select_tokens(image, text_features)
+        caption_ids = None
+        if self.loss.duplicate_positives:  # equal captions are equal model inputs: tokens, or rendered pixels
+            caption_ids = (text_ids(batch["text_pixels"]) if "text_pixels" in text
+                           else text_ids(batch["input_ids"], batch["attention_mask"]))
         loss = self.loss(_float(image), _float(text_features), self.model.loss_similarity, logit_scale.float(),
-                         None if logit_bias is None else logit_bias.float())
+                         None if logit_bias is None else logit_bias.float(), caption_ids)
         metrics = {"logit_scale": float(logit_scale.detach().float().exp().clamp(max=self.loss.max_logit_scale))}
         if logit_bias is not None:
             metrics["logit_bias"] = float(logit_bias.detach().float())
