@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     from components.train import pretraining
 
+    pretraining.check_settings(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "pretrain")
 

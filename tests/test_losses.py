@@ -9,6 +9,7 @@ them with the same model over the whole batch in this process.
 from __future__ import annotations
 
 import math
+import re
 import os
 import socket
 import sys
@@ -456,3 +457,16 @@ def test_bad_arguments():
         ContrastiveLoss(duplicate_positives=True)((img,), (txt,), clip_similarity, torch.tensor(2.0))
     with pytest.raises(ValueError, match="similarity returned shape"):
         ContrastiveLoss()((img,), (txt,), lambda a, b: clip_similarity(a, b)[:, :2], torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.duplicate_positives=maybe", "loss.duplicate_positives must be true or false, got 'maybe'"),
+    ("loss.kind=triplet", "unknown loss kind 'triplet'"),
+])
+def test_a_bad_loss_setting_is_refused_before_anything_starts(tmp_path, override, message):
+    from tests.helpers import run_stage
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_stage("pretrain_clip", "data=emoji_local", f"data.output_dir={tmp_path / 'shards'}",
+                  f"data.corpus_dir={tmp_path / 'corpus'}", "progress=false", override, cwd=tmp_path)
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "corpus").exists()  # nothing ingested

@@ -199,6 +199,10 @@ class ContrastiveLoss(torch.nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+        for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad),
+                            ("duplicate_positives", duplicate_positives)):
+            if not isinstance(value, bool):
+                raise ValueError(f"loss.{name} must be true or false, got {value!r}")
         self.kind = kind
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad

@@ -26,6 +26,7 @@ from components.tracking import mlflow_runs
 from components.train.data import (AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs,
                                    training_dataset)
 from components.train.loop import CHECKPOINT_TOKENIZER
+from components.train.losses import ContrastiveLoss
 from components.train.trainer import (
     ScaleSettings,
     checkpoint_uri,
@@ -68,6 +69,11 @@ def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
         spec.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return spec
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse a bad loss setting in one line before anything starts (not minutes later in the workers)."""
+    ContrastiveLoss(**OmegaConf.to_container(cfg.loss, resolve=True))
 
 
 def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
