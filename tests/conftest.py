@@ -235,10 +235,13 @@ def workflow_job(s3_endpoint, emoji_shards, tmp_path_factory) -> Iterator[Workfl
 @pytest.fixture(scope="session")
 def cluster_job_beside_the_chain(request) -> None:
     """Submits `workflow_job` before the chain when this session will run a test that reads it. The job runs on its
-    own Ray head and the chain on the session's: the job's start-ups and waits fill the CPU time the chain leaves
-    idle (the machine is ~80% busy during the chain), which saves most of a minute of the suite's wall time."""
+    own Ray head and the chain on the session's: the job's start-ups and waits fill CPU time the chain leaves idle
+    (the machine is ~80% busy during the chain). Measured in one suite run: the chain took 127 s longer and the job's
+    test 158 s less than when the test ran the job itself."""
     if any("workflow_job" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("workflow_job")
+        # A job that cannot start fails its own test (pytest keeps the fixture's error), not the chain's.
+        with contextlib.suppress(Exception):
+            request.getfixturevalue("workflow_job")
 
 
 @pytest.fixture(scope="session")
