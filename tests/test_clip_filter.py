@@ -127,7 +127,8 @@ def test_filtered_pool_trains_a_model_that_is_evaluated_on_the_original_held_out
     assert result["model"] == "models:/clipforge-clip-filtered/1"
     heldout = json.loads((Path(chain.state["evaluate"]["outputs"]["results_dir"]) / "zeroshot_retrieval.json"
                           ).read_text())
-    assert result["metrics"]["images"] == heldout["metrics"]["images"] == 370  # the original shards' test split
+    test_split = sum(s["json"]["split"] == "test" for s in read_shards(chain.shards))  # the original shards'
+    assert result["metrics"]["images"] == heldout["metrics"]["images"] == test_split > 300
     assert evaluated["metrics"]["zeroshot_retrieval.image_to_text_R5"] == result["metrics"]["image_to_text_R5"]
 
 
