@@ -6,8 +6,8 @@ captions as positives.
 
 The built-in corpus draws every concept twice (OpenMoji and Twemoji) under one caption, and its list holds the two
 drawings side by side, concepts in category order. Training reads the shards in a shuffled order through a 512-row
-buffer, so a batch often holds a caption twice, and CLIP's loss takes each copy as the other image's negative.
-Two fixes, each alone and both: shards cut from the list in a seeded random order (`ingest.shuffle_window`), and
+buffer, so a batch often holds a caption twice among look-alikes of one category. Two candidate fixes, each alone
+and both (the second turns out to change nothing under InfoNCE: components/train/losses.py says why): shards cut from the list in a seeded random order (`ingest.shuffle_window`), and
 rows with one caption as each other's positives (`loss.duplicate_positives`). Each run is
 `pipelines/pretrain_clip.py` with the demo's settings (the whole corpus, its training concepts, 12,800 samples,
 batch 128) and only these settings changed; reported: the held-out check after training (test concepts, both

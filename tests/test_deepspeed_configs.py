@@ -89,7 +89,7 @@ for case in json.loads(sys.argv[1]):
     config = yaml.safe_load(open(f"conf/deepspeed/{case['deepspeed']}.yaml"))
     config["bf16"] = {**config["bf16"], "enabled": case.get("bf16", False)}
     torch.manual_seed(0)
-    loss = {"kind": case.get("loss", "infonce")}
+    loss = {"kind": case.get("loss", "infonce"), "duplicate_positives": case.get("duplicate_positives", False)}
     model = {"family": "clip", "preset": "tiny", "vocab_size": 300, "image_size": 32, "pad_token_id": 0,
              "bos_token_id": 1, "eos_token_id": 3,
              **({"logit_bias": -10.0} if loss["kind"] == "siglip" else {})}
@@ -102,6 +102,8 @@ for case in json.loads(sys.argv[1]):
              "input_ids": torch.cat([torch.ones(8, 1, dtype=torch.int64), torch.randint(4, 300, (8, 10), generator=generator),
                                      torch.full((8, 1), 3)], dim=1),
              "attention_mask": torch.ones(8, 12, dtype=torch.int64)}
+    if case.get("twins"):  # rows 0 and 1 of each rank carry one caption
+        batch["input_ids"][1] = batch["input_ids"][0]
     losses = []
     for _ in range(case["steps"]):
         value, _ = task.step(engine, batch)
@@ -145,6 +147,8 @@ def trained_engines() -> list[dict]:
         {"name": "zero3_bf16_siglip", "deepspeed": "zero3", "bf16": True, "loss": "siglip", "steps": 8},
         {"name": "zero2", "deepspeed": "zero2", "steps": 3},
         {"name": "zero2_checkpointed", "deepspeed": "zero2", "steps": 3, "activation_checkpointing": True},
+        *[{"name": f"twins_{kind}{'_positive' * positive}", "deepspeed": "zero2", "steps": 2, "twins": True,
+           "loss": kind, "duplicate_positives": positive} for kind in ("infonce", "siglip") for positive in (False, True)],
     ])
 
 
@@ -166,6 +170,18 @@ def test_activation_checkpointing_gives_the_same_losses_as_without(trained_engin
         assert checkpointed["checkpointing"] and not plain["checkpointing"]
         assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=1e-6)
         assert plain["losses"][-1] < plain["losses"][0]  # the steps between the compared losses changed weights
+
+
+def test_duplicate_positives_reach_the_loss_through_the_training_step(trained_engines):
+    """loss.duplicate_positives through the contrastive task's step, as a worker runs it, on batches holding one
+    caption twice. Equal captions embed equally, so under InfoNCE the twin's logit equals the row's own and spreading
+    the target over both changes neither the loss nor its gradient (losses equal step after step); SigLIP scores each
+    pair alone, and the twin turns from a -1 pair into a +1 pair."""
+    for report in trained_engines:
+        clip, spread = report["twins_infonce"]["losses"], report["twins_infonce_positive"]["losses"]
+        assert spread == pytest.approx(clip, rel=1e-5, abs=1e-5)
+        siglip, positive = report["twins_siglip"]["losses"][0], report["twins_siglip_positive"]["losses"][0]
+        assert abs(siglip - positive) > 1e-3, (siglip, positive)
 
 
 def test_a_resumed_checkpoint_keeps_the_layout_it_was_saved_with():
