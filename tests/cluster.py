@@ -71,11 +71,25 @@ def ray_head() -> Iterator[str]:
         with server_process(command, f"{url}/", "the Ray head", Path(temp_dir) / "head.log", env=env, grace_s=1):
             yield url
     finally:
-        # `ray stop` would also stop the test session's own Ray: end exactly this head's processes.
-        for process in psutil.process_iter(["cmdline"]):
-            if any(temp_dir in part for part in process.info["cmdline"] or []):
+        # `ray stop` would also stop the test session's own Ray: end exactly this head's processes, and the workers
+        # of its raylet (renamed `ray::...`, they can outlive it: a job's TrainController once did).
+        head = [p for p in psutil.process_iter(["cmdline"])
+                if any(temp_dir in part for part in p.info["cmdline"] or [])]
+        raylets = {str(p.pid) for p in head}
+        for process in [*head, *(p for p in psutil.process_iter() if raylet_of(p) in raylets)]:
+            with contextlib.suppress(psutil.Error):
                 process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def raylet_of(process) -> str | None:
+    """The pid of the raylet that started this Ray worker (its environment says), or None."""
+    import psutil
+
+    try:
+        return process.environ().get("RAY_RAYLET_PID")
+    except psutil.Error:
+        return None
 
 
 def ray_cli(*args: str) -> list[str]:

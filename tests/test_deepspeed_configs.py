@@ -25,8 +25,9 @@ import torch, torch.distributed as dist, yaml
 dist.init_process_group("gloo", rank=0, world_size=1)
 import deepspeed
 from components.models.factory import build_model
-from components.train.loop import deepspeed_config, param_groups, scalars_as_vectors
+from components.train.loop import deepspeed_config, param_groups, scalars_as_vectors, skip_shared_memory_allreduce
 
+skip_shared_memory_allreduce()  # as the loop does: on a fresh machine the op's JIT build costs ~40 s
 report = {}
 for name, alignment in json.loads(sys.argv[1]):
     config = yaml.safe_load(open(f"conf/deepspeed/{name}.yaml"))

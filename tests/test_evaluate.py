@@ -104,11 +104,11 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     mean_r5 = {name: np.mean([r[k]["image_to_text_R5"] for k in languages]) for name, r in
                (("trained", trained), ("random", random))}
     assert mean_r5["trained"] > mean_r5["random"]
-    # The attack (a wrong label drawn on the image) never helped the trained model, which reads the drawn text:
-    # measured in five suite runs, a drop of 0.003-0.022 of its acc@1, against 0-0.005 for the random init. That is
-    # one to eight images of 369, too few to compare the two models by.
+    # The attack (a wrong label drawn on the image; the drawing is checked in test_eval_visuals.py) moves the trained
+    # model's acc@1 of 1-3% by a few of 369 images either way: in six suite runs it cost 0.003-0.022 and once gained
+    # 0.013, so its direction is noise at this scale. What must hold: the clean side is the zero-shot task's own
+    # accuracy and the drop is clean minus attacked.
     attack = trained["typographic_attack"]
-    assert attack["attacked_acc1"] <= attack["clean_acc1"]
     assert attack["acc1_drop"] == pytest.approx(attack["clean_acc1"] - attack["attacked_acc1"], abs=1e-4)
     assert trained["typographic_attack"]["clean_acc1"] == pytest.approx(zs_t["acc1"])
 

@@ -462,8 +462,9 @@ def test_bad_arguments():
 @pytest.mark.parametrize("override, message", [
     ("loss.duplicate_positives=maybe", "loss.duplicate_positives must be true or false, got 'maybe'"),
     ("loss.kind=triplet", "unknown loss kind 'triplet'"),
+    ("model.temperature_init=0.001", "model.temperature_init=0.001: use a temperature in [0.01, 1]"),
 ])
-def test_a_bad_loss_setting_is_refused_before_anything_starts(tmp_path, override, message):
+def test_a_bad_loss_or_temperature_setting_is_refused_before_anything_starts(tmp_path, override, message):
     from tests.helpers import run_stage
 
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -128,8 +128,8 @@ def _images(count: int, size: int = 64) -> list[bytes]:
     return out
 
 
-def _build(family: str, tokenizer):
-    kwargs = {} if family == "clippo" else {
+def _build(family: str, tokenizer, **settings):
+    kwargs = settings if family == "clippo" else {**settings,
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(0)
@@ -166,6 +166,19 @@ def test_siglip_bias_trains_and_survives_export(family, tokenizer, tmp_path):
     loaded = load_model(tmp_path)
     assert float(loaded.logit_bias) == -7.25
     assert float(loaded.logit_scale) == pytest.approx(float(model.logit_scale))
+
+
+@pytest.mark.parametrize("family", ["clip", "filip", "clippo"])
+def test_the_initial_temperature_is_a_setting_and_the_scale_stays_learnable(family, tokenizer):
+    default = _build(family, tokenizer)
+    assert float(default.logit_scale.exp()) == pytest.approx(1 / 0.07)  # CLIP's
+    hotter = _build(family, tokenizer, temperature_init=0.02)
+    assert float(hotter.logit_scale.exp()) == pytest.approx(50.0) and hotter.logit_scale.requires_grad
+    siglip = _build(family, tokenizer, logit_bias=-10.0, temperature_init=0.05)  # the setting wins over SigLIP's 10
+    assert float(siglip.logit_scale.exp()) == pytest.approx(20.0)
+    for bad in (0.001, 2.0, "hot", True):
+        with pytest.raises(ValueError, match="model.temperature_init=.*: use a temperature in \\[0.01, 1\\]"):
+            _build(family, tokenizer, temperature_init=bad)
 
 
 def _tiny_inputs(model, tokenizer):

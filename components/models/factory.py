@@ -7,6 +7,7 @@ both, and `build_model_from_config` turns that YAML group into a model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ def family_class(family: str) -> type[ContrastiveModel]:
 
 
 def build_model(family: str, preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None,
-                pretrained: str | None = None, logit_bias: float | None = None, **overrides: Any) -> ContrastiveModel:
+                pretrained: str | None = None, logit_bias: float | None = None, temperature_init: float | None = None,
+                **overrides: Any) -> ContrastiveModel:
     """A model of `family` at `preset` (random init), or from `pretrained`.
 
     vocab_size: the tokenizer's (tokens families); image_size: the data's (default: the preset's).
@@ -39,7 +41,10 @@ def build_model(family: str, preset: str = "tiny", vocab_size: int | None = None
     text_config={...}), or projection_dim (clip, clippo).
     logit_bias: for SigLIP's sigmoid loss, a learnable bias with this initial value (-10), and the scale starts
     at SigLIP's 10 instead of CLIP's 1/0.07 (unless the weights are pretrained).
+    temperature_init: the softmax temperature a random init starts at (null: CLIP's 0.07, SigLIP's 0.1); the
+    scale 1/temperature stays learnable and clamped at 100, so 0.01 is the lowest.
     """
+    check_temperature_init(temperature_init, pretrained)
     model = family_class(family).build(preset=preset, vocab_size=vocab_size, image_size=image_size,
                                        pretrained=pretrained, **overrides)
     if logit_bias is not None:
@@ -47,7 +52,20 @@ def build_model(family: str, preset: str = "tiny", vocab_size: int | None = None
             with torch.no_grad():
                 model.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
         model.add_logit_bias(logit_bias)
+    if temperature_init is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / temperature_init))
     return model
+
+
+def check_temperature_init(temperature_init: float | None, pretrained: str | None) -> None:
+    if temperature_init is None:
+        return
+    if isinstance(temperature_init, bool) or not isinstance(temperature_init, (int, float)) \
+            or not 0.01 <= temperature_init <= 1.0:
+        raise ValueError(f"model.temperature_init={temperature_init!r}: use a temperature in [0.01, 1]")
+    if pretrained:
+        raise ValueError("model.temperature_init applies to a random init; a pretrained model keeps its own")
 
 
 def build_model_from_config(cfg: Mapping[str, Any], **kwargs: Any) -> ContrastiveModel:

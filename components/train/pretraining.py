@@ -21,7 +21,7 @@ from upath import UPath
 
 from components import storage
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
-from components.models.factory import build_model, family_class
+from components.models.factory import build_model, check_temperature_init, family_class
 from components.tracking import mlflow_runs
 from components.train.data import (AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs,
                                    training_dataset)
@@ -72,8 +72,10 @@ def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Refuse a bad loss setting in one line before anything starts (not minutes later in the workers)."""
+    """Refuse a bad loss or temperature setting in one line before anything starts (not minutes later in the
+    workers)."""
     ContrastiveLoss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    check_temperature_init(cfg.model.get("temperature_init"), cfg.model.get("pretrained"))
 
 
 def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
