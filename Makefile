@@ -74,6 +74,7 @@ bench: setup
 	$(PY) benchmarks/zero_memory_profile.py --stage 3
 	$(PY) benchmarks/filip_token_selection.py
 	$(PY) benchmarks/versus_open_clip.py
+	$(PY) benchmarks/demo_recipe.py
 	$(PY) benchmarks/object_store_chain.py
 
 clean:
