@@ -55,7 +55,7 @@ def pretrain(work: Path, shards: Path, seed: int, overrides: list[str], env: dic
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{work / 'mlflow.db'}"
-    timing = work / "seconds.txt"  # the training run's wall time, kept for a re-run that reuses it
+    timing = work / "seconds.txt"  # the whole run's wall time (Ray start to registration), kept for a re-run
     if not (work / "model" / "config.json").exists():
         start = time.time()
         subprocess.run([sys.executable, str(REPO / "pipelines" / "pretrain_clip.py"), "data=emoji_local",
