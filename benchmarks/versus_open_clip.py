@@ -3,6 +3,7 @@
     python benchmarks/versus_open_clip.py                          # 3 seeds x 64,000 samples (~1.5 h on 2 cores)
     python benchmarks/versus_open_clip.py --seeds 0 --samples 12800       # a quick look
     python benchmarks/versus_open_clip.py --ours deepspeed.gradient_clipping=0   # a lead: our recipe changed
+    python benchmarks/versus_open_clip.py --clip-tokenizer          # ours with CLIP's 49k BPE instead of our own
 
 Both recipes train a randomly initialised CLIP with `tiny` towers (width 128, 4 layers, 4 heads, patch 8 at 64 px,
 embedding 128) on the built-in corpus' OpenMoji drawings of its training concepts only, with batch 128, learning
@@ -19,11 +20,14 @@ Reported per set and recipe: image->text and text->image R@1/R@5 and zero-shot g
 group name as prompt) against the majority group's share; mean and range over seeds, and ours/open_clip ratios.
 Results go to benchmarks/results/versus_open_clip.json; with `--ours` (overrides of our recipe, one lead at a
 time) to versus_open_clip-<overrides>.json, its runs in their own directories (open_clip's are reused).
+`--clip-tokenizer` is such a lead: CLIP's 49,408-token BPE (the vocabulary open_clip ships) written in transformers'
+format and given to ours as `tokenizer.path`, in place of the BPE ours trains on the captions.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import os
@@ -54,6 +58,35 @@ def ensure_open_clip_venv(venv: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *OPEN_CLIP_PACKAGES], check=True)
     return python
+
+
+def clip_tokenizer(open_clip_python: Path, out: Path, captions: list[str]) -> Path:
+    """CLIP's BPE as open_clip's SimpleTokenizer builds it from its merges file (256 byte units, the same with the
+    end-of-word mark, one token per merge, then start and end of text: 49,408 ids), saved as a transformers
+    CLIPTokenizer in `out`. Checked against SimpleTokenizer itself on `captions`, in open_clip's environment."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if not (out / "tokenizer.json").exists():
+        find = "import open_clip.tokenizer as t; print(t.default_bpe())"
+        merges_file = subprocess.run([str(open_clip_python), "-c", find], check=True, capture_output=True,
+                                     text=True).stdout.strip()
+        merges = gzip.open(merges_file).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        units = list(bytes_to_unicode().values())
+        vocab = [*units, *(u + "</w>" for u in units), *("".join(m.split()) for m in merges),
+                 "<|startoftext|>", "<|endoftext|>"]
+        tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
+        theirs = json.loads(subprocess.run(
+            [str(open_clip_python), "-c", "import json, sys, open_clip.tokenizer as t; s = t.SimpleTokenizer(); "
+             "print(json.dumps([s.encode(c) for c in json.load(sys.stdin)]))"],
+            input=json.dumps(captions), check=True, capture_output=True, text=True).stdout)
+        ours = [ids[1:-1] for ids in tokenizer(captions).input_ids]  # without start and end of text
+        differ = [c for c, a, b in zip(captions, ours, theirs) if a != b]
+        if differ:
+            raise RuntimeError(f"CLIP's BPE in transformers' format encodes {len(differ)} of {len(captions)} "
+                               f"captions unlike open_clip, e.g. {differ[0]!r}")
+        tokenizer.save_pretrained(out)
+    return out
 
 
 def ensure_shards(work: Path, env: dict, name: str = "shards", *overrides: str) -> Path:
@@ -161,9 +194,12 @@ def main() -> None:
                         help="open_clip's virtual environment (built here when missing)")
     parser.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
                         help="Hydra overrides of our recipe (a lead to measure), e.g. deepspeed.gradient_clipping=0")
+    parser.add_argument("--clip-tokenizer", action="store_true",
+                        help="a lead: ours with CLIP's 49k BPE (open_clip's vocabulary) instead of its own")
     args = parser.parse_args()
     # names the lead's run directories and results file
-    lead = "-".join(o.replace("=", "_").replace("/", "_") for o in args.ours)
+    lead = "-".join([*(o.replace("=", "_").replace("/", "_") for o in args.ours),
+                     *(["clip_tokenizer"] if args.clip_tokenizer else [])])
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     args.work.mkdir(parents=True, exist_ok=True)
     open_clip_python = ensure_open_clip_venv(args.venv)
@@ -175,6 +211,8 @@ def main() -> None:
     text_index = {t: i for i, t in enumerate(texts)}
     corpus = args.work / "corpus.npz"
     corpus_file(rows, texts, corpus)
+    if args.clip_tokenizer:
+        args.ours = [*args.ours, f"tokenizer.path={clip_tokenizer(open_clip_python, args.work / 'clip_tokenizer', texts)}"]
     results = []
     for seed in args.seeds:
         for recipe in RECIPES:
