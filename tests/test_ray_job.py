@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 FILIP_MEAN_RANK_OVER_CHANCE = 0.85
+LOSS_DROP = 0.3
 
 
 def browser() -> str:
@@ -142,11 +143,13 @@ def test_ray_jobs_log_to_the_mlflow_server_and_its_ui_shows_them(workflow_job, e
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and metrics["samples_seen"] == FILIP_SAMPLES
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert [step for step, _ in curve] == list(range(10, 61, 10)) and curve[-1][1] < curve[0][1] - 0.5, curve
-    # FILIP learned: the held-out images rank their own caption far above a random ranking. Measured with the
-    # paper's two-direction loss in three runs of these 60 steps (token selection, ZeRO-3): loss 4.87-4.92 at step
-    # 10, 3.75-4.08 at 60; mean rank 63-72 of 194 captions (chance 97.5, the bound 82.9), R@5 0.060-0.092 (chance
-    # 0.026). With the earlier symmetric loss the loop's R@5 at step 60 equalled the check after training.
+    # The loss (rank 0's mean over each 10 steps) falls by LOSS_DROP from step 10 to 60, and FILIP learned: the
+    # held-out images rank their own caption far above a random ranking. Measured with the paper's two-direction
+    # loss in eight runs of these 60 steps (token selection, ZeRO-3): the loss fell by 0.74-1.17 (4.86-4.96 at step
+    # 10), mean rank 63-75.5 of 194 captions (0.65-0.77 of chance 97.5; the bound 0.85), R@5 0.054-0.092 (chance
+    # 0.026); one suite run's loss fell by only 0.50, hence a bar well below the runs. With the earlier symmetric
+    # loss the loop's R@5 at step 60 equalled the check after training.
+    assert [step for step, _ in curve] == list(range(10, 61, 10)) and curve[-1][1] < curve[0][1] - LOSS_DROP, curve
     chance_rank = (metrics["heldout.texts"] + 1) / 2
     assert metrics["heldout.image_to_text_mean_rank"] < FILIP_MEAN_RANK_OVER_CHANCE * chance_rank, metrics
     assert metrics["heldout.image_to_text_R5"] > metrics["heldout.chance_image_to_text_R5"], metrics
