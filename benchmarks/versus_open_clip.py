@@ -11,8 +11,9 @@ rate 1e-3, 10% warmup then cosine, random resized crops of scale 0.8-1.0 and the
 - ours: `pipelines/pretrain_clip.py` as a user runs it (Ray Train, DeepSpeed, our tokenizer and data pipeline);
 - open_clip's: `benchmarks/open_clip_recipe.py` in a virtual environment this script builds on first use
   (torch 2.14.1, torchvision 0.29.1, open_clip_torch: torchvision cannot live beside our torch).
-Each side then embeds every image of the corpus and every caption, and this script scores both with the same
-code (components/eval/metrics.py) on three held-out sets:
+Each side then scores every image of the corpus against every caption (open_clip's by cosine, ours by its family's
+own similarity, so `--ours model=filip` or `model=clippo` compares those families too), and this script ranks both
+with the same code (components/eval/metrics.py) on three held-out sets:
 - unseen concepts, seen style: OpenMoji drawings of the test concepts;
 - held-out style: every Twemoji drawing (a known concept drawn differently, as real data differs);
 - held-out style and unseen concepts: Twemoji drawings of the test concepts.
@@ -76,12 +77,15 @@ def clip_tokenizer(open_clip_python: Path, out: Path, captions: list[str]) -> Pa
         vocab = [*units, *(u + "</w>" for u in units), *("".join(m.split()) for m in merges),
                  "<|startoftext|>", "<|endoftext|>"]
         tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
-        theirs = json.loads(subprocess.run(
+        # open_clip first cleans text with ftfy (curly quotes made straight, for one), which transformers' CLIP
+        # tokenizer does not do: the check compares the vocabulary and merges on open_clip's cleaned text.
+        cleaned, theirs = json.loads(subprocess.run(
             [str(open_clip_python), "-c", "import json, sys, open_clip.tokenizer as t; s = t.SimpleTokenizer(); "
-             "print(json.dumps([s.encode(c) for c in json.load(sys.stdin)]))"],
+             "texts = [t.whitespace_clean(t.basic_clean(c)) for c in json.load(sys.stdin)]; "
+             "print(json.dumps([texts, [s.encode(c) for c in texts]]))"],
             input=json.dumps(captions), check=True, capture_output=True, text=True).stdout)
-        ours = [ids[1:-1] for ids in tokenizer(captions).input_ids]  # without start and end of text
-        differ = [c for c, a, b in zip(captions, ours, theirs) if a != b]
+        ours = [ids[1:-1] for ids in tokenizer(cleaned).input_ids]  # without start and end of text
+        differ = [c for c, a, b in zip(cleaned, ours, theirs) if a != b]
         if differ:
             raise RuntimeError(f"CLIP's BPE in transformers' format encodes {len(differ)} of {len(captions)} "
                                f"captions unlike open_clip, e.g. {differ[0]!r}")
@@ -129,17 +133,20 @@ def train_ours(work: Path, shards: Path, seed: int, args: argparse.Namespace, en
     return export
 
 
-def embed_ours(export: Path, rows: list[dict], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    from components.models.factory import load_model
-    from components.models.inference import embed_images, embed_texts
-    from components.models.tokenizer import load_tokenizer
+def similarity_ours(export: Path, rows: list[dict], texts: list[str]) -> np.ndarray:
+    """[rows, texts] similarities by the family's own similarity: cosine for CLIP and CLIPPO, token-wise for FILIP
+    (`--ours model=filip`)."""
+    from components.eval.embed import load_with_tokenizer
+    from components.eval.retrieval import similarity_matrix
+    from components.models.inference import image_features, text_features
 
-    model = load_model(export).eval()
-    return embed_images(model, [r["image"] for r in rows]), embed_texts(model, load_tokenizer(export), texts)
+    model, tokenizer = load_with_tokenizer(export)
+    return similarity_matrix(model.similarity, image_features(model, [r["image"] for r in rows]),
+                             text_features(model, tokenizer, texts))
 
 
-def scores(images: np.ndarray, texts: np.ndarray, rows: list[dict], text_index: dict[str, int],
-           groups: list[str], where: dict) -> dict[str, float]:
+def scores(similarity: np.ndarray, rows: list[dict], text_index: dict[str, int], groups: list[str],
+           where: dict) -> dict[str, float]:
     """Retrieval both ways over the set's distinct captions, and zero-shot group top-1 (the same code for both
     recipes)."""
     from components.eval.metrics import retrieval_metrics_from_ranks, retrieval_ranks_both_ways
@@ -147,11 +154,11 @@ def scores(images: np.ndarray, texts: np.ndarray, rows: list[dict], text_index: 
     chosen = [i for i, r in enumerate(rows) if matches(r["json"], where)]
     captions = sorted({text_index[rows[i]["txt"]] for i in chosen})
     column = {t: j for j, t in enumerate(captions)}
-    similarity = images[chosen] @ texts[captions].T
-    image_ranks, text_ranks = retrieval_ranks_both_ways(lambda r, c: similarity[r, c], len(chosen), len(captions),
+    among_captions = similarity[np.ix_(chosen, captions)]
+    image_ranks, text_ranks = retrieval_ranks_both_ways(lambda r, c: among_captions[r, c], len(chosen), len(captions),
                                                         [{column[text_index[rows[i]["txt"]]]} for i in chosen])
     truth = np.array([groups.index(rows[i]["json"]["group"]) for i in chosen])
-    predicted = (images[chosen] @ texts[[text_index[g] for g in groups]].T).argmax(axis=1)
+    predicted = similarity[np.ix_(chosen, [text_index[g] for g in groups])].argmax(axis=1)
     return {**retrieval_metrics_from_ranks(image_ranks, prefix="image_to_text"),
             **retrieval_metrics_from_ranks(text_ranks[text_ranks > 0], prefix="text_to_image"),
             "group_top1": float((predicted == truth).mean()),
@@ -212,7 +219,8 @@ def main() -> None:
     corpus = args.work / "corpus.npz"
     corpus_file(rows, texts, corpus)
     if args.clip_tokenizer:
-        args.ours = [*args.ours, f"tokenizer.path={clip_tokenizer(open_clip_python, args.work / 'clip_tokenizer', texts)}"]
+        clip_bpe = clip_tokenizer(open_clip_python, args.work / "clip_tokenizer", texts)
+        args.ours = [*args.ours, f"tokenizer.path={clip_bpe}"]
     results = []
     for seed in args.seeds:
         for recipe in RECIPES:
@@ -220,7 +228,7 @@ def main() -> None:
             work.mkdir(exist_ok=True)
             start = time.time()
             if recipe == "ours":
-                images, text = embed_ours(train_ours(work, args.work / "shards", seed, args, env), rows, texts)
+                similarity = similarity_ours(train_ours(work, args.work / "shards", seed, args, env), rows, texts)
             else:
                 out = work / "embeddings.npz"
                 if not out.exists():
@@ -229,8 +237,8 @@ def main() -> None:
                                     "--samples", str(args.samples), "--threads", str(os.cpu_count())],
                                    check=True, env=env)
                 saved = np.load(out)
-                images, text = saved["images"], saved["texts"]
-            sets = {name: scores(images, text, rows, text_index, groups, where) for name, where in HELD_OUT.items()}
+                similarity = saved["images"] @ saved["texts"].T
+            sets = {name: scores(similarity, rows, text_index, groups, where) for name, where in HELD_OUT.items()}
             results.append({"recipe": recipe, "seed": seed, "seconds": time.time() - start, "sets": sets})
             print(f"{recipe} seed {seed}: " + "; ".join(
                 f"{name}: i->t R@1 {m['image_to_text_R1']:.3f} R@5 {m['image_to_text_R5']:.3f}, "
