@@ -49,6 +49,11 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     probe = settings["task_settings"].get("linear_probe") or {}
     if probe.get("train_where") is None:
         probe["train_where"] = dict(cfg.data.get("train_where") or {}) if corpus else {}
+    counts = {"draws": probe.get("draws", 1), **{f"shots[{i}]": k for i, k in enumerate(probe.get("shots") or [])}}
+    wrong = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if wrong:
+        raise ValueError("task_settings.linear_probe: " + ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+                         + " must be whole numbers >= 1")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     from components.train.trainer import resolve_use_gpu
 

@@ -6,12 +6,15 @@ retrieval uses blocks that are smaller than the matrix and do not divide it.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from components.eval.metrics import (
     ClassificationAccumulator,
     few_shot_indices,
+    few_shot_probe,
     linear_probe,
     retrieval_metrics_from_ranks,
     retrieval_ranks_blockwise,
@@ -234,6 +237,21 @@ def test_linear_probe_shots_uses_k_per_class():
     assert result["train_samples"] == 4 * 3 + 1 and result["C"] == 1.0
 
 
+def test_few_shot_probe_averages_its_draws():
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(5, 8)) * 1.5  # overlapping clusters: one draw of 2 per class is a noisy estimate
+    train_x, train_y = gaussian_clusters(rng, centers, 20)
+    test_x, test_y = gaussian_clusters(rng, centers, 40)
+    single = [linear_probe(train_x, train_y, test_x, test_y, shots=2, seed=s)["acc1"] for s in (7, 8, 9)]
+    result = few_shot_probe(train_x, train_y, test_x, test_y, 2, draws=3, seed=7)
+    assert result["acc1"] == pytest.approx(np.mean(single)) and len(set(single)) > 1
+    assert (result["acc1_min"], result["acc1_max"], result["draws"]) == (min(single), max(single), 3)
+    assert few_shot_probe(train_x, train_y, test_x, test_y, 2, draws=1, seed=8) == linear_probe(
+        train_x, train_y, test_x, test_y, shots=2, seed=8)
+    with pytest.raises(ValueError, match="draws"):
+        few_shot_probe(train_x, train_y, test_x, test_y, 2, draws=0)
+
+
 def test_few_shot_indices_deterministic_per_class():
     labels = np.array([2, 0, 1, 1, 0, 2, 2, 0, 1, 1, 9])
     chosen = few_shot_indices(labels, 2, seed=5)
@@ -294,3 +312,16 @@ def test_linear_probe_task_draws_the_same_shots_whatever_order_the_rows_arrived_
     orders = [np.arange(120), np.random.default_rng(1).permutation(120), np.arange(120)[::-1]]
     results = [probe(order) for order in orders]
     assert results[0] == results[1] == results[2], results
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task_settings.linear_probe.draws=0", "task_settings.linear_probe: draws=0 must be whole numbers >= 1"),
+    ("task_settings.linear_probe.shots=[4,1.5]", "task_settings.linear_probe: shots[1]=1.5 must be whole numbers"),
+])
+def test_a_bad_probe_setting_is_refused_before_anything_starts(tmp_path, override, message):
+    from tests.helpers import run_stage
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_stage("evaluate", f"data_path={tmp_path / 'shards'}", f"output_dir={tmp_path / 'out'}", override,
+                  cwd=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no run, no output, no scratch

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 ALL_TASKS = ("[zeroshot_classification,retrieval,linear_probe,multilingual_retrieval,typographic_attack,"
              "alignment_maps]")
+PROBE_DRAWS = 8  # few-shot draws averaged: one draw of 16 images a group is noisier than the models' difference
 
 
 def evaluate(model: str, data: Path, out: Path, *extra: str) -> None:
@@ -72,7 +73,8 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     # Held-out concepts; the probe learns emoji groups on the training concepts (subgroups, 99 classes, separate
     # trained from random-init features by less than the noise at this scale).
     common = [f"tasks={ALL_TASKS}", "where={split: test}", "task_settings.linear_probe.train_where={split: train}",
-              "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[16]"]
+              "task_settings.linear_probe.label=group", "task_settings.linear_probe.shots=[16]",
+              f"task_settings.linear_probe.draws={PROBE_DRAWS}"]
     # The trained model by its registry URI (lineage, nesting, tags); the random one as a plain directory.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pretrained_clip.tracking_uri)
     evaluate("models:/clipforge-clip/1", emoji_shards, trained_out, *common)
@@ -90,13 +92,15 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     assert rt_t["image_to_text_R5"] >= rt_r["image_to_text_R5"] + 0.03
     assert rt_t["text_to_image_R5"] >= rt_r["text_to_image_R5"] + 0.03
     # The group probe (9 groups). Both feature sets beat the commonest group's share by far; with 16 images a group
-    # (the draw follows Ray Data's row order) the trained features lead. Measured (three trained models, five draws
-    # each, paired with the same draw of the random init's): full 0.622/0.624/0.635 vs 0.568; 16-shot 0.427-0.524
-    # vs 0.373-0.424, the trained features ahead in every draw, by 0.027-0.12.
+    # the trained features lead on average over draws (each draw pairs the two models on the same images). Measured
+    # on four trained models: full 0.604/0.622/0.624/0.635 vs 0.568-0.591; 16-shot per draw 0.39-0.52 vs 0.31-0.44,
+    # the trained features ahead in 22 of 23 paired draws, by -0.008 to 0.13 (a suite run failed on that one draw
+    # when the test used a single one); over 8 draws that model led by 0.065 on average.
     groups = pd.Series([s["json"]["group"] for s in read_shards(emoji_shards) if s["json"]["split"] == "test"])
     majority = groups.value_counts(normalize=True).iloc[0]
     assert min(trained["linear_probe"]["acc1"], random["linear_probe"]["acc1"]) > majority + 0.1, majority
-    assert trained["linear_probe_16shot"]["acc1"] >= random["linear_probe_16shot"]["acc1"] + 0.01
+    assert trained["linear_probe_16shot"]["draws"] == PROBE_DRAWS
+    assert trained["linear_probe_16shot"]["acc1"] >= random["linear_probe_16shot"]["acc1"] + 0.02
     languages = [k for k in trained if k.startswith("multilingual_retrieval.")]
     assert len(languages) == 14
     assert trained["multilingual_retrieval.en"]["image_to_text_R5"] >= \

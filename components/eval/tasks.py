@@ -247,10 +247,13 @@ def linear_probe(context: EvalContext, settings: dict) -> TaskOutput:
     train_x, train_y = train_x[order], [train_y[i] for i in order]
     test_x = np.concatenate([context.images.embeddings(a, b) for a, b in context.images.blocks(4096)])
     output = TaskOutput()
+    train_y, test_y, seed = np.asarray(train_y), np.asarray(test_y), settings.get("seed", 0)
+    probe = {"c_values": tuple(settings.get("c_values", (0.1, 1, 10))), "max_iter": settings.get("max_iter", 300)}
     for shots in [None, *settings.get("shots", [])]:
-        metrics = M.linear_probe(train_x, np.asarray(train_y), test_x, np.asarray(test_y), shots=shots,
-                                 seed=settings.get("seed", 0), c_values=tuple(settings.get("c_values", (0.1, 1, 10))),
-                                 max_iter=settings.get("max_iter", 300))
+        if shots is None:
+            metrics = M.linear_probe(train_x, train_y, test_x, test_y, seed=seed, **probe)
+        else:
+            metrics = M.few_shot_probe(train_x, train_y, test_x, test_y, shots, settings.get("draws", 1), seed, **probe)
         task = "linear_probe" if shots is None else f"linear_probe_{shots}shot"
         output.results.append(_result(context, task, {**metrics, "label": label}))
     return output
