@@ -224,26 +224,33 @@ def test_model_score_hook_drops_low_scores(ray_session, small_corpus, tmp_path):
     assert (scores >= 12).all()
 
 
-def test_resume_after_kill_matches_uninterrupted_run(ray_session, small_corpus, tmp_path):
-    """Kill the real pipeline process mid-run, run it again: same dataset as one uninterrupted run (on the session's
-    Ray).
+def test_resume_after_a_kill_at_every_marker_matches_uninterrupted_run(ray_session, small_corpus, tmp_path):
+    """Kill the real pipeline process once after each resume marker appears (settings, three parts downloaded,
+    dedup done, a shard written), resuming each time, then let it finish: the same dataset as one uninterrupted run
+    (on the session's Ray), and no temporary left behind.
 
     The image server runs here, outside the job, as a real one would: killing the job does not kill it.
     """
     from components.data.emoji_corpus import serve_corpus, write_url_list
-    from tests.helpers import kill_when, run_pipeline, run_stage
+    from tests.helpers import kill_when, run_stage
 
     with serve_corpus(small_corpus) as server:
         url_list = write_url_list(small_corpus, server.base_url, tmp_path / "urls.parquet")
         common = ["data=url_list", f"data.url_list={url_list}", "ingest.shard_size=5", "ingest.workers=1",
                   "data.allow_networks=[127.0.0.1/32]", "progress=false"]
         interrupted = tmp_path / "interrupted"
-        staging = interrupted / "_work" / "staging"
+        work = interrupted / "_work"
         args = [*common, f"data.output_dir={interrupted}"]
-        killed = kill_when(args, lambda: len(list(staging.glob("*.done"))) >= 3, cwd=tmp_path)
-        assert killed, "the run finished before it could be interrupted"
-        assert not (interrupted / "_manifest.json").exists()
-        run_pipeline(args, cwd=tmp_path)
+        markers = {
+            "settings": lambda: (work / "settings.json").exists(),
+            "three parts downloaded": lambda: len(list((work / "staging").glob("*.done"))) >= 3,
+            "dedup": lambda: (work / "dedup.done").exists(),
+            "a shard written": lambda: any(interrupted.glob("*_stats.json")),
+        }
+        for marker, reached in markers.items():
+            assert kill_when(args, reached, cwd=tmp_path), f"the run finished before it was killed at: {marker}"
+            assert not (interrupted / "_manifest.json").exists(), marker
+        run_stage("ingest", *args, cwd=tmp_path)  # the last resume runs in-process: the kills were the point
         reference = tmp_path / "reference"
         run_stage("ingest", *common, f"data.output_dir={reference}", cwd=tmp_path)
 
@@ -253,6 +260,7 @@ def test_resume_after_kill_matches_uninterrupted_run(ray_session, small_corpus, 
     first, second = (json.loads((d / "_manifest.json").read_text()) for d in (interrupted, reference))
     assert (first["kept"], first["dropped"]) == (second["kept"], second["dropped"])
     assert first["input_rows"] == 2 * CORPUS_LIMIT
+    assert not [p for p in interrupted.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_shards_round_trip_through_ray_and_webdataset(ray_session, small_corpus, tmp_path):
