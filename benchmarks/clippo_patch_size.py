@@ -25,8 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.train_throughput import ingest  # noqa: E402
 from benchmarks.report import write_results  # noqa: E402
+from benchmarks.train_throughput import ingest  # noqa: E402
 
 OUT = "benchmarks/results/clippo_patch_size.json"
 
@@ -35,7 +35,8 @@ def train(shards: Path, patch_size: int, steps: int, batch: int, lr: float) -> l
     import torch
     from PIL import Image
 
-    from components.models.clippo import normalize_pixels, render_text
+    from components.models.base import normalize_pixels
+    from components.models.clippo import render_text
     from components.models.factory import build_model
     from components.train.loop import warmup_cosine
     from components.train.losses import ContrastiveLoss

@@ -75,10 +75,10 @@ def in_process(shards: Path, samples: int, batch: int, threads: int, engine: boo
     import torch
     from PIL import Image
 
+    from components.models.base import normalize_pixels
     from components.models.factory import build_model
     from components.models.tokenizer import train_bpe
     from components.train.losses import ContrastiveLoss
-    from components.train.tasks import normalise
     from tests.helpers import read_shards
 
     rows = [r for r in read_shards(shards) if r["json"]["split"] == "train"]
@@ -108,7 +108,7 @@ def in_process(shards: Path, samples: int, batch: int, threads: int, engine: boo
 
     def plain_step() -> None:
         b = next_batch()
-        image, text, scale, _ = plain(normalise(b["pixels"], plain.image_mean, plain.image_std, torch.float32),
+        image, text, scale, _ = plain(normalize_pixels(b["pixels"], plain.image_mean, plain.image_std, torch.float32),
                                       {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
         loss_fn(image, text, plain.loss_similarity, scale).backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)

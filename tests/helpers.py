@@ -25,6 +25,33 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILTERS = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "filters" / "default.yaml"))
 
 
+def brute_force_ranks(similarity: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
+    """The evaluation's retrieval ranks from their definition, a candidate at a time: 1 + the candidates scoring
+    above the query's best relevant one + the irrelevant ones tied with it."""
+    ranks = []
+    for query, targets in enumerate(relevant):
+        best = max(similarity[query, t] for t in targets)
+        ahead = sum(1 for t in range(similarity.shape[1])
+                    if similarity[query, t] > best or (similarity[query, t] == best and t not in targets))
+        ranks.append(ahead + 1)
+    return np.array(ranks)
+
+
+def brute_force_retrieval_metrics(similarity: np.ndarray, pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """R@1/5/10 and mean/median rank both ways from brute_force_ranks (texts no image names are left out)."""
+    image_to_texts = [{t for i, t in pairs if i == image} for image in range(similarity.shape[0])]
+    text_to_images = [{i for i, t in pairs if t == text} for text in range(similarity.shape[1])]
+    named = [text for text, images in enumerate(text_to_images) if images]
+    metrics = {}
+    text_ranks = brute_force_ranks(similarity.T[named], [text_to_images[t] for t in named])
+    for direction, ranks in (("image_to_text", brute_force_ranks(similarity, image_to_texts)),
+                             ("text_to_image", text_ranks)):
+        metrics |= {f"{direction}_R{k}": float(np.mean(ranks <= k)) for k in (1, 5, 10)}
+        metrics |= {f"{direction}_mean_rank": float(np.mean(ranks)),
+                    f"{direction}_median_rank": float(np.median(ranks))}
+    return metrics
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for servers the tests start)."""
     import socket

@@ -34,18 +34,15 @@ from components.caption.metrics import (
 )
 from components.caption.model import EmbeddingWhitening, caption_texts
 from components.tracking import mlflow_runs
-from components.train.pretraining import (
+from components.train.driver import (
     deepspeed_settings,
     describe_scale,
     log_loss_curve,
+    stage_trainer,
     train_and_export,
     worker_config,
 )
 from components.train.tasks import build_captioner_module, build_decoder_module
-
-
-def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
-    return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
 
 
 @torch.no_grad()

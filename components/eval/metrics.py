@@ -6,11 +6,11 @@ constant (or collapsed) model scores at chance or worse, never at rank 1.
 
 - Retrieval: `retrieval_ranks_both_ways` gives each image (row) the 1-based rank of its best relevant text
   and each text (column) that of its best relevant image: 1 + #candidates scoring above it + #irrelevant
-  candidates tied with it, exactly `ranks_of_first_hit` in retrieval.py, but from a callback that computes one
-  [block, block] similarity block at a time. It holds one block plus O(n_rows + n_cols + relevant pairs)
-  vectors; the full matrix never exists. Pass 1 reads the blocks holding relevant pairs (best relevant
-  scores), pass 2 every block once for both directions, so the callback must return the same values each time. `retrieval_metrics_from_ranks` turns ranks into R@k / mean / median rank with
-  the keys of retrieval.py's `retrieval_metrics`.
+  candidates tied with it, from a callback that computes one [block, block] similarity block at a time. It holds
+  one block plus O(n_rows + n_cols + relevant pairs) vectors; the full matrix never exists. Pass 1 reads the blocks holding relevant pairs (best relevant
+  scores), pass 2 every block once for both directions, so the callback must return the same values each time.
+  `retrieval_metrics_from_ranks` turns ranks into R@k / mean / median rank (retrieval.py's `retrieval_metrics`
+  does both for a matrix already in memory).
 - Classification: `ClassificationAccumulator` keeps a [C, C] confusion matrix and top-k hit counts, whatever
   the number of samples. The true class's rank is #classes scoring >= it; the top-1 prediction in a tie is the
   lowest-index tied class other than the true one, so the confusion matrix agrees with acc1.
@@ -115,7 +115,7 @@ def retrieval_ranks_both_ways(score_block: ScoreBlock, n_rows: int, n_cols: int,
 def retrieval_metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10), *, prefix: str
                                  ) -> dict[str, float]:
     """f"{prefix}_R{k}" (fraction of ranks <= k), f"{prefix}_mean_rank" and f"{prefix}_median_rank": the keys and
-    values of retrieval.py's `retrieval_metrics` for one direction ("image_to_text" / "text_to_image")."""
+    values for one direction ("image_to_text" / "text_to_image")."""
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         raise ValueError("no ranks: retrieval metrics of an empty query set are undefined")

@@ -11,39 +11,21 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from components.eval.metrics import retrieval_metrics_from_ranks, retrieval_ranks_both_ways
 from components.models.base import Features
 
 
-def ranks_of_first_hit(similarity: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
-    """For each query row: 1-based rank of its best relevant column. An irrelevant column tied with it ranks
-    ahead (pessimistic), so a constant model scores at chance, never above."""
-    ranks = np.empty(len(relevant), dtype=np.int64)
-    for query, targets in enumerate(relevant):
-        scores = similarity[query]
-        target_scores = scores[sorted(targets)]
-        best = target_scores.max()
-        irrelevant_ties = int((scores == best).sum() - (target_scores == best).sum())
-        ranks[query] = int((scores > best).sum()) + irrelevant_ties + 1
-    return ranks
-
-
 def retrieval_metrics(similarity: np.ndarray, pairs: Iterable[tuple[int, int]], ks=(1, 5, 10)) -> dict[str, float]:
-    """R@k both ways plus mean/median rank, from an [n_images, n_texts] similarity matrix."""
+    """R@k both ways plus mean/median rank, from an [n_images, n_texts] similarity matrix (the evaluation stage's
+    blockwise ranks, components/eval/metrics.py, over a matrix that is already in memory)."""
     n_images, n_texts = similarity.shape
     image_to_texts: list[set[int]] = [set() for _ in range(n_images)]
-    text_to_images: list[set[int]] = [set() for _ in range(n_texts)]
     for image, text in pairs:
         image_to_texts[image].add(text)
-        text_to_images[text].add(image)
-    metrics = {}
-    for name, sim, relevant in (("image_to_text", similarity, image_to_texts),
-                                ("text_to_image", similarity.T, text_to_images)):
-        ranks = ranks_of_first_hit(sim, relevant)
-        for k in ks:
-            metrics[f"{name}_R{k}"] = float((ranks <= k).mean())
-        metrics[f"{name}_mean_rank"] = float(ranks.mean())
-        metrics[f"{name}_median_rank"] = float(np.median(ranks))
-    return metrics
+    image_ranks, text_ranks = retrieval_ranks_both_ways(lambda rows, cols: similarity[rows, cols], n_images, n_texts,
+                                                        image_to_texts)
+    return {**retrieval_metrics_from_ranks(image_ranks, ks, prefix="image_to_text"),
+            **retrieval_metrics_from_ranks(text_ranks[text_ranks > 0], ks, prefix="text_to_image")}
 
 
 @torch.no_grad()

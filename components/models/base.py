@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +40,20 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)  # big_vision's value_range(-1, 1)
 HALF_STD = (0.5, 0.5, 0.5)
+
+
+
+def normalize_pixels(pixels: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (images, or CLIPPO's rendered text) -> (x / 255 - mean) / std as [B, 3, H, W] in
+    `dtype`, on the pixels' device."""
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+    mean = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    images = pixels.permute(0, 3, 1, 2).float().div_(255)
+    return ((images - mean) / std).to(dtype)
+
 
 # Tower sizes per preset. "vision" / "text" are CLIPVisionConfig / CLIPTextConfig fields; image_size and
 # vocab_size are defaults the caller normally replaces (the data's image size, the tokenizer's vocabulary).

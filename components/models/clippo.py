@@ -37,6 +37,7 @@ from components.models.base import (
     check_image_size,
     init_linear,
     l2_normalize,
+    normalize_pixels,
     preset_config,
     read_config,
     tower_configs,
@@ -171,14 +172,6 @@ def render_text(texts: Sequence[str], image_size: int, font_size: int = DEFAULT_
             np.minimum(region, 255 - glyph[:, :width], out=region)
             x += width
     return np.repeat(out[..., None], 3, axis=-1)
-
-
-def normalize_pixels(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W], (x / 255 - mean) / std."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean_t) / std_t
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.models.base import ContrastiveModel, Features
+from components.models.base import ContrastiveModel, Features, normalize_pixels
 
 BATCH = 64
 
@@ -24,8 +24,6 @@ def image_tensor(model: ContrastiveModel, images: list[bytes]) -> torch.Tensor:
 
 
 def pixels_to_tensor(model: ContrastiveModel, pixels: np.ndarray) -> torch.Tensor:
-    from components.models.clippo import normalize_pixels
-
     return normalize_pixels(pixels, model.image_mean, model.image_std)
 
 

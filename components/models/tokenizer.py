@@ -7,7 +7,7 @@ The trained tokenizer is saved in transformers' format beside the model, so `Aut
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -76,4 +76,18 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_tokenizer(given: str | os.PathLike | None, texts: Callable[[], Iterable[str]], out_dir: UPath,
+                      vocab_size: int, layout: str = "clip") -> PreTrainedTokenizerFast:
+    """A stage's tokenizer: `given` (any transformers tokenizer) when set, else a byte-level BPE trained on
+    `texts()` (called only then); saved to `out_dir` (local or an object store), which the data workers and the
+    export read."""
+    if given:
+        tokenizer = load_tokenizer(given)
+    else:
+        tokenizer = train_bpe(texts(), vocab_size=vocab_size, layout=layout)
+    with storage.staged_directory(out_dir) as local:
+        tokenizer.save_pretrained(local)
     return tokenizer

@@ -30,16 +30,17 @@ from components.models.factory import saved_family
 from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.data import TextConfig, parallel_text_dataset, split_rows
-from components.train.pretraining import (
+from components.train.driver import (
     deepspeed_settings,
     describe_scale,
-    evaluate_heldout,
-    image_text_dataset,
     log_loss_curve,
+    stage_trainer,
     train_and_export,
     worker_config,
 )
+from components.train.pretraining import evaluate_heldout, image_text_dataset
 from components.train.tasks import build_spec_model
+
 
 # -- parallel text and the teacher's targets ---------------------------------------------------------------------
 def parallel_pairs(cfg: DictConfig) -> pd.DataFrame:
@@ -167,25 +168,17 @@ def pairs_sample(targets_dir: UPath, split: str, rows: int, probe_language: str,
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
-    """The trainer group with the stage's own settings (samples, batch, lr, ...) on top."""
-    return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
+def student_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: UPath):
+    """cfg.tokenizer.path, else student.pretrained's, else a byte-level BPE in XLM-R's layout trained on both
+    sides of the training pairs."""
+    from components.models.tokenizer import prepare_tokenizer
 
-
-def prepare_tokenizer(cfg: DictConfig, pairs: pd.DataFrame, out_dir: UPath):
-    """cfg.tokenizer.path (any transformers tokenizer), else student.pretrained's, else a byte-level BPE in
-    XLM-R's layout trained on both sides of the training pairs."""
-    from components.models.tokenizer import load_tokenizer, train_bpe
-
-    if cfg.tokenizer.path or cfg.student.pretrained:
-        tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.student.pretrained)
-    else:
+    def texts() -> pd.Series:
         train = pairs[pairs["split"] == "train"]
-        texts = pd.concat([train["src"].drop_duplicates(), train["tgt"]])
-        tokenizer = train_bpe(texts, vocab_size=cfg.tokenizer.vocab_size, layout="xlmr")
-    with storage.staged_directory(out_dir) as local:
-        tokenizer.save_pretrained(local)
-    return tokenizer
+        return pd.concat([train["src"].drop_duplicates(), train["tgt"]])
+
+    return prepare_tokenizer(cfg.tokenizer.path or cfg.student.pretrained, texts, out_dir, cfg.tokenizer.vocab_size,
+                             layout="xlmr")
 
 
 def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any]:
@@ -200,7 +193,7 @@ def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any
           f"({counts.get('train', 0)} train, {counts.get('test', 0)} held out)", flush=True)
     mlflow_runs.log_metrics({"parallel.pairs": len(pairs), "parallel.languages": pairs["lang"].nunique()})
     tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / f"altclip-{run_id[:8]}"
-    tokenizer = prepare_tokenizer(cfg, pairs, tokenizer_dir)
+    tokenizer = student_tokenizer(cfg, pairs, tokenizer_dir)
     inference = cfg.inference
     from components.train.trainer import resolve_use_gpu
 

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import ray
-import torch
 from omegaconf import DictConfig, OmegaConf
 from upath import UPath
 
@@ -23,38 +19,28 @@ from components import storage
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, check_temperature_init, family_class
 from components.tracking import mlflow_runs
-from components.train.data import (AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs,
-                                   training_dataset)
+from components.train.data import AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs, training_dataset
+from components.train.driver import (
+    deepspeed_settings,
+    describe_scale,
+    log_loss_curve,
+    train_and_export,
+    worker_config,
+)
 from components.train.loop import CHECKPOINT_TOKENIZER
 from components.train.losses import ContrastiveLoss
-from components.train.trainer import (
-    ScaleSettings,
-    checkpoint_uri,
-    export_checkpoint,
-    fit,
-    resolve_precision,
-    resolve_use_gpu,
-    trainer_state,
-)
 
-def prepare_tokenizer(cfg: DictConfig, shard_dir: UPath, out_dir: UPath):
-    """The tokenizer of the checkpoint resumed from, else cfg.tokenizer.path (any transformers tokenizer), else a
-    byte-level BPE trained on the training captions.
-    Saved to `out_dir` (local or an object store), which the data workers and the export read."""
-    from components.models.tokenizer import captions_from_shards, load_tokenizer, train_bpe
+
+def run_tokenizer(cfg: DictConfig, shard_dir: UPath, out_dir: UPath):
+    """The tokenizer of the checkpoint resumed from (the vocabulary its embeddings were trained with), else
+    cfg.tokenizer.path, else a byte-level BPE trained on the training captions."""
+    from components.models.tokenizer import captions_from_shards, prepare_tokenizer
 
     resumed = storage.location(cfg.trainer.resume_from) / CHECKPOINT_TOKENIZER if cfg.trainer.resume_from else None
-    if resumed is not None and resumed.is_dir():
-        tokenizer = load_tokenizer(resumed)  # the vocabulary the checkpoint's embeddings were trained with
-    elif cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    else:
-        where = _where(cfg.data.get("train_where"))
-        captions = captions_from_shards(shard_dir, limit=cfg.tokenizer.max_captions, where=where)
-        tokenizer = train_bpe(captions, vocab_size=cfg.tokenizer.vocab_size)
-    with storage.staged_directory(out_dir) as local:
-        tokenizer.save_pretrained(local)
-    return tokenizer
+    given = resumed if resumed is not None and resumed.is_dir() else cfg.tokenizer.path
+    return prepare_tokenizer(given, lambda: captions_from_shards(shard_dir, limit=cfg.tokenizer.max_captions,
+                                                                 where=_where(cfg.data.get("train_where"))),
+                             out_dir, cfg.tokenizer.vocab_size)
 
 
 def model_spec(cfg: DictConfig, tokenizer) -> dict[str, Any]:
@@ -83,7 +69,7 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
     tokens = family_class(cfg.model.family).text_input == "tokens"
     tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / run_name  # read by the data workers (any node)
-    tokenizer = prepare_tokenizer(cfg, shard_dir, tokenizer_dir) if tokens else None
+    tokenizer = run_tokenizer(cfg, shard_dir, tokenizer_dir) if tokens else None
     spec = model_spec(cfg, tokenizer)
     model = build_model(**spec)  # on the driver too: sizes for the data pipeline, and an early config error
     mlflow_runs.log_metrics({"model.parameters": model.num_parameters()})
@@ -121,39 +107,6 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
             "registered_version": version}
 
 
-# -- the pieces every training pipeline (pretraining, AltCLIP's two stages) shares -------------------------------
-@dataclass
-class TrainedRun:
-    model: torch.nn.Module  # the export, loaded
-    checkpoint: str  # the last Ray Train checkpoint, a path or URL (resume_from)
-    step: int
-    samples_seen: int
-    seconds: float
-
-
-def deepspeed_settings(cfg: DictConfig, trainer_cfg: DictConfig) -> dict[str, Any]:
-    return resolve_precision(OmegaConf.to_container(cfg.deepspeed, resolve=True), resolve_use_gpu(trainer_cfg.use_gpu))
-
-
-def describe_scale(trainer_cfg: DictConfig, deepspeed: dict[str, Any]) -> str:
-    device = "GPU" if resolve_use_gpu(trainer_cfg.use_gpu) else "CPU"
-    return (f"{trainer_cfg.workers} {device} workers, ZeRO-{deepspeed['zero_optimization']['stage']} "
-            f"{'bf16' if deepspeed['bf16']['enabled'] else 'fp32'}, {trainer_cfg.samples} samples")
-
-
-def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """The part of train_worker's config that comes from the trainer settings (the task adds its own)."""
-    return {
-        "loop": {k: trainer_cfg[k] for k in ("samples", "global_batch", "grad_accum", "lr", "weight_decay",
-                                             "warmup_fraction", "log_every", "checkpoint_every",
-                                             "local_shuffle_buffer", "seed")},
-        "deepspeed": deepspeed,
-        "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
-        "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
-        "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
-    }
-
-
 def text_config(cfg: DictConfig, model, tokenizer_dir: str | None) -> TextConfig:
     """How the data workers turn captions into the model's text input: token ids, or (CLIPPO) Unifont renderings,
     with `model.text_pair_fraction` of the images replaced by a rendered translation (data.caption_columns)."""
@@ -180,27 +133,6 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
     passes = math.ceil(trainer_cfg.samples / max(1, kept)) + 1
     return training_dataset(shard_dir, spec_batch, where=where, preprocess_workers=trainer_cfg.preprocess_workers,
                             passes=passes)
-
-
-def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
-                     run_name: str, export_dir: UPath, tokenizer_dir: str | None, build=None) -> TrainedRun:
-    """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`
-    (build: the task's spec -> module, when it is not a contrastive family)."""
-    scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
-                          cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
-                          max_failures=trainer_cfg.max_failures,
-                          storage_path=str(storage.location(trainer_cfg.storage_path)),
-                          run_name=run_name,
-                          resume_from=str(storage.location(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
-    started = time.perf_counter()
-    result = fit(train_config, dataset, scale)
-    seconds = time.perf_counter() - started
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        state = trainer_state(Path(checkpoint_dir))
-        model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir, build)
-    return TrainedRun(model, checkpoint_uri(result.checkpoint), state["step"], state["samples_seen"], seconds)
 
 
 def periodic_eval_config(cfg: DictConfig, shard_dir: UPath) -> dict[str, Any] | None:
@@ -246,23 +178,3 @@ def summary(outcome: dict[str, Any]) -> str:
 
 def _where(value) -> dict[str, Any] | None:
     return OmegaConf.to_container(value, resolve=True) if value else None
-
-
-def log_loss_curve(run_id: str, ylabel: str = "contrastive loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    client = mlflow.tracking.MlflowClient()
-    history = client.get_metric_history(run_id, "loss")
-    if not history:
-        return
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([m.step for m in history], [m.value for m in history])
-    axis.set_xlabel("step")
-    axis.set_ylabel(ylabel)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    mlflow.log_figure(figure, "plots/loss.png")
-    plt.close(figure)

@@ -10,16 +10,8 @@ from typing import Any
 import torch
 
 from components import storage
-from components.models.base import ContrastiveModel
+from components.models.base import ContrastiveModel, normalize_pixels
 from components.train.losses import ContrastiveLoss, text_ids
-
-
-def normalise(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, H, W, 3] from the data pipeline -> normalised [B, 3, H, W] in the engine's dtype."""
-    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    images = pixels.permute(0, 3, 1, 2).float().div_(255)
-    return ((images - mean) / std).to(dtype)
 
 
 def engine_dtype(engine) -> torch.dtype:
@@ -28,9 +20,9 @@ def engine_dtype(engine) -> torch.dtype:
 
 def model_inputs(model: ContrastiveModel, batch: dict[str, torch.Tensor], dtype: torch.dtype):
     """(pixel_values, text batch) for the model's forward, from a data-pipeline batch."""
-    pixel_values = normalise(batch["pixels"], model.image_mean, model.image_std, dtype)
+    pixel_values = normalize_pixels(batch["pixels"], model.image_mean, model.image_std, dtype)
     if model.text_input == "pixels":
-        text = {"text_pixels": normalise(batch["text_pixels"], model.image_mean, model.image_std, dtype)}
+        text = {"text_pixels": normalize_pixels(batch["text_pixels"], model.image_mean, model.image_std, dtype)}
     else:
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return pixel_values, text

@@ -1,0 +1,106 @@
+"""What every training stage's driver shares (contrastive pretraining, AltCLIP's two stages, ClipCap's two):
+the stage's trainer settings, DeepSpeed's config, the workers' config, Ray Train + export, the loss plot."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+from upath import UPath
+
+from components import storage
+from components.tracking import mlflow_runs
+from components.train.trainer import (
+    ScaleSettings,
+    checkpoint_uri,
+    export_checkpoint,
+    fit,
+    resolve_precision,
+    resolve_use_gpu,
+    trainer_state,
+)
+
+
+def stage_trainer(cfg: DictConfig, stage: str) -> DictConfig:
+    """The trainer group with a stage's own settings (samples, batch, lr, ...) on top: cfg[stage].trainer."""
+    return OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
+
+
+@dataclass
+class TrainedRun:
+    model: torch.nn.Module  # the export, loaded
+    checkpoint: str  # the last Ray Train checkpoint, a path or URL (resume_from)
+    step: int
+    samples_seen: int
+    seconds: float
+
+
+def deepspeed_settings(cfg: DictConfig, trainer_cfg: DictConfig) -> dict[str, Any]:
+    return resolve_precision(OmegaConf.to_container(cfg.deepspeed, resolve=True), resolve_use_gpu(trainer_cfg.use_gpu))
+
+
+def describe_scale(trainer_cfg: DictConfig, deepspeed: dict[str, Any]) -> str:
+    device = "GPU" if resolve_use_gpu(trainer_cfg.use_gpu) else "CPU"
+    return (f"{trainer_cfg.workers} {device} workers, ZeRO-{deepspeed['zero_optimization']['stage']} "
+            f"{'bf16' if deepspeed['bf16']['enabled'] else 'fp32'}, {trainer_cfg.samples} samples")
+
+
+def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The part of train_worker's config that comes from the trainer settings (the task adds its own)."""
+    return {
+        "loop": {k: trainer_cfg[k] for k in ("samples", "global_batch", "grad_accum", "lr", "weight_decay",
+                                             "warmup_fraction", "log_every", "checkpoint_every",
+                                             "local_shuffle_buffer", "seed")},
+        "deepspeed": deepspeed,
+        "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
+        "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
+        "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
+    }
+
+
+def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,
+                     run_name: str, export_dir: UPath, tokenizer_dir: str | None, build=None) -> TrainedRun:
+    """Ray Train + DeepSpeed on `dataset`, then the last checkpoint consolidated into `export_dir`
+    (build: the task's spec -> module, when it is not a contrastive family)."""
+    scale = ScaleSettings(workers=trainer_cfg.workers, use_gpu=trainer_cfg.use_gpu,
+                          cpus_per_worker=trainer_cfg.cpus_per_worker, keep_checkpoints=trainer_cfg.keep_checkpoints,
+                          max_failures=trainer_cfg.max_failures,
+                          storage_path=str(storage.location(trainer_cfg.storage_path)),
+                          run_name=run_name,
+                          resume_from=str(storage.location(trainer_cfg.resume_from)) if trainer_cfg.resume_from else None)
+    started = time.perf_counter()
+    result = fit(train_config, dataset, scale)
+    seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        state = trainer_state(Path(checkpoint_dir))
+        model = export_checkpoint(Path(checkpoint_dir), export_dir, tokenizer_dir, build)
+    return TrainedRun(model, checkpoint_uri(result.checkpoint), state["step"], state["samples_seen"], seconds)
+
+
+def log_loss_curve(run_id: str, ylabel: str = "contrastive loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run_id, "loss")
+    if not history:
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([m.step for m in history], [m.value for m in history])
+    axis.set_xlabel("step")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    mlflow.log_figure(figure, "plots/loss.png")
+    plt.close(figure)
