@@ -34,11 +34,11 @@ OUT = "benchmarks/results/clippo_patch_size.json"
 def train(shards: Path, patch_size: int, steps: int, batch: int, lr: float) -> list[dict]:
     import torch
     from PIL import Image
+    from transformers import get_cosine_schedule_with_warmup
 
     from components.models.base import normalize_pixels
     from components.models.clippo import render_text
     from components.models.factory import build_model
-    from components.train.loop import warmup_cosine
     from components.train.losses import ContrastiveLoss
     from tests.helpers import read_shards
 
@@ -83,7 +83,7 @@ def train(shards: Path, patch_size: int, steps: int, batch: int, lr: float) -> l
                 "caption_cosine": round((captions @ captions.T)[off_diagonal].mean().item(), 4)}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, steps // 10), steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
     loss_fn = ContrastiveLoss()
     generator = torch.Generator().manual_seed(0)
     log, started = [], time.perf_counter()

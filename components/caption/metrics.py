@@ -42,7 +42,7 @@ class CaptionStatistics:
 
 
 def caption_statistics(references: dict[str, list[str]], hypotheses: dict[str, str]) -> CaptionStatistics:
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
     from pycocoevalcap.cider.cider import Cider
 
     if set(references) != set(hypotheses):
@@ -51,12 +51,9 @@ def caption_statistics(references: dict[str, list[str]], hypotheses: dict[str, s
         raise ValueError("no captions to score")
     gts = {k: [normalise(r) or "<empty>" for r in refs] for k, refs in references.items()}
     res = {k: [normalise(hypotheses[k]) or "<empty>"] for k in gts}
-    scorer = BleuScorer(n=BLEU_ORDER)
-    for key in gts:
-        scorer += (res[key][0], gts[key])
-    # Reference length: the one closest to the hypothesis, ties to the shorter (Bleu's option "closest").
-    bleu = np.array([[c["testlen"], min((abs(length - c["testlen"]), length) for length in c["reflen"])[1],
-                      *c["guess"], *c["correct"]] for c in scorer.ctest], dtype=np.float64)
+    # Per key, what BleuScorer sums: its reference length is the one closest to the hypothesis (option "closest").
+    cooked = [cook_test(res[key][0], cook_refs(gts[key], n=BLEU_ORDER), eff="closest", n=BLEU_ORDER) for key in gts]
+    bleu = np.array([[c["testlen"], c["reflen"], *c["guess"], *c["correct"]] for c in cooked], dtype=np.float64)
     _, cider = Cider().compute_score(gts, res)
     return CaptionStatistics(bleu=bleu, cider=np.asarray(cider, dtype=np.float64))
 

@@ -10,9 +10,7 @@ and open_clip's `--train-data "dir/{00000..00009}.tar"`):
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from collections import Counter
 from typing import Any
@@ -73,21 +71,15 @@ def write_shard(staging_file: UPath, drops_dir: UPath, output_dir: UPath, encode
 
 
 def _write_tar(kept: pa.Table, path: UPath, extension: str) -> None:
+    import webdataset as wds
+
     metadata_columns = [c for c in kept.column_names if c not in _NOT_IN_JSON]
-    with storage.atomic_write(path) as file, tarfile.open(fileobj=file, mode="w") as tar:
+    # mtime fixed: the same input gives byte-identical tars (reproducible shards).
+    with storage.atomic_write(path) as file, wds.TarWriter(file, encoder=False, mtime=0) as tar:
         for row in kept.to_pylist():
-            key = row["key"]
             meta = {c: row[c] for c in metadata_columns}
-            _add(tar, f"{key}.{extension}", row["image"])
-            _add(tar, f"{key}.txt", (row["caption"] or "").encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"))
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible shards: the same input gives byte-identical tars
-    tar.addfile(info, io.BytesIO(data))
+            tar.write({"__key__": row["key"], extension: row["image"], "txt": (row["caption"] or "").encode("utf-8"),
+                       "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")})
 
 
 class ShardWriter:

@@ -11,6 +11,7 @@ so a loss can all_gather each of them across workers and then call `similarity` 
 
 from __future__ import annotations
 
+import abc
 import copy
 import json
 import math
@@ -170,7 +171,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class ContrastiveModel(nn.Module):
+class ContrastiveModel(nn.Module, metaclass=abc.ABCMeta):
     """Two encoders into one embedding space, and a similarity between their features.
 
     Subclasses set the class attributes `family` and `text_input`, a `logit_scale` parameter (log of the
@@ -195,15 +196,17 @@ class ContrastiveModel(nn.Module):
     logit_scale: nn.Parameter
 
     # -- the interface -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode_image(self, pixel_values: torch.Tensor) -> Features:
-        raise NotImplementedError
+        """The image features (a tuple; the global embedding first for dual encoders)."""
 
+    @abc.abstractmethod
     def encode_text(self, batch: Mapping[str, torch.Tensor]) -> Features:
-        raise NotImplementedError
+        """The text features (token ids and mask, or CLIPPO's rendered text)."""
 
+    @abc.abstractmethod
     def similarity(self, image: Features, text: Features) -> torch.Tensor:
         """[n_images, n_texts] similarities in [-1, 1], not yet multiplied by exp(logit_scale)."""
-        raise NotImplementedError
 
     def loss_similarity(self, image: Features, text: Features) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """What the contrastive loss scores pairs with: one matrix for both directions, or an (image-to-text,

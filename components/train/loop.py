@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -64,15 +63,6 @@ class LoopSettings:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of workers {world_size} x "
                              f"grad_accum {self.grad_accum}")
         return per_worker
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -157,13 +147,16 @@ def initialise_engine(model: torch.nn.Module, settings: LoopSettings, deepspeed_
     """(DeepSpeed engine, its lr scheduler) for `model`: AdamW without decay on norms, biases and scalars, linear
     warmup then cosine, the ZeRO stage and precision of `deepspeed_base` (a conf/deepspeed config)."""
     import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
 
     skip_shared_memory_allreduce()
     scalars_as_vectors(model)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
                                   eps=settings.eps)
-    warmup = max(1, int(settings.warmup_fraction * settings.total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, settings.total_steps))
+    # transformers' schedule: the lr rises linearly from 0 at step 0 (open_clip's from 1/warmup), then a half cosine
+    # to 0 at the last step.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_fraction * settings.total_steps),
+                                                settings.total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(deepspeed_base, micro_batch, settings.grad_accum))
