@@ -2,10 +2,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core chromium
+DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core  # the built-in corpus and CLIPPO's text renderer
+TEST_DEBIAN_PACKAGES := chromium  # the MLflow UI test's headless browser
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bootstrap test test-fast setup system-deps ingest pretrain evaluate clip-filter altclip clipcap caption mlflow-ui bench clean
+.PHONY: demo bootstrap test test-fast setup system-deps test-deps ingest pretrain evaluate clip-filter altclip clipcap caption mlflow-ui bench clean
 
 demo: setup  ## the whole chain on the built-in corpus: ingest, pretrain, evaluate, AltCLIP, ClipCap, caption (a re-run skips what is unchanged)
 	$(PY) pipelines/end_to_end.py $(ARGS)
@@ -14,30 +15,38 @@ bootstrap: setup  ## DataComp-style: train on the salted corpus, filter it with 
 	$(PY) pipelines/end_to_end.py corpus=emoji_salted \
 	    stages=[ingest,pretrain,evaluate,clip_filter,pretrain_filtered,evaluate_filtered] $(ARGS)
 
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -q
 
-test-fast: setup  ## skip the slow end-to-end tests
+test-fast: setup test-deps  ## skip the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
 setup: system-deps $(STAMP)
 
-# Debian packages the built-in corpus and CLIPPO need (and Chromium, for the MLflow UI test): installed when we
-# are root, else one line says which.
+# Debian packages (the built-in corpus and CLIPPO need DEBIAN_PACKAGES, the tests also Chromium): installed when
+# we are root, else one line says which.
+define debian_packages
+@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; fi
+endef
+
 system-deps:
-	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; fi
+	$(call debian_packages,$(DEBIAN_PACKAGES))
+
+test-deps:
+	$(call debian_packages,$(TEST_DEBIAN_PACKAGES))
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# The exact versions of constraints.txt; the demo extra is the built-in corpus' sources.
+$(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, alone: pip then takes the pinned CPU build instead of resolving a CUDA one.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
 	touch $(STAMP)
 
 ingest: setup

