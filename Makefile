@@ -85,6 +85,7 @@ bench: setup
 	$(PY) benchmarks/versus_open_clip.py
 	$(PY) benchmarks/demo_recipe.py
 	$(PY) benchmarks/object_store_chain.py
+	$(PY) benchmarks/caption_decoding.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db

@@ -1,5 +1,6 @@
-"""ClipCap's model and decoders: beam search against brute force on toy LMs whose best sequence is known, the
-loss on caption tokens only, and a captioner that memorises its training captions."""
+"""ClipCap's model and decoding: transformers' beam search against every caption scored by brute force, nucleus
+sampling against the model's own distribution, the loss on caption tokens only, and a captioner that memorises its
+training captions."""
 
 from __future__ import annotations
 
@@ -9,77 +10,93 @@ import math
 import pytest
 import torch
 
-from components.caption.decoding import beam_search, greedy, nucleus
 from components.caption.model import ClipCap
 
 EOS = 0
 
 
-def bigram_lm(table: torch.Tensor):
-    """logprobs(rows, tokens) of a bigram LM: table[previous token + 1] (row 0: the start)."""
-    log_table = table.log_softmax(dim=-1)
-
-    def logprobs(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        previous = tokens[:, -1] + 1 if tokens.shape[1] else torch.zeros(len(rows), dtype=torch.long)
-        return log_table[previous]
-
-    return logprobs, log_table
-
-
-def brute_force_best(log_table: torch.Tensor, max_length: int) -> tuple[list[int], float]:
-    """Every sequence of non-eos tokens up to max_length, ended by eos (or by the length limit)."""
-    vocab = log_table.shape[-1]
-    best, best_score = [], -math.inf
-    for length in range(0, max_length + 1):
-        for sequence in itertools.product(range(1, vocab), repeat=length):
-            previous, score = 0, 0.0
-            for token in sequence:
-                score += float(log_table[previous, token])
-                previous = token + 1
-            if length < max_length:
-                score += float(log_table[previous, EOS])
-            if score > best_score:
-                best, best_score = list(sequence), score
-    return best, best_score
+def peaked_captioner(seed: int, vocab: int = 5, prefix_length: int = 2) -> ClipCap:
+    """A tiny ClipCap whose weights are large enough that its next-token distributions are far from uniform (random
+    init's near-ties would make the best caption a matter of rounding)."""
+    torch.manual_seed(seed)
+    model = ClipCap(clip_dim=8, vocab_size=vocab, prefix_length=prefix_length, mapping="mlp", eos_token_id=EOS,
+                    pad_token_id=EOS, decoder_overrides={"n_embd": 16, "n_layer": 2, "n_head": 2})
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.5)
+    return model.eval()
 
 
-def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
-    # Tokens: 0 eos, 1 "a", 2 "b". Start: a 0.6, b 0.4. After a: a 0.4, b 0.3, eos 0.3. After b: eos 0.9.
-    # Best: "b" eos (0.36); greedy takes a, then a again and again.
-    table = torch.tensor([[1e-9, 0.6, 0.4],     # start
-                          [1.0, 1e-9, 1e-9],    # after eos (never used)
-                          [0.3, 0.4, 0.3],      # after a
-                          [0.9, 0.05, 0.05]]).log()  # after b
-    scorer, _ = bigram_lm(table)
-    assert beam_search(scorer, 1, max_length=6, eos_token_id=EOS, width=2) == [[2]]
-    assert greedy(scorer, 1, max_length=6, eos_token_id=EOS) == [[1] * 6]
+@torch.no_grad()
+def caption_log_probability(model: ClipCap, embedding: torch.Tensor, tokens: list[int], max_length: int) -> float:
+    """log p(tokens, then eos unless max_length was reached | image), by one forward over the whole sequence (no
+    cache), from the model's own next-token distributions."""
+    ended = tokens + ([EOS] if len(tokens) < max_length else [])
+    prefix = model.prefix(embedding[None])
+    embeds = torch.cat([prefix, model.decoder.transformer.wte(torch.tensor([ended]))], dim=1)
+    logits = model.decoder(inputs_embeds=embeds).logits[0, model.prefix_length - 1:-1].float()
+    if not tokens:  # min_length 1: eos cannot come first
+        return -math.inf
+    return float(logits.log_softmax(dim=-1)[torch.arange(len(ended)), torch.tensor(ended)].sum())
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_exhaustive_beam_equals_brute_force_on_random_bigram_lms(seed):
-    generator = torch.Generator().manual_seed(seed)
-    vocab, max_length = 4, 4
-    table = torch.randn(vocab + 1, vocab, generator=generator) * 2
-    scorer, log_table = bigram_lm(table)
-    best, _ = brute_force_best(log_table, max_length)
-    # A batch of three copies decodes independently and identically.
-    assert beam_search(scorer, 3, max_length, EOS, width=vocab ** max_length) == [best] * 3
-    assert beam_search(scorer, 1, max_length, EOS, width=1) == greedy(scorer, 1, max_length, EOS)
+def brute_force_best(model: ClipCap, embedding: torch.Tensor, max_length: int) -> tuple[list[int], float]:
+    """The likeliest caption among every sequence of non-eos tokens up to max_length."""
+    vocab = model.decoder.config.vocab_size
+    candidates = [list(c) for length in range(max_length + 1) for c in itertools.product(range(1, vocab), repeat=length)]
+    scores = [caption_log_probability(model, embedding, c, max_length) for c in candidates]
+    best = max(range(len(candidates)), key=scores.__getitem__)
+    return candidates[best], scores[best]
 
 
-def test_nucleus_keeps_the_top_mass_and_degenerates_to_greedy():
-    table = torch.tensor([[0.05, 0.6, 0.3, 0.05], [1.0, 0, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0],
-                          [1.0, 0, 0, 0]]).clamp(min=1e-9).log()
-    scorer, _ = bigram_lm(table)
-    generator = torch.Generator().manual_seed(0)
-    assert nucleus(scorer, 4, 3, EOS, top_p=1e-6, generator=generator) == greedy(scorer, 4, 3, EOS)
-    draws = nucleus(scorer, 2000, 3, EOS, top_p=0.85, generator=generator)
-    firsts = [d[0] if d else EOS for d in draws]
-    # top_p 0.85: tokens 1 (0.6) and 2 (0.3) only, renormalised to 2/3 and 1/3.
-    assert set(firsts) == {1, 2}
-    assert abs(firsts.count(1) / len(firsts) - 2 / 3) < 0.04
+def test_beam_search_over_every_hypothesis_finds_the_likeliest_caption_greedy_often_misses():
+    """transformers' beam search, as ClipCap runs it (prefix embeddings, key/value cache), with a beam wide enough
+    to hold every hypothesis, against every caption scored without a cache; greedy is the width-1 beam."""
+    vocab, max_length = 5, 3
+    greedy_missed = 0
+    for seed in range(4):
+        model = peaked_captioner(seed, vocab)
+        embeddings = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
+        exhaustive = model.generate(embeddings, "beam", max_length, beam_width=(vocab - 1) ** max_length,
+                                    length_penalty=0.0)
+        greedy = model.generate(embeddings, "greedy", max_length)
+        assert greedy == model.generate(embeddings, "beam", max_length, beam_width=1)
+        for row, embedding in enumerate(embeddings):
+            best, best_score = brute_force_best(model, embedding, max_length)
+            assert exhaustive[row] == best, (seed, row)
+            greedy_missed += caption_log_probability(model, embedding, greedy[row], max_length) < best_score - 1e-4
+    assert greedy_missed > 0  # the comparison shows what the beam adds
+
+
+def test_nucleus_samples_the_top_mass_renormalised_and_degenerates_to_greedy():
+    model = peaked_captioner(0, vocab=8)
+    embedding = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.decoder(inputs_embeds=model.prefix(embedding)).logits[0, -1].float()
+    logits[EOS] = -math.inf  # min_length 1
+    probabilities, order = logits.softmax(dim=-1).sort(descending=True)
+    kept = int((probabilities.cumsum(dim=0) < 0.8).sum()) + 1  # the smallest set holding 0.8
+    assert 1 < kept < 7, probabilities  # a nucleus that both keeps and drops tokens
+    expected = dict(zip(order[:kept].tolist(), (probabilities[:kept] / probabilities[:kept].sum()).tolist()))
+
+    draws = model.generate(embedding.expand(3000, -1), "nucleus", max_length=1, top_p=0.8, seed=0)
+    firsts = [d[0] for d in draws]
+    assert set(firsts) == set(expected)
+    for token, share in expected.items():
+        assert abs(firsts.count(token) / len(firsts) - share) < 0.03, (token, share)
+    assert model.generate(embedding.expand(3000, -1), "nucleus", max_length=1, top_p=0.8, seed=0) == draws
+    assert model.generate(embedding.expand(4, -1), "nucleus", 3, top_p=1e-6) == model.generate(
+        embedding.expand(4, -1), "greedy", 3)
+
+
+def test_bad_decoding_settings_are_refused():
+    model = peaked_captioner(0)
+    embedding = torch.zeros(1, 8)
     with pytest.raises(ValueError, match="top_p"):
-        nucleus(scorer, 1, 3, EOS, top_p=0)
+        model.generate(embedding, "nucleus", top_p=0)
+    with pytest.raises(ValueError, match="beam width"):
+        model.generate(embedding, "beam", beam_width=0)
+    with pytest.raises(ValueError, match="unknown decoding method"):
+        model.generate(embedding, "sampling")
 
 
 def tiny_captioner(mapping: str, prefix_length: int = 4) -> ClipCap:

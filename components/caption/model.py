@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.caption.decoding import LogProbs, beam_search, greedy, nucleus
-
 MAPPINGS = ("mlp", "transformer")
 # GPT-2 sizes per preset (n_positions: prefix + caption tokens).
 DECODER_PRESETS: dict[str, dict[str, int]] = {
@@ -155,29 +153,40 @@ class ClipCap(nn.Module):
         weights = attention_mask.to(loss.dtype)
         return (loss * weights).sum() / weights.sum().clamp(min=1)
 
-    def scorer(self, clip_embeddings: torch.Tensor) -> LogProbs:
-        """The decoders' `logprobs(rows, tokens)` for these images (each step recomputes the short sequence)."""
-        prefix = self.prefix(clip_embeddings)
-
-        def logprobs(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-            embeds = torch.cat([prefix[rows], self.decoder.transformer.wte(tokens.to(prefix.device))], dim=1)
-            return self.decoder(inputs_embeds=embeds).logits[:, -1].float().log_softmax(dim=-1).cpu()
-
-        return logprobs
-
     @torch.no_grad()
     def generate(self, clip_embeddings: torch.Tensor, method: str = "beam", max_length: int = 24,
                  beam_width: int = 5, top_p: float = 0.9, temperature: float = 1.0, min_length: int = 1,
-                 length_penalty: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
-        """Caption token ids (without eos) for each image embedding: greedy, beam or nucleus (see decoding.py)."""
-        scorer, batch = self.scorer(clip_embeddings), clip_embeddings.shape[0]
+                 length_penalty: float = 1.0, seed: int | None = None) -> list[list[int]]:
+        """Caption token ids (without eos) for each image embedding, from transformers' `generate` on the decoder
+        with the prefix as `inputs_embeds` (its key/value cache: each step runs the new token only).
+
+        greedy; beam (beam_width hypotheses, ranked by summed log-probability / length**length_penalty, 0 ranking
+        by probability); nucleus (sampling from the smallest set of tokens holding top_p of the probability,
+        Holtzman et al. 2020, at `temperature`; `seed` makes it repeatable). At most max_length tokens; eos is
+        forbidden before min_length (an undertrained decoder's likeliest caption is the empty one)."""
         if method == "greedy":
-            return greedy(scorer, batch, max_length, self.eos_token_id, min_length)
-        if method == "beam":
-            return beam_search(scorer, batch, max_length, self.eos_token_id, beam_width, min_length, length_penalty)
-        if method == "nucleus":
-            return nucleus(scorer, batch, max_length, self.eos_token_id, top_p, temperature, generator, min_length)
-        raise ValueError(f"unknown decoding method {method!r}: use greedy, beam or nucleus")
+            settings = {"do_sample": False, "num_beams": 1}
+        elif method == "beam":
+            if beam_width < 1:
+                raise ValueError(f"beam width must be at least 1, got {beam_width}")
+            settings = {"do_sample": False, "num_beams": beam_width, "length_penalty": length_penalty}
+        elif method == "nucleus":
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            settings = {"do_sample": True, "top_p": top_p, "top_k": 0, "temperature": temperature}
+        else:
+            raise ValueError(f"unknown decoding method {method!r}: use greedy, beam or nucleus")
+        prefix = self.prefix(clip_embeddings)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            generated = self.decoder.generate(
+                inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long,
+                                                                device=prefix.device),
+                max_new_tokens=max_length, min_new_tokens=min_length, eos_token_id=self.eos_token_id,
+                pad_token_id=self.eos_token_id, **settings)
+        return [ids[:ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+                for ids in generated.tolist()]
 
     # -- persistence: clipcap.json (the spec + the decoder's config) + model.safetensors ------------------------
     def save_pretrained(self, directory: str | Path) -> None:
