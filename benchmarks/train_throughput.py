@@ -144,7 +144,8 @@ def engine_stepper(ours, batch: int, next_batch):
 
     from components.train.loop import LoopSettings, initialise_engine
     from components.train.losses import ContrastiveLoss
-    from components.train.pretraining import resolve_precision
+    from components.train.trainer import resolve_precision
+    from components.train.settings import trainer_defaults
     from components.train.tasks import ContrastiveTask
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
@@ -153,8 +154,9 @@ def engine_stepper(ours, batch: int, next_batch):
     zero2 = resolve_precision(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "deepspeed" / "zero2.yaml")),
                               use_gpu=False)
     # No warmup and a cosine over 10**6 steps: the learning rate stays at its peak, as in the plain loop.
-    engine, _ = initialise_engine(ours, LoopSettings(samples=10**6 * batch, global_batch=batch, warmup_fraction=0.0),
-                                  zero2, micro_batch=batch)
+    settings = LoopSettings.from_trainer(trainer_defaults(), samples=10**6 * batch, global_batch=batch,
+                                         warmup_fraction=0.0)
+    engine, _ = initialise_engine(ours, settings, zero2, micro_batch=batch)
 
     def engine_step() -> None:
         loss, _ = task.step(engine, next_batch())

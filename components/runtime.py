@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 from hydra.utils import to_absolute_path
 
+import components.train.settings  # noqa: F401  (the trainer group's types, for Hydra)
 from components import QUIET_ENV
 
 # A pipeline process ends with a garbage collection over every object torch, Ray and MLflow created: seconds on a

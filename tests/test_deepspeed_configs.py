@@ -83,6 +83,7 @@ import torch, torch.distributed as dist, yaml
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 from components.train.loop import LoopSettings, initialise_engine
+from components.train.settings import trainer_defaults
 from components.train.tasks import build_task
 
 report = {}
@@ -96,7 +97,8 @@ for case in json.loads(sys.argv[1]):
              **({"logit_bias": -10.0} if loss["kind"] == "siglip" else {})}
     task = build_task({"task": "contrastive", "model": model, "loss": loss,
                        "activation_checkpointing": case.get("activation_checkpointing", False)})
-    settings = LoopSettings(samples=16 * case["steps"], global_batch=16, lr=2e-3, warmup_fraction=0.0)
+    settings = LoopSettings.from_trainer(trainer_defaults(), samples=16 * case["steps"], global_batch=16, lr=2e-3,
+                                         warmup_fraction=0.0)
     engine, _ = initialise_engine(task.model, settings, config, micro_batch=8)
     generator = torch.Generator().manual_seed(rank)
     batch = {"pixels": torch.randint(0, 256, (8, 32, 32, 3), generator=generator, dtype=torch.uint8),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from upath import UPath
 
 from components import storage
 from components.tracking import mlflow_runs
+from components.train.loop import LoopSettings
 from components.train.trainer import (
     ScaleSettings,
     checkpoint_uri,
@@ -55,9 +56,7 @@ def describe_scale(trainer_cfg: DictConfig, deepspeed: dict[str, Any]) -> str:
 def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The part of train_worker's config that comes from the trainer settings (the task adds its own)."""
     return {
-        "loop": {k: trainer_cfg[k] for k in ("samples", "global_batch", "grad_accum", "lr", "weight_decay",
-                                             "warmup_fraction", "log_every", "checkpoint_every",
-                                             "local_shuffle_buffer", "seed")},
+        "loop": asdict(LoopSettings.from_trainer(trainer_cfg)),
         "deepspeed": deepspeed,
         "activation_checkpointing": bool(trainer_cfg.activation_checkpointing),
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),

@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,27 @@ CHECKPOINT_TOKENIZER = "tokenizer"
 
 @dataclass(frozen=True)
 class LoopSettings:
-    samples: int = 20_000          # length of training, in samples seen (global)
-    global_batch: int = 128        # samples per optimizer step across all workers
-    grad_accum: int = 1            # micro-batches per step (each micro-batch is its own contrastive batch)
-    lr: float = 1e-3
-    weight_decay: float = 0.1
+    """The training loop's settings: the trainer group's (conf/trainer/default.yaml holds their values and
+    meaning) plus AdamW's betas and eps, which only this loop sets."""
+
+    samples: int
+    global_batch: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    log_every: int
+    checkpoint_every: int
+    local_shuffle_buffer: int
+    seed: int
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_fraction: float = 0.1
-    log_every: int = 10
-    checkpoint_every: int = 200
-    local_shuffle_buffer: int = 512
-    seed: int = 0
+
+    @classmethod
+    def from_trainer(cls, trainer_cfg: Mapping[str, Any], **overrides: Any) -> LoopSettings:
+        """From a trainer config (the group, or a stage's merged one), `overrides` on top."""
+        names = [f.name for f in fields(cls) if f.name in trainer_cfg]
+        return cls(**{**{name: trainer_cfg[name] for name in names}, **overrides})
 
     @property
     def total_steps(self) -> int:

@@ -1,0 +1,71 @@
+"""The types of the `trainer` config group, checked when Hydra composes the config.
+
+`conf/trainer/default.yaml` holds every value and its comment; this schema holds the types only (every field
+MISSING), so a setting lives in one place. Registered in Hydra's ConfigStore as `trainer/schema`, which the YAML
+extends: `trainer.lr=abc` or an unknown `trainer.*` key fails at parse, in one line, before Ray or MLflow start.
+A stage's own `<stage>.trainer` settings (AltCLIP's, ClipCap's) are merged onto this typed node, so they are
+checked too (`check_stage_trainers`).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class AugmentSettings:
+    scale: list[float] = field(default_factory=lambda: [MISSING, MISSING])
+    hflip: bool = MISSING
+
+
+@dataclass
+class TrainerSettings:
+    workers: int = MISSING
+    use_gpu: Any = MISSING  # auto | true | false
+    cpus_per_worker: float = MISSING
+    torch_threads: Optional[int] = MISSING
+    samples: int = MISSING
+    global_batch: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_fraction: float = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    max_failures: int = MISSING
+    storage_path: str = MISSING
+    resume_from: Optional[str] = MISSING
+    preprocess_workers: Optional[int] = MISSING
+    local_shuffle_buffer: int = MISSING
+    seed: int = MISSING
+    activation_checkpointing: bool = MISSING
+    augment: Optional[AugmentSettings] = MISSING
+
+
+ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSettings)
+
+
+def check_stage_trainers(cfg: DictConfig, *stages: str) -> None:
+    """Merge each stage's trainer settings onto the typed trainer group now, so that a wrong type or an unknown key
+    under `<stage>.trainer` fails before anything starts: a ValueError naming the setting."""
+    for stage in stages:
+        try:
+            OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
+        except OmegaConfBaseException as error:
+            raise ValueError(f"{stage}.trainer: {str(error).splitlines()[0]}") from None
+
+
+def trainer_defaults() -> DictConfig:
+    """The trainer group as the pipelines compose it (conf/trainer/default.yaml, typed), for code that runs the loop
+    outside a pipeline: tests, benchmarks."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return compose("pretrain_clip").trainer
