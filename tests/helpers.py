@@ -159,13 +159,14 @@ def run_stage(config_name: str, *overrides: str, cwd: Path) -> Any:
         return getattr(module, ENTRY_POINTS[config_name])(end_to_end.stage_config(config_name, list(overrides)))
 
 
-def _command(args: list[str], pipeline: str) -> list[str]:
+def pipeline_command(args: list[str], pipeline: str) -> list[str]:
+    """The command line that runs pipelines/<pipeline>.py with `args`, as a user types it."""
     return [sys.executable, str(REPO / "pipelines" / f"{pipeline}.py"), *args]
 
 
 def run_pipeline(args: list[str], cwd: Path, pipeline: str = "ingest", timeout: float = 600) -> str:
     """Run a pipeline script as users do; returns its output, raising with the output on failure."""
-    done = subprocess.run(_command(args, pipeline), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(pipeline_command(args, pipeline), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"{pipeline} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
@@ -174,7 +175,7 @@ def run_pipeline(args: list[str], cwd: Path, pipeline: str = "ingest", timeout: 
 def kill_when(args: list[str], condition: Callable[[], bool], cwd: Path, pipeline: str = "ingest",
               timeout: float = 600) -> bool:
     """Start the pipeline, SIGKILL its whole process group once `condition()` holds; False if it ended first."""
-    process = subprocess.Popen(_command(args, pipeline), cwd=cwd, start_new_session=True,
+    process = subprocess.Popen(pipeline_command(args, pipeline), cwd=cwd, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:

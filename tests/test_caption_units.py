@@ -30,12 +30,12 @@ def peaked_captioner(seed: int, vocab: int = 5, prefix_length: int = 2) -> ClipC
 def caption_log_probability(model: ClipCap, embedding: torch.Tensor, tokens: list[int], max_length: int) -> float:
     """log p(tokens, then eos unless max_length was reached | image), by one forward over the whole sequence (no
     cache), from the model's own next-token distributions."""
+    if not tokens:  # min_length 1: eos cannot come first
+        return -math.inf
     ended = tokens + ([EOS] if len(tokens) < max_length else [])
     prefix = model.prefix(embedding[None])
     embeds = torch.cat([prefix, model.decoder.transformer.wte(torch.tensor([ended]))], dim=1)
     logits = model.decoder(inputs_embeds=embeds).logits[0, model.prefix_length - 1:-1].float()
-    if not tokens:  # min_length 1: eos cannot come first
-        return -math.inf
     return float(logits.log_softmax(dim=-1)[torch.arange(len(ended)), torch.tensor(ended)].sum())
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from components.train.loop import LoopSettings
 from components.train.settings import trainer_defaults
-from tests.helpers import _command
+from tests.helpers import pipeline_command
 
 
 def test_the_loop_takes_every_trainer_value_from_the_config():
@@ -32,7 +32,7 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
 ])
 def test_a_mistyped_or_unknown_trainer_setting_is_refused_before_anything_starts(tmp_path, pipeline, override,
                                                                                   message):
-    done = subprocess.run(_command([override], pipeline), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(pipeline_command([override], pipeline), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert not list(tmp_path.iterdir()) or {p.name for p in tmp_path.iterdir()} == {"outputs"}  # no store, no data
