@@ -190,6 +190,24 @@ def _tiny_inputs(model, tokenizer):
     return pixels, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+@pytest.mark.parametrize("family", ["clip", "filip"])
+def test_training_cuts_trailing_padding_without_changing_the_features(family, tokenizer):
+    """Captions are padded to the model's length in the data pipeline; a training step runs only the columns
+    some caption uses, which changes no text feature of CLIP. FILIP keeps the padded length: its token
+    selection counts slots of it."""
+    from components.train.tasks import model_inputs
+
+    model = _build(family, tokenizer)
+    _, padded = _tiny_inputs(model, tokenizer)
+    _, text = model_inputs(model, {"pixels": torch.zeros(4, 64, 64, 3, dtype=torch.uint8), **padded}, torch.float32)
+    longest = int(padded["attention_mask"].sum(dim=1).max())
+    assert padded["input_ids"].shape[1] == model.max_text_length > longest
+    assert text["input_ids"].shape[1] == (model.max_text_length if family == "filip" else longest)
+    assert torch.equal(text["input_ids"], padded["input_ids"][:, :text["input_ids"].shape[1]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(text)[0], model.encode_text(padded)[0], atol=1e-5)
+
+
 def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 

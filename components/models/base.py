@@ -181,10 +181,13 @@ class ContrastiveModel(nn.Module, metaclass=abc.ABCMeta):
 
     text_input: "tokens" -> encode_text reads batch["input_ids"] and batch["attention_mask"] ([B, L]);
                 "pixels" -> encode_text reads batch["text_pixels"] ([B, 3, H, W], normalised like images).
+    fixed_text_length: a tokens model whose features depend on the padded length L, not only on the real
+                tokens; training then keeps every batch at max_text_length instead of cutting trailing padding.
     """
 
     family: ClassVar[str]
     text_input: ClassVar[str]
+    fixed_text_length: ClassVar[bool] = False
     default_image_mean: ClassVar[tuple[float, ...]] = OPENAI_CLIP_MEAN
     default_image_std: ClassVar[tuple[float, ...]] = OPENAI_CLIP_STD
     # Knobs in conf/model/<family>.yaml that belong to the data pipeline, not to the model.

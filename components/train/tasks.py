@@ -18,13 +18,27 @@ def engine_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
 
+def trimmed_tokens(batch: dict[str, torch.Tensor], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask cut after the last column any row attends to (dynamic padding, as
+    transformers' DataCollatorWithPadding pads). The data pipeline pads every caption to the model's length
+    once; most captions are a few tokens, and the masked columns only cost compute (a third of a `tiny` CLIP
+    step at length 32). Exact for right padding: no real token attends to a padding slot. `fixed_length` keeps
+    the padded length (a model whose features depend on it: FILIP)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if not fixed_length:
+        used = mask.any(dim=0).nonzero()
+        length = int(used[-1]) + 1 if len(used) else 1
+        ids, mask = ids[:, :length], mask[:, :length]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def model_inputs(model: ContrastiveModel, batch: dict[str, torch.Tensor], dtype: torch.dtype):
     """(pixel_values, text batch) for the model's forward, from a data-pipeline batch."""
     pixel_values = normalize_pixels(batch["pixels"], model.image_mean, model.image_std, dtype)
     if model.text_input == "pixels":
         text = {"text_pixels": normalize_pixels(batch["text_pixels"], model.image_mean, model.image_std, dtype)}
     else:
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        text = trimmed_tokens(batch, model.fixed_text_length)
     return pixel_values, text
 
 
@@ -68,8 +82,7 @@ class DistillTask:
         model.logit_scale.requires_grad_(False)  # no contrastive term in this stage
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        student = engine(None, text, raw_text=True).float()
+        student = engine(None, trimmed_tokens(batch, self.model.fixed_text_length), raw_text=True).float()
         target = batch["target"].float()
         loss = torch.nn.functional.mse_loss(student, target)
         cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
@@ -83,8 +96,9 @@ class LanguageModelTask:
         self.model = model
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        text = trimmed_tokens(batch)
+        labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        loss = engine(**text, labels=labels).loss
         return loss, {"perplexity": float(loss.detach().float().exp())}
 
 
@@ -96,7 +110,8 @@ class CaptionTask:
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         # float32 in: the model casts after its (optional) whitening
-        loss = engine(batch["clip_embedding"], batch["input_ids"], batch["attention_mask"])
+        text = trimmed_tokens(batch)
+        loss = engine(batch["clip_embedding"], text["input_ids"], text["attention_mask"])
         return loss, {"perplexity": float(loss.detach().float().exp())}
 
 
