@@ -67,8 +67,11 @@ altclip: setup  ## distil a multilingual AltCLIP from the latest clipforge-clip 
 clipcap: setup  ## train a ClipCap captioner on the latest clipforge-clip (run make demo first)
 	$(PY) pipelines/train_clipcap.py $(ARGS)
 
-caption: setup  ## caption the corpus shards (or DATA=<shards or image folder>) with the latest clipforge-clipcap
-	$(PY) pipelines/caption.py data=$(or $(DATA),data/shards/emoji) $(ARGS)
+# The shards make demo ingested (its workflow state names them), else those make ingest writes.
+DEMO_SHARDS = $(shell $(PY) -c "import json; print(json.load(open('data/workflow/emoji/state.json'))['ingest']['outputs']['shards'])" 2>/dev/null || echo data/shards/emoji)
+
+caption: setup  ## caption the demo's shards (or DATA=<shards or image folder>) with the latest clipforge-clipcap
+	$(PY) pipelines/caption.py data=$(or $(DATA),$(DEMO_SHARDS)) $(ARGS)
 
 mlflow-ui: setup  ## the MLflow server over this directory's store (sqlite) and artifacts: http://127.0.0.1:5000
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlruns \

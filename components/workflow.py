@@ -39,6 +39,8 @@ class Stage:
     config: Callable[[dict[str, Outputs], str], DictConfig]  # (upstream outputs, output dir) -> resolved config
     run: Callable[[DictConfig], Outputs]                     # config -> outputs (JSON-able)
     still_valid: Callable[[Outputs], bool]                   # are a cached run's outputs still there?
+    # What the config names but does not hold, as a digest (a URL list's files): it counts in the cache key.
+    inputs_digest: Callable[[DictConfig], str] = lambda cfg: ""
 
 
 class WorkflowError(ValueError):
@@ -64,7 +66,7 @@ class StateFile:
 def cache_key(stage: Stage, cfg: DictConfig, upstream: Mapping[str, Outputs]) -> str:
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in VOLATILE_KEYS}
     return content_key(stage.name, json.dumps(settings, sort_keys=True, default=str),
-                       json.dumps(dict(upstream), sort_keys=True, default=str))
+                       json.dumps(dict(upstream), sort_keys=True, default=str), stage.inputs_digest(cfg))
 
 
 def select(stages: Sequence[Stage], names: Sequence[str]) -> list[Stage]:

@@ -30,6 +30,8 @@ from upath import UPath
 from components.cache import file_digest
 from components import lease
 from components.data.ingest import IngestError
+from components.data.sources import url_list_location
+from components.data.url_list import list_identity
 from components.runtime import init_ray, one_line_errors
 from components.storage import location
 from components.tracking import mlflow_runs
@@ -101,7 +103,16 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return f"data.output_dir={quoted(up[stage]['shards'])}"
 
     def ingest(up, out):
-        return stage_config("ingest", overrides("ingest", *corpus))
+        # Into the stage's keyed folder unless the data names its own: a changed ingest setting then never meets
+        # an earlier run's shards (which ingest would refuse to mix with).
+        named = any(o.lstrip("+").startswith("data.output_dir=") for o in (*corpus, *cfg.overrides.get("ingest", [])))
+        keyed = [] if named else [f"data.output_dir={quoted(out)}"]
+        return stage_config("ingest", overrides("ingest", *corpus, *keyed))
+
+    def url_list_digest(c):
+        if c.data.source != "url_list":
+            return ""
+        return json.dumps(list_identity(url_list_location(c)), sort_keys=True)  # path, size, mtime per file
 
     def run_ingest(c):
         pipeline("ingest").ingest(c)
@@ -176,7 +187,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return UPath(outputs["results_dir"]).is_dir()
 
     return [
-        Stage("ingest", (), ingest, run_ingest, shards_exist),
+        Stage("ingest", (), ingest, run_ingest, shards_exist, inputs_digest=url_list_digest),
         Stage("pretrain", ("ingest",), pretrain, run_pretrain, model_exists),
         Stage("evaluate", ("ingest", "pretrain"), evaluate, run_evaluate, results_exist),
         Stage("clip_filter", ("ingest", "pretrain"), clip_filter, run_clip_filter, shards_exist),

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from components.data import shard_sets
 from components.runtime import init_ray, one_line_errors, route_overrides
 from components.storage import location, upload
 from components.tracking import mlflow_runs
@@ -41,7 +42,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     data = location(cfg.data_path or cfg.data.output_dir)
-    settings["dataset_name"] = cfg.dataset_name or data.name
+    # A brace pattern of shards is named by its folder.
+    settings["dataset_name"] = cfg.dataset_name or (data.parent.name if shard_sets.is_pattern(data) else data.name)
     # A corpus knows its held-out and training rows; other data is evaluated whole unless `where` says.
     corpus = not cfg.data_path
     if settings["where"] is None:

@@ -11,13 +11,14 @@ retrieval -> MLflow: params, curves, plots, the export as a pyfunc model in the 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import hydra
+import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from components.data import shard_sets
 from components.data.ingest import IngestError
 from components.data.sources import ensure_shards
 from components.data.url_list import UrlListError
@@ -41,9 +42,12 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "pretrain", "family": cfg.model.family}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))
-        manifest = json.loads((shard_dir / "_manifest.json").read_text())
-        mlflow_runs.log_json(manifest, "data/manifest.json")
-        mlflow_runs.log_metrics({"data.kept": manifest["kept"]})
+        manifest = shard_sets.manifest(shard_dir)
+        if manifest is not None:
+            mlflow_runs.log_json(manifest, "data/manifest.json")
+        samples, counted_from = shard_sets.sample_count(shard_dir)
+        mlflow.set_tag("data.counted_from", counted_from)
+        mlflow_runs.log_metrics({"data.kept": samples})
         outcome = pretraining.run(cfg, shard_dir, run.info.run_id)
 
     print(pretraining.summary(outcome))

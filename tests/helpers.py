@@ -17,7 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -238,3 +241,61 @@ def fuzz_bodies(rnd: random.Random, per_seed: int) -> list[bytes]:
 
     seeds = [noise_image(fmt, 0) for fmt in ACCEPTED_FORMATS] + [body for body, _ in PLUGIN_FAILURES.values()]
     return [mutated(seed, rnd) for seed in seeds for _ in range(per_seed)]
+
+
+def finished_run(family: str) -> tuple[MlflowClient, Run]:
+    """The store's one pretraining run of `family` (the chain's store also holds pretrain_filtered's)."""
+    client = MlflowClient()
+    runs = client.search_runs([mlflow.get_experiment_by_name("clipforge").experiment_id],
+                              f"tags.family = '{family}' and tags.`mlflow.runName` != 'pretrain-filtered'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def loss_curve(client: MlflowClient, run: Run) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+def save_openai_layout_clip(directory: Path, captions: list[str], merges: int = 600, seed: int = 0) -> Path:
+    """A small randomly initialised CLIP saved as OpenAI's and LAION's transformers checkpoints are: a legacy
+    config (text eos_token_id 2, bos 0, pad 1; 77 positions), CLIP's BPE tokenizer files (vocab.json, merges.txt,
+    tokenizer.json: the byte alphabet, the alphabet with `</w>`, the merges in order, then <|startoftext|> and
+    <|endoftext|>, the last id, which also pads) trained on `captions`, and preprocessor_config.json with
+    OpenAI's mean and std. Returns `directory`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    from components.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    clip_tokenizer = CLIPTokenizer()  # its normalizer and pre-tokenizer, to learn merges with
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.normalizer = clip_tokenizer.backend_tokenizer.normalizer
+    learner.pre_tokenizer = clip_tokenizer.backend_tokenizer.pre_tokenizer
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    learner.train_from_iterator(captions, trainers.BpeTrainer(
+        vocab_size=2 * len(alphabet) + merges, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+        show_progress=False))
+    learned = json.loads(learner.to_str())["model"]["merges"]
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
+    tokens = [*alphabet, *(a + "</w>" for a in alphabet), *(a + b for a, b in pairs),
+              "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
+    tokenizer.save_pretrained(directory)  # tokenizer.json, tokenizer_config.json; the hub's repos also have:
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in pairs))
+
+    size = 64
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+                     "max_position_embeddings": 77, "hidden_size": 128, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "intermediate_size": 512},
+        vision_config={"image_size": size, "patch_size": 8, "hidden_size": 128, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "intermediate_size": 512},
+        projection_dim=128)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(directory)
+    return directory

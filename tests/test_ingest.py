@@ -315,14 +315,17 @@ def test_bad_url_list_is_one_clear_line_and_exit_code_2(tmp_path):
 
     from tests.helpers import REPO
 
-    pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "text": ["a"]}).to_csv(tmp_path / "pairs.csv", index=False)
+    # A folder of lists, the second of which lacks the caption column: that file is named.
+    (tmp_path / "lists").mkdir()
+    pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "caption": ["a"]}).to_csv(tmp_path / "lists" / "a.csv", index=False)
+    pd.DataFrame({"url": ["http://127.0.0.1/b.png"], "text": ["b"]}).to_csv(tmp_path / "lists" / "b.csv", index=False)
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=url_list",
-                           f"data.url_list={tmp_path / 'pairs.csv'}", f"data.output_dir={tmp_path / 'out'}",
+                           f"data.url_list={tmp_path / 'lists'}", f"data.output_dir={tmp_path / 'out'}",
                            "progress=false", "ray.num_cpus=1"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("ingest: ")]
-    assert len(errors) == 1 and "lacks column(s) ['caption']" in errors[0], done.stderr[-2000:]
+    assert len(errors) == 1 and "b.csv lacks column(s) ['caption']" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "Started a local Ray instance" not in done.stdout + done.stderr  # refused before anything started
 

@@ -450,3 +450,26 @@ def test_a_shard_tar_is_reproducible_and_reads_back_through_webdataset(tmp_path)
     assert samples[0]["jpg"] == rows["image"][0].as_py()
     assert json.loads(samples[1]["json"]) == {"key": "000001", "caption": None, "caption_ja": "笑顔", "width": 48}
     assert "笑顔".encode() in samples[1]["json"]
+
+
+def test_a_folder_a_glob_or_several_files_are_one_list_in_order(tmp_path, monkeypatch):
+    """LAION's metadata comes as many Parquet files: a folder, a glob or a list of entries is one URL list, its
+    files' rows in name order, whatever their formats; JSONL is streamed block by block like CSV."""
+    from components.data import url_list
+
+    folder = tmp_path / "lists"
+    (folder / "more").mkdir(parents=True)
+    ROWS.iloc[:8].to_parquet(folder / "a.parquet", index=False)
+    (folder / "b.csv.gz").write_bytes(gzip.compress(ROWS.iloc[8:15].to_csv(index=False).encode()))
+    ROWS.iloc[15:].to_json(folder / "more" / "c.jsonl", orient="records", lines=True)
+    (folder / "README.md").write_text("not a list")
+    monkeypatch.setattr(url_list, "READ_BLOCK_BYTES", 256)
+    assert len(list(url_list.iter_batches(str(folder / "more" / "c.jsonl")))) > 1
+    for number, source in enumerate([str(folder), f"{folder}/**", [f"{folder}/*.*", str(folder / "more" / "c.jsonl")]]):
+        parts = split_into_parts(source, tmp_path / f"parts{number}", 10, "link", "text")
+        merged = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+        assert list(merged["url"]) == list(ROWS["link"]) and np.allclose(merged["score"], ROWS["score"]), source
+    with pytest.raises(UrlListError, match="no URL list files .* in .*xlsx"):
+        split_into_parts(f"{folder}/*.xlsx", tmp_path / "none", 10, "link", "text")
+    with pytest.raises(UrlListError, match="URL list .*gone.parquet does not exist"):
+        split_into_parts([str(folder), str(tmp_path / "gone.parquet")], tmp_path / "gone", 10, "link", "text")

@@ -208,6 +208,35 @@ def test_training_cuts_trailing_padding_without_changing_the_features(family, to
         assert torch.allclose(model.encode_text(text)[0], model.encode_text(padded)[0], atol=1e-5)
 
 
+def test_a_checkpoint_in_openais_layout_pools_at_its_end_token_and_brings_its_tokenizer(tmp_path):
+    """OpenAI's and LAION's transformers CLIPs carry the legacy eos_token_id 2 (transformers then pools at the
+    largest id, <|endoftext|>) and placeholder pad/bos ids: they build with their own tokenizer, embed text as
+    transformers does, and a tokenizer whose end token is another id is refused."""
+    from transformers import CLIPModel
+
+    from components.models.tokenizer import has_tokenizer, load_tokenizer
+    from tests.helpers import save_openai_layout_clip
+
+    checkpoint = save_openai_layout_clip(tmp_path / "openai", CAPTIONS * 20)
+    assert has_tokenizer(checkpoint) and not has_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(checkpoint)
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == len(tokenizer) - 1
+    model = build_model("clip", pretrained=str(checkpoint), vocab_size=len(tokenizer),
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    assert model.model.config.text_config.eos_token_id == 2 and model.eos_token_id == len(tokenizer) - 1
+    assert model.max_text_length == 77 and model.image_size == 64
+    reference = CLIPModel.from_pretrained(checkpoint).eval()
+    encoded = tokenizer(CAPTIONS, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.get_text_features(**encoded)
+        expected = getattr(expected, "pooler_output", expected)
+    got = embed_texts(model, tokenizer, CAPTIONS)
+    assert np.allclose(got, torch.nn.functional.normalize(expected, dim=-1).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=rf"eos_token_id=3 \(pretrained has {len(tokenizer) - 1}\)"):
+        build_model("clip", pretrained=str(checkpoint), vocab_size=len(tokenizer), eos_token_id=3)
+
+
 def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 

@@ -17,24 +17,11 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import pretrain_args, read_shards, run_stage
+from tests.helpers import finished_run, loss_curve, pretrain_args, read_shards, run_stage
 
 pytestmark = pytest.mark.slow
 
 CLIPPO_SAMPLES = 38_400  # 300 steps of 128
-
-
-def finished_run(family: str):
-    """The store's one pretraining run of `family` (the chain's store also holds pretrain_filtered's)."""
-    client = MlflowClient()
-    runs = client.search_runs([mlflow.get_experiment_by_name("clipforge").experiment_id],
-                              f"tags.family = '{family}' and tags.`mlflow.runName` != 'pretrain-filtered'")
-    assert len(runs) == 1
-    return client, runs[0]
-
-
-def loss_curve(client: MlflowClient, run) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
 
 
 def assert_learned(family: str, min_ratio: float) -> None:
@@ -186,3 +173,37 @@ def test_training_stream_holds_its_passes_of_the_filtered_rows(ray_session, emoj
     spec = BatchSpec(image_size=32, text=TextConfig(tokenizer_dir=str(tmp_path / "tokenizer")))
     stream = training_dataset(emoji_shards, spec, where={"split": "train"}, passes=3)
     assert stream.count() == 3 * len(training)
+
+
+def test_a_killed_driver_resumes_from_its_latest_checkpoint(ray_session, emoji_shards, tmp_path, capfd):
+    """The whole driver process killed (its Ray with it) after its first checkpoint: trainer.resume_from=latest
+    finds the last checkpoint Ray registered for the stage's run name and the run goes on from that step to the
+    end."""
+    import json
+
+    from tests.helpers import kill_when
+
+    args = pretrain_args(emoji_shards, tmp_path, f"trainer.samples={20 * 128}", "trainer.checkpoint_every=10",
+                         "trainer.log_every=5", "eval_samples=64")
+    records = tmp_path / "ray"
+
+    def checkpointed() -> bool:
+        return any(records.glob("pretrain-clip-*/checkpoint_manager_snapshot.json"))
+
+    assert kill_when(args, checkpointed, cwd=tmp_path, pipeline="pretrain_clip"), "the run ended before its checkpoint"
+    (killed,) = records.glob("pretrain-clip-*")
+    latest = json.loads((killed / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    capfd.readouterr()
+    outcome = run_stage("pretrain_clip", *args, "trainer.resume_from=latest", cwd=tmp_path)
+    output = capfd.readouterr().out
+    step = latest["metrics"]["step"]
+    assert f"resuming from {killed / latest['checkpoint_dir_name']}" in output, output[-3000:]
+    assert f"resumed from step {step} ({step * 128} samples seen)" in output, output[-3000:]
+    assert outcome["step"] == 20 and outcome["samples_seen"] == 20 * 128
+
+
+def test_resume_latest_without_a_checkpoint_is_one_clear_error(tmp_path):
+    from components.train.driver import latest_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="resume_from=latest: no checkpoint of a 'pretrain-clip' run under"):
+        latest_checkpoint(str(tmp_path), "pretrain-clip")

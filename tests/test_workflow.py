@@ -136,3 +136,29 @@ def test_output_directory_is_named_by_the_key(tmp_path):
     reports, state = chain.run()
     for report in reports:
         assert Path(report.outputs["file"]).parent.name == state.get(report.name)["key"]
+
+
+def test_ingest_writes_into_its_keyed_folder_and_an_edited_url_list_changes_its_key(tmp_path):
+    """pipelines/end_to_end.py's ingest stage: shards go to the stage's folder named by its key unless the data
+    names one itself (a changed setting never meets an earlier run's shards), and the key follows the URL list's
+    content, not only its path."""
+    from components.workflow import cache_key
+    from pipelines import end_to_end
+    from tests.helpers import listed
+
+    urls = tmp_path / "pairs.csv"
+    urls.write_text("url,caption\nhttps://images.example/a.png,a red apple\n")
+
+    def ingest(*data: str) -> tuple[Stage, str, str]:
+        cfg = end_to_end.stage_config("end_to_end", ["corpus=url_list",
+                                                     f"data_overrides={listed([f'data.url_list={urls}', *data])}"])
+        (stage,) = [s for s in end_to_end.build_stages(cfg) if s.name == "ingest"]
+        out = str(tmp_path / "work" / "ingest" / "KEY")
+        return stage, cache_key(stage, stage.config({}, out), {}), stage.config({}, out).data.output_dir
+
+    stage, key, output_dir = ingest()
+    assert output_dir == str(tmp_path / "work" / "ingest" / "KEY")
+    assert ingest(f"data.output_dir={tmp_path / 'mine'}")[2] == str(tmp_path / "mine")
+    assert ingest()[1] == key  # the same list, the same key
+    urls.write_text("url,caption\nhttps://images.example/a.png,a green apple\n")
+    assert ingest()[1] != key

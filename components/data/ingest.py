@@ -26,16 +26,15 @@ from components import lease, storage
 from components.data.dedup import find_duplicates
 from components.data.filters import build_filters
 from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
+from components.data.shard_sets import MANIFEST
 from components.data.shards import ShardWriter, stats_file
-from components.data.url_list import key_digits, listed_rows, split_into_parts
+from components.data.url_list import UrlList, key_digits, listed_rows, split_into_parts
 from components.secrets import redacted_text
-
-MANIFEST = "_manifest.json"
 
 
 @dataclass(frozen=True)
 class IngestJob:
-    url_list: str
+    url_list: UrlList  # a file, folder or glob, or several (components/data/url_list.py)
     output_dir: UPath  # a local directory or an object-store URL (components/storage.py)
     part_settings: PartSettings
     shard_size: int = 10_000
@@ -173,7 +172,8 @@ def _manifest(job: IngestJob, shard_names: list[str], listed: int, reasons: list
     image = job.part_settings.image
     return {
         "dataset": job.dataset_name,
-        "url_list": redacted_text(job.url_list),
+        "url_list": (redacted_text(job.url_list) if isinstance(job.url_list, str)
+                     else [redacted_text(entry) for entry in job.url_list]),
         "input_rows": total_in,
         "kept": kept,
         "dropped": dict(dropped),

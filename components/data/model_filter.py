@@ -30,8 +30,8 @@ from tqdm import tqdm
 from upath import UPath
 
 from components import storage
-from components.data.ingest import MANIFEST
 from components.data.process_part import OK
+from components.data.shard_sets import MANIFEST
 from components.data.shards import IMAGE_EXTENSIONS, write_shard
 
 REASON = "model_score"

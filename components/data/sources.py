@@ -11,14 +11,15 @@ from upath import UPath
 
 from components.data import emoji_corpus
 from components.data.download import DownloadConfig
-from components.data.ingest import MANIFEST, IngestError, IngestJob, run_ingest
+from components.data.ingest import IngestError, IngestJob, run_ingest
 from components.data.process_part import ImageSettings, PartSettings
-from components.data.url_list import check_url_list
+from components.data.shard_sets import MANIFEST, shard_files
+from components.data.url_list import UrlList, check_url_list
 from components.runtime import path
 from components.storage import location
 
 
-def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
+def job_from_config(cfg: DictConfig, url_list: UrlList) -> IngestJob:
     ingest = cfg.ingest
     download = OmegaConf.to_container(ingest.download, resolve=True)
     for name in ("allow_networks", "disallowed_header_directives"):
@@ -38,11 +39,11 @@ def job_from_config(cfg: DictConfig, url_list: str) -> IngestJob:
     )
 
 
-def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
+def prepare_source(cfg: DictConfig, stack: ExitStack) -> UrlList:
     """The URL list to ingest; for the built-in corpus, build it and (for HTTP) serve it for the run."""
     data = cfg.data
     if data.source == "url_list":
-        return _url_list(cfg)
+        return url_list_location(cfg)
     corpus_dir = path(data.corpus_dir)
     emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
     url_list = location(data.output_dir) / "_source_urls.parquet"
@@ -56,7 +57,8 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> str:
     elif data.source == "emoji_local":
         emoji_corpus.write_local_list(corpus_dir, url_list, split=data.split, mismatch=mismatch)
     else:
-        raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list")
+        raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list (or "
+                          "data=webdataset for shards made elsewhere)")
     return str(url_list)
 
 
@@ -65,12 +67,17 @@ def check_source(cfg: DictConfig) -> None:
     anything starts."""
     job_from_config(cfg, url_list="")  # the job checks every setting as it is built; the list is checked below
     if cfg.data.source == "url_list":
-        check_url_list(_url_list(cfg), cfg.data.url_col, cfg.data.caption_col)
+        check_url_list(url_list_location(cfg), cfg.data.url_col, cfg.data.caption_col)
 
 
-def _url_list(cfg: DictConfig) -> str:
+def url_list_location(cfg: DictConfig) -> UrlList:
+    """data.url_list with local entries made absolute (Hydra may change the working directory): one entry, or a
+    tuple of them."""
+    def absolute(entry: str) -> str:
+        return entry if "://" in entry else str(path(entry))
+
     url_list = cfg.data.url_list
-    return url_list if "://" in url_list else str(path(url_list))
+    return absolute(url_list) if isinstance(url_list, str) else tuple(absolute(str(e)) for e in url_list)
 
 
 def ingest_from_config(cfg: DictConfig) -> tuple[dict[str, Any], IngestJob]:
@@ -86,8 +93,12 @@ def shards_ready(output_dir: UPath) -> bool:
 
 
 def ensure_shards(cfg: DictConfig, stage: str) -> UPath:
-    """The shard directory of cfg.data, ingesting the built-in corpus first when it has no finished ingest."""
+    """The shard set of cfg.data: shards made elsewhere (data=webdataset) as they are, else the directory of a
+    finished ingest, ingesting the built-in corpus first when it has none."""
     shard_dir = location(cfg.data.output_dir)
+    if cfg.data.source == "shards":
+        shard_files(shard_dir)  # a missing directory, an empty one or a pattern's missing shard: one line
+        return shard_dir
     if not shards_ready(shard_dir):
         if cfg.data.source == "url_list":
             raise FileNotFoundError(f"no finished ingest in {shard_dir}: run pipelines/ingest.py with this data first")

@@ -1,15 +1,16 @@
 """Read URL lists (Parquet, CSV/TSV, JSONL, gzipped too) and cut them into fixed-size input parts.
 
-The driver streams the list once in record batches (never holding it whole) and writes part files of
-`shard_size` rows. A part is the unit of work, of resume and of output: part 17 becomes shard 00017.
-Keys follow img2dataset: shard id then index inside the shard, zero-padded.
+A URL list is a file, a folder (every list file in it), a glob, or a list of these (LAION's metadata is 32
+Parquet files): their rows in order, as one list. The driver streams it once in record batches (never holding a
+file whole) and writes part files of `shard_size` rows. A part is the unit of work, of resume and of output: part 17
+becomes shard 00017. Keys follow img2dataset: shard id then index inside the shard, zero-padded.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import fsspec
@@ -24,6 +25,7 @@ from components import storage
 from components.secrets import redacted_text
 
 READ_BATCH_ROWS = 65_536
+READ_BLOCK_BYTES = 16 << 20  # CSV and JSONL are parsed in blocks of this size
 
 
 class UrlListError(ValueError):
@@ -44,8 +46,49 @@ def list_format(path: str) -> str:
                        "(optionally .gz)")
 
 
+UrlList = str | Sequence[str]  # a file, folder or glob, or several
+LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+
+
+def _is_list_file(path: str) -> bool:
+    return _file_name(path).removesuffix(".gz").endswith(LIST_SUFFIXES)
+
+
+def list_files(url_list: UrlList) -> list[str]:
+    """The files of a URL list setting, in order: a file as it is, a folder's list files and a glob's matches
+    sorted by name (a folder searched recursively). UrlListError when an entry names nothing."""
+    files = []
+    for entry in [url_list] if isinstance(url_list, str) else list(url_list):
+        if urlsplit(entry).scheme in ("http", "https"):  # a (presigned) URL: `?` starts its query, not a glob
+            files.append(entry)
+            continue
+        fs, fs_path = fsspec.core.url_to_fs(entry)
+        protocol = entry.split("://", 1)[0] + "://" if "://" in entry else ""
+        if any(c in fs_path for c in "*?["):
+            found = [p for p in fs.glob(fs_path) if _is_list_file(p)]
+        elif fs.isdir(fs_path):
+            found = [p for p in fs.find(fs_path) if _is_list_file(p)]
+        else:
+            files.append(entry)
+            continue
+        if not found:
+            raise UrlListError(f"no URL list files ({', '.join(LIST_SUFFIXES)}, optionally .gz) in "
+                               f"{redacted_text(entry)}")
+        files.extend(protocol + p if protocol and not p.startswith(protocol) else p for p in sorted(found))
+    if not files:
+        raise UrlListError("the URL list names no file")
+    return files
+
+
+def iter_list_batches(url_list: UrlList, url_col: str, caption_col: str) -> Iterator[pa.RecordBatch]:
+    """Every file's rows in order, each batch with the URL and caption columns normalised (_normalise_columns)."""
+    for path in list_files(url_list):
+        for batch in iter_batches(path):
+            yield _normalise_columns(batch, url_col, caption_col, path)
+
+
 def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
-    """Stream a URL list as record batches; every column is kept."""
+    """Stream one URL list file as record batches; every column is kept."""
     fmt = list_format(path)
     if fmt == "parquet":
         with fsspec.open(path, "rb") as f:
@@ -53,28 +96,27 @@ def iter_batches(path: str) -> Iterator[pa.RecordBatch]:
         return
     with fsspec.open(path, "rb", compression="gzip" if _file_name(path).endswith(".gz") else None) as f:
         if fmt == "jsonl":
-            # pyarrow's JSON reader streams in blocks of this many bytes.
-            table = pa_json.read_json(f, read_options=pa_json.ReadOptions(block_size=16 << 20))
-            yield from table.to_batches(max_chunksize=READ_BATCH_ROWS)
+            # Streamed block by block; the columns are the first block's.
+            yield from pa_json.open_json(f, read_options=pa_json.ReadOptions(block_size=READ_BLOCK_BYTES))
             return
         parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
         convert = pa_csv.ConvertOptions(strings_can_be_null=True)
         reader = pa_csv.open_csv(f, parse_options=parse, convert_options=convert,
-                                 read_options=pa_csv.ReadOptions(block_size=16 << 20))
+                                 read_options=pa_csv.ReadOptions(block_size=READ_BLOCK_BYTES))
         yield from reader
 
 
-def check_url_list(path: str, url_col: str = "url", caption_col: str = "caption") -> None:
-    """UrlListError when `path` cannot be ingested as given (format, existence, columns), read from its first
-    batch: a bad list is refused before a cluster starts."""
-    list_format(path)
-    try:
-        fingerprint(path)
-    except FileNotFoundError:
-        raise UrlListError(f"URL list {redacted_text(path)} does not exist") from None
-    first = next(iter_batches(path), None)
-    if first is not None:
-        _normalise_columns(first, url_col, caption_col, path)
+def check_url_list(url_list: UrlList, url_col: str = "url", caption_col: str = "caption") -> None:
+    """UrlListError when a file of the list cannot be ingested as given (format, existence, columns), each read
+    from its first batch: a bad list is refused before a cluster starts."""
+    files = list_files(url_list)
+    for path in files:
+        list_format(path)
+    list_identity(url_list)
+    for path in files:
+        first = next(iter_batches(path), None)
+        if first is not None:
+            _normalise_columns(first, url_col, caption_col, path)
 
 
 def key_digits(shard_size: int) -> int:
@@ -83,6 +125,18 @@ def key_digits(shard_size: int) -> int:
 
 def make_key(part: int, index: int, shard_size: int) -> str:
     return f"{part:05d}{index:0{key_digits(shard_size)}d}"
+
+
+def list_identity(url_list: UrlList) -> dict | list[dict]:
+    """The list's files' fingerprints for resume checks (one file: its fingerprint alone, as before lists of
+    several files existed); UrlListError when a file does not exist."""
+    found = []
+    for path in list_files(url_list):
+        try:
+            found.append(fingerprint(path))
+        except FileNotFoundError:
+            raise UrlListError(f"URL list {redacted_text(path)} does not exist") from None
+    return found[0] if len(found) == 1 else found
 
 
 def fingerprint(path: str) -> dict:
@@ -102,7 +156,7 @@ def shuffled(batches: Iterator[pa.RecordBatch], window: int, seed: int) -> Itera
     held: pa.Table | None = None
     for batch in batches:
         arrived = pa.Table.from_batches([batch])
-        held = arrived if held is None else pa.concat_tables([held, arrived])
+        held = arrived if held is None else pa.concat_tables([held, arrived], promote_options="permissive")
         if held.num_rows > window:
             order = rng.permutation(held.num_rows)
             yield from held.take(order[:held.num_rows - window]).to_batches()
@@ -112,7 +166,7 @@ def shuffled(batches: Iterator[pa.RecordBatch], window: int, seed: int) -> Itera
 
 
 def split_into_parts(
-    path: str,
+    url_list: UrlList,
     parts_dir: UPath,
     shard_size: int,
     url_col: str = "url",
@@ -125,11 +179,9 @@ def split_into_parts(
 
     Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
     """
-    list_format(path)
-    try:
-        source = fingerprint(path)
-    except FileNotFoundError:
-        raise UrlListError(f"URL list {redacted_text(path)} does not exist") from None
+    for path in list_files(url_list):
+        list_format(path)
+    source = list_identity(url_list)
     parts_dir.mkdir(parents=True, exist_ok=True)
     done_file = parts_dir / "_done.json"
     identity = {"input": source, "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
@@ -148,14 +200,15 @@ def split_into_parts(
 
     def flush(tables: list[pa.RecordBatch]) -> None:
         part = len(parts)
-        table = pa.Table.from_batches(tables)
+        # Files of one list may type a column differently (a CSV's integers, a Parquet's floats): unified.
+        table = pa.concat_tables([pa.Table.from_batches([b]) for b in tables], promote_options="permissive")
         keys = pa.array([make_key(part, i, shard_size) for i in range(table.num_rows)])
         table = table.add_column(0, "key", keys)
         out = parts_dir / f"part-{part:05d}.parquet"
         storage.write_parquet(table, out)
         parts.append(out)
 
-    batches = (_normalise_columns(batch, url_col, caption_col, path) for batch in iter_batches(path))
+    batches = iter_list_batches(url_list, url_col, caption_col)
     if shuffle_window:
         batches = shuffled(batches, shuffle_window, shuffle_seed)
     for batch in batches:
@@ -171,7 +224,7 @@ def split_into_parts(
     if pending_rows:
         flush(pending)
     if total == 0:
-        raise UrlListError(f"{redacted_text(path)} holds no rows")
+        raise UrlListError(f"{redacted_text(str(url_list))} holds no rows")
     storage.write_text(done_file, json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
     return parts
 

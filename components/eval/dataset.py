@@ -18,6 +18,7 @@ import ray
 from upath import UPath
 
 from components import storage
+from components.data.shard_sets import is_pattern, shard_files
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
 
@@ -31,7 +32,10 @@ class EvalFields:
 
 
 def data_files(path: str | os.PathLike) -> tuple[str, list[UPath]]:
-    """("webdataset" | "parquet", files) for a shard directory or a single file, local or in an object store."""
+    """("webdataset" | "parquet", files) for a shard directory, a brace pattern of shards or a single file, local
+    or in an object store."""
+    if is_pattern(path):
+        return "webdataset", shard_files(path)
     path = UPath(path)
     if path.is_file():
         kind = "parquet" if path.suffix == ".parquet" else "webdataset"

@@ -44,7 +44,7 @@ class CLIP(ContrastiveModel):
         self.model = model
         self.image_size = int(model.config.vision_config.image_size)
         self.max_text_length = int(model.config.text_config.max_position_embeddings)
-        self.eos_token_id = int(model.config.text_config.eos_token_id)
+        self.eos_token_id = pooled_token_id(model.config.text_config)
         self.image_mean = tuple(image_mean or self.default_image_mean)
         self.image_std = tuple(image_std or self.default_image_std)
 
@@ -74,8 +74,10 @@ class CLIP(ContrastiveModel):
             if overrides:
                 raise ValueError(f"overrides {sorted(overrides)} cannot change a pretrained model's architecture")
             model = CLIPModel.from_pretrained(pretrained)
+            # pad and bos are not checked: the towers never read them (padding is masked, the first token is
+            # whatever the tokenizer puts there), and OpenAI's configs carry placeholders (pad 1, bos 0).
             _check_matches(model.config, pretrained, vocab_size=vocab_size, image_size=image_size,
-                           pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+                           eos_token_id=eos_token_id)
             mean, std = _read_normalisation(pretrained)
             return cls(model, image_mean or mean, image_std or std)
 
@@ -196,11 +198,18 @@ def _find_file(source: str | Path, name: str) -> str | None:
         return None
 
 
+def pooled_token_id(text_config) -> int:
+    """The token whose state CLIPTextModel pools: eos_token_id, except in a legacy config (eos_token_id 2, as
+    OpenAI's checkpoints and the LAION ones converted from open_clip carry it), where transformers pools at
+    argmax(input_ids), the vocabulary's last id: <|endoftext|> in OpenAI's layout."""
+    eos = int(text_config.eos_token_id)
+    return int(text_config.vocab_size) - 1 if eos == 2 else eos
+
+
 def _check_matches(config, source: str, **wanted: int | None) -> None:
     """Explicit build arguments must agree with the pretrained config (a tokenizer mismatch is silent otherwise)."""
     have = {"vocab_size": config.text_config.vocab_size, "image_size": config.vision_config.image_size,
-            "pad_token_id": config.text_config.pad_token_id, "bos_token_id": config.text_config.bos_token_id,
-            "eos_token_id": config.text_config.eos_token_id}
+            "eos_token_id": pooled_token_id(config.text_config)}
     wrong = {k: (v, have[k]) for k, v in wanted.items() if v is not None and v != have[k]}
     if wrong:
         detail = ", ".join(f"{k}={v} (pretrained has {h})" for k, (v, h) in wrong.items())

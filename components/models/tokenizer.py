@@ -6,11 +6,11 @@ The trained tokenizer is saved in transformers' format beside the model, so `Aut
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from upath import UPath
@@ -48,23 +48,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
                                    unk_token=unk)
 
 
-def captions_from_shards(shard_dir: str | os.PathLike, limit: int = 1_000_000, column: str = "caption",
+def captions_from_shards(shards: str | os.PathLike, limit: int = 1_000_000, column: str = "caption",
                          where: dict | None = None) -> Iterator[str]:
-    """Stream up to `limit` captions from the shards' Parquet metadata (a few columns, never a whole dataset);
-    `where` keeps only rows whose columns equal the given values (e.g. {"split": "train"})."""
-    where = dict(where or {})
-    seen = 0
-    for path in sorted(UPath(shard_dir).glob("[0-9]*.parquet"), key=str):
-        with path.open("rb") as file:
-            for batch in pq.ParquetFile(file).iter_batches(columns=[column, *where], batch_size=8192):
-                rows = batch.to_pydict()
-                keep = [all(rows[k][i] == v for k, v in where.items()) for i in range(batch.num_rows)]
-                for caption, kept in zip(rows[column], keep):
-                    if caption and kept:
-                        yield caption
-                        seen += 1
-                        if seen >= limit:
-                            return
+    """Stream up to `limit` captions of a shard set (components/data/shard_sets.py: the Parquet companions'
+    few columns where present, never a whole dataset); `where` keeps only rows whose columns equal the given
+    values (e.g. {"split": "train"})."""
+    from components.data.shard_sets import captions
+
+    return itertools.islice(captions(shards, column, where), limit)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer(name_or_path: str | os.PathLike) -> bool:
+    """Whether a model directory (local or in an object store) holds a tokenizer; a hub name is taken to."""
+    location = storage.location(name_or_path)
+    if storage.is_remote(name_or_path) or location.exists():
+        return any((location / name).is_file() for name in TOKENIZER_FILES)
+    return True
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:

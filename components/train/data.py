@@ -21,6 +21,7 @@ from PIL import Image
 from upath import UPath
 
 from components import storage
+from components.data.shard_sets import shard_files
 
 
 @dataclass(frozen=True)
@@ -53,19 +54,11 @@ class BatchSpec:
     seed: int = 0
 
 
-def shard_paths(shard_dir: str | os.PathLike) -> list[UPath]:
-    paths = sorted(UPath(shard_dir).glob("[0-9]*.tar"), key=str)
-    if not paths:
-        raise FileNotFoundError(f"no WebDataset shards (*.tar) in {shard_dir}; run pipelines/ingest.py first")
-    return paths
-
-
 def read_pairs(shards: str | os.PathLike | list[UPath], where: dict[str, Any] | None = None) -> ray.data.Dataset:
-    """Image bytes, caption and metadata of every sample of a shard directory (or of a list of shard files, read
-    in that order), optionally only rows whose json fields match `where`; the shards may be local or in an object
-    store."""
-    paths = shards if isinstance(shards, list) else shard_paths(shards)
-    files, filesystem = storage.arrow_paths(paths)
+    """Image bytes, caption and metadata of every sample of a shard set (components/data/shard_sets.py; or of a
+    list of shard files, read in that order), optionally only rows whose json fields match `where`; the shards
+    may be local or in an object store."""
+    files, filesystem = storage.arrow_paths(shard_files(shards))
     dataset = ray.data.read_webdataset(files, decoder=None, filesystem=filesystem, override_num_blocks=None)
     return dataset.map_batches(_unpack, fn_kwargs={"where": dict(where or {})}, batch_format="pandas")
 
@@ -77,7 +70,7 @@ def matching_share(shard_dir: str | os.PathLike, where: dict[str, Any] | None, s
     if not where:
         return 1.0
     matched = total = 0
-    for tar in shard_paths(shard_dir)[:sample_shards]:
+    for tar in shard_files(shard_dir)[:sample_shards]:
         try:
             table = storage.read_parquet(tar.with_suffix(".parquet"), columns=list(where))
         except (FileNotFoundError, KeyError, ValueError):  # no companion, or a `where` key it lacks
@@ -92,7 +85,10 @@ def _unpack(batch, where: dict[str, Any]):
     import pandas as pd
 
     image_column = next(c for c in ("jpg", "png", "webp", "jpeg") if c in batch.columns)
-    meta = [json.loads(m) for m in batch["json"]]
+    meta = [json.loads(m) for m in batch["json"]] if "json" in batch.columns else [{} for _ in range(len(batch))]
+    if "txt" in batch.columns:  # shards made elsewhere may carry the caption only as {key}.txt
+        for fields, text in zip(meta, batch["txt"]):
+            fields.setdefault("caption", text.decode("utf-8").strip() if isinstance(text, bytes) else text)
     keep = [all(m.get(k) == v for k, v in where.items()) for m in meta]
     rows = {"key": batch["__key__"], "image": batch[image_column], "meta": [json.dumps(m) for m in meta]}
     frame = pd.DataFrame(rows)[keep]
@@ -216,7 +212,7 @@ def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, An
     dominate. Large datasets need 1. The passes are one read of the shard files in `pass_order`, so rows stream
     from the first file read: randomize_block_order would hold each pass back until all of it had been read,
     and a union of per-pass reads makes Ray Data reserve resources for every branch."""
-    pairs = read_pairs(pass_order(shard_paths(shard_dir), passes, spec.seed), where)
+    pairs = read_pairs(pass_order(shard_files(shard_dir), passes, spec.seed), where)
     return pairs.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=64, num_cpus=0.5,
                              concurrency=preprocess_workers)
 

@@ -3,7 +3,9 @@ the stage's trainer settings, DeepSpeed's config, the workers' config, Ray Train
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +64,36 @@ def worker_config(cfg: DictConfig, trainer_cfg: DictConfig, deepspeed: dict[str,
         "torch_threads": trainer_cfg.torch_threads or max(1, (os.cpu_count() or 1) // trainer_cfg.workers),
         "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(), "run_id": run_id},
     }
+
+
+LATEST = "latest"  # trainer.resume_from=latest
+RAY_CHECKPOINTS = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> str:
+    """The newest checkpoint Ray Train registered for any run named `run_name`-<MLflow run id> under
+    `storage_path` (a run whose driver died, or a finished one), as open_clip's `--resume latest` finds its last.
+    Only registered checkpoints count: one half-written when the driver died is not in Ray's record.
+    FileNotFoundError in one line when there is none."""
+    root = storage.location(storage_path)
+    own = re.compile(rf"{re.escape(run_name)}-[0-9a-f]{{8}}")
+    found = []
+    for run in (root.iterdir() if root.is_dir() else []):
+        record = run / RAY_CHECKPOINTS
+        if own.fullmatch(run.name) and record.is_file():
+            latest = json.loads(record.read_text()).get("latest_checkpoint_result")
+            if latest:
+                found.append(run / latest["checkpoint_dir_name"])
+    if not found:
+        raise FileNotFoundError(f"trainer.resume_from=latest: no checkpoint of a {run_name!r} run under {root}")
+    return str(max(found, key=lambda checkpoint: checkpoint.name))  # checkpoint_<time>: names sort by time
+
+
+def resolve_resume(trainer_cfg: DictConfig, run_name: str, stage: str) -> None:
+    """trainer.resume_from=latest replaced, in the config, by the checkpoint it finds (said in one line)."""
+    if trainer_cfg.resume_from == LATEST:
+        trainer_cfg.resume_from = latest_checkpoint(trainer_cfg.storage_path, run_name)
+        print(f"[{stage}] resuming from {trainer_cfg.resume_from}", flush=True)
 
 
 def train_and_export(trainer_cfg: DictConfig, train_config: dict[str, Any], dataset: ray.data.Dataset,

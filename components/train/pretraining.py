@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from upath import UPath
 
 from components import storage
+from components.data.shard_sets import sample_count
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, check_temperature_init, family_class
 from components.tracking import mlflow_runs
@@ -24,6 +25,7 @@ from components.train.driver import (
     deepspeed_settings,
     describe_scale,
     log_loss_curve,
+    resolve_resume,
     train_and_export,
     worker_config,
 )
@@ -33,11 +35,20 @@ from components.train.losses import ContrastiveLoss
 
 def run_tokenizer(cfg: DictConfig, shard_dir: UPath, out_dir: UPath):
     """The tokenizer of the checkpoint resumed from (the vocabulary its embeddings were trained with), else
-    cfg.tokenizer.path, else a byte-level BPE trained on the training captions."""
-    from components.models.tokenizer import captions_from_shards, prepare_tokenizer
+    cfg.tokenizer.path, else the pretrained checkpoint's own (model.pretrained), else a byte-level BPE trained on
+    the training captions."""
+    from components.models.tokenizer import captions_from_shards, has_tokenizer, prepare_tokenizer
 
     resumed = storage.location(cfg.trainer.resume_from) / CHECKPOINT_TOKENIZER if cfg.trainer.resume_from else None
-    given = resumed if resumed is not None and resumed.is_dir() else cfg.tokenizer.path
+    pretrained = cfg.model.get("pretrained")
+    if resumed is not None and resumed.is_dir():
+        given = resumed
+    elif cfg.tokenizer.path:
+        given = cfg.tokenizer.path
+    elif pretrained and has_tokenizer(pretrained):
+        given = pretrained
+    else:
+        given = None
     return prepare_tokenizer(given, lambda: captions_from_shards(shard_dir, limit=cfg.tokenizer.max_captions,
                                                                  where=_where(cfg.data.get("train_where"))),
                              out_dir, cfg.tokenizer.vocab_size)
@@ -66,6 +77,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
+    resolve_resume(trainer_cfg, cfg.mlflow.run_name, "pretrain")
     run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
     tokens = family_class(cfg.model.family).text_input == "tokens"
     tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / run_name  # read by the data workers (any node)
@@ -129,7 +141,7 @@ def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path
     # Enough passes for the whole run in one stream; +1 for what each pass loses to drop_last and for the error
     # of the sampled share. A run that still outlasts the stream starts a new one (seconds of stall).
     where = _where(cfg.data.get("train_where"))
-    kept = json.loads((shard_dir / "_manifest.json").read_text())["kept"] * matching_share(shard_dir, where)
+    kept = sample_count(shard_dir)[0] * matching_share(shard_dir, where)
     passes = math.ceil(trainer_cfg.samples / max(1, kept)) + 1
     return training_dataset(shard_dir, spec_batch, where=where, preprocess_workers=trainer_cfg.preprocess_workers,
                             passes=passes)

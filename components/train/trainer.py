@@ -126,7 +126,10 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: UPath, tokenizer_dir: st
         if tokenizer_dir:
             from components.models.tokenizer import load_tokenizer
 
-            load_tokenizer(tokenizer_dir).save_pretrained(local)
+            tokenizer = load_tokenizer(tokenizer_dir)
+            if getattr(model, "max_text_length", None):  # truncation at the text tower's length for its users
+                tokenizer.model_max_length = model.max_text_length
+            tokenizer.save_pretrained(local)
     return model.eval()
 
 
