@@ -89,6 +89,7 @@ bench: setup
 	$(PY) benchmarks/demo_recipe.py
 	$(PY) benchmarks/object_store_chain.py
 	$(PY) benchmarks/caption_decoding.py
+	$(PY) benchmarks/dynamic_padding.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db
