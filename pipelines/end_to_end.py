@@ -110,7 +110,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return stage_config("ingest", overrides("ingest", *corpus, *keyed))
 
     def url_list_digest(c):
-        if c.data.source != "url_list":
+        if c.data.source not in ("url_list", "image_folder") or not c.data.get("url_list"):
             return ""
         return json.dumps(list_identity(url_list_location(c)), sort_keys=True)  # path, size, mtime per file
 

@@ -289,6 +289,47 @@ def test_shards_round_trip_through_ray_and_webdataset(ray_session, small_corpus,
     assert sum(sizes.values()) == len(metadata)
 
 
+def test_local_images_from_a_folder_or_a_path_column_are_ingested_and_accounted_for(ray_session, small_corpus,
+                                                                                    tmp_path):
+    """data=image_folder: a nested folder of image + .txt pairs (one image without its .txt, one .png that is no
+    image), then a list naming files in a path column (one of them missing). Every file is a row, kept or dropped
+    by reason."""
+    import shutil
+
+    from tests.helpers import run_stage
+
+    originals = sorted(small_corpus.rglob("*.png"))[:8]
+    folder = tmp_path / "photos"
+    captions = {}
+    for number, original in enumerate(originals):
+        image = folder / ("nested" if number % 2 else "") / f"photo{number}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(original, image)
+        if number != 3:  # photo3 has no caption
+            captions[image.name] = f"a drawing number {number}"
+            image.with_suffix(".txt").write_text(captions[image.name] + "\n")
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "broken.txt").write_text("a broken file")
+    no_dedup = ["filters.exact_dedup.enabled=false", "filters.near_dedup.enabled=false", "progress=false"]
+
+    run_stage("ingest", "data=image_folder", f"data.root={folder}", f"data.output_dir={tmp_path / 'shards'}",
+              *no_dedup, cwd=tmp_path)
+    manifest = json.loads((tmp_path / "shards" / "_manifest.json").read_text())
+    assert manifest["input_rows"] == 9 and manifest["kept"] == 7
+    assert {k: v for k, v in manifest["dropped"].items() if v} == {"caption_length": 1, "not_an_image": 1}
+    rows = read_shards(tmp_path / "shards")
+    assert {Path(r["json"]["url"]).name: r["txt"] for r in rows} == captions
+
+    listed_files = pd.DataFrame({"path": [str(folder / "photo0.png"), str(folder / "gone.png"),
+                                          str(folder / "nested" / "photo1.png")],
+                                 "caption": ["first", "missing", "second"]})
+    listed_files.to_csv(tmp_path / "files.csv", index=False)
+    run_stage("ingest", "data=image_folder", f"data.url_list={tmp_path / 'files.csv'}",
+              f"data.output_dir={tmp_path / 'listed'}", *no_dedup, cwd=tmp_path)
+    manifest = json.loads((tmp_path / "listed" / "_manifest.json").read_text())
+    assert manifest["kept"] == 2 and {k: v for k, v in manifest["dropped"].items() if v} == {"file_missing": 1}
+
+
 def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(ray_session, tmp_path, capsys):
     """pipelines/ingest.py as `make demo` runs it (built-in corpus over HTTP), on a small slice."""
     import mlflow

@@ -107,7 +107,8 @@ def test_filter_units_and_config():
     assert not side.keep(images.Header("PNG", 16, 400)) and not ratio.keep(images.Header("PNG", 400, 100))
     assert build_filters({name: {**cfg, "enabled": False} for name, cfg in DEFAULT_FILTERS.items()}).reasons() == [
         "invalid_url", "unsupported_scheme", "blocked_address", "dns_error", "connection_error", "timeout",
-        "http_error", "too_large", "too_many_redirects", "opted_out", "not_an_image", "truncated_image",
+        "http_error", "too_large", "too_many_redirects", "opted_out", "file_missing", "read_error", "not_an_image",
+        "truncated_image",
         "decode_error"]
     with pytest.raises(ValueError, match="unknown filter"):
         build_filters({"blur": {"enabled": True}})

@@ -16,9 +16,10 @@ import numpy as np
 
 from components.data.download import DOWNLOAD_ERRORS
 from components.data.images import Header
+from components.data.local_files import LOCAL_ERRORS
 
 # Drop reasons that are not filter names: what the download and decode steps record.
-DOWNLOAD_REASONS = DOWNLOAD_ERRORS
+DOWNLOAD_REASONS = DOWNLOAD_ERRORS + LOCAL_ERRORS
 DECODE_REASONS = ("not_an_image", "truncated_image", "decode_error")
 DEDUP_REASONS = ("duplicate_exact", "duplicate_near")
 

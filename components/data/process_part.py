@@ -25,6 +25,7 @@ from components import storage
 from components.data import images
 from components.data.download import DownloadConfig, SafeDownloader
 from components.data.filters import FilterSet, build_filters
+from components.data.local_files import LocalFiles
 
 OK = "ok"
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's
@@ -63,6 +64,7 @@ class PartSettings:
     image: ImageSettings = ImageSettings()
     download: DownloadConfig = DownloadConfig()
     filters: dict[str, Any] = field(default_factory=dict)
+    local_files: bool = False  # data=image_folder: the url column names image files (data/local_files.py)
 
 
 def staging_done_marker(staging_file: UPath) -> UPath:
@@ -75,7 +77,7 @@ class PartProcessor:
     def __init__(self, settings: PartSettings):
         self.settings = settings
         self.filters: FilterSet = build_filters(settings.filters)
-        self.downloader = SafeDownloader(settings.download)
+        self.downloader = (LocalFiles if settings.local_files else SafeDownloader)(settings.download)
         image = settings.image
         self.resizer = images.make_resizer(image.image_size, image.resize_mode, image.encode_format, image.encode_quality)
 

@@ -12,6 +12,7 @@ from upath import UPath
 from components.data import emoji_corpus
 from components.data.download import DownloadConfig
 from components.data.ingest import IngestError, IngestJob, run_ingest
+from components.data.local_files import write_folder_list
 from components.data.process_part import ImageSettings, PartSettings
 from components.data.shard_sets import MANIFEST, shard_files
 from components.data.url_list import UrlList, check_url_list
@@ -29,6 +30,7 @@ def job_from_config(cfg: DictConfig, url_list: UrlList) -> IngestJob:
                             tuple(ingest.image_formats)),
         download=DownloadConfig(**download),
         filters=OmegaConf.to_container(cfg.filters, resolve=True),
+        local_files=cfg.data.source == "image_folder",
     )
     return IngestJob(
         url_list=url_list, output_dir=location(cfg.data.output_dir), part_settings=settings,
@@ -44,6 +46,10 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> UrlList:
     data = cfg.data
     if data.source == "url_list":
         return url_list_location(cfg)
+    if data.source == "image_folder":
+        if data.get("root"):
+            return str(write_folder_list(path(data.root), location(data.output_dir) / "_source_files.parquet"))
+        return url_list_location(cfg)
     corpus_dir = path(data.corpus_dir)
     emoji_corpus.build_corpus(corpus_dir, image_size=data.corpus_image_size, limit=data.limit, progress=cfg.progress)
     url_list = location(data.output_dir) / "_source_urls.parquet"
@@ -57,8 +63,8 @@ def prepare_source(cfg: DictConfig, stack: ExitStack) -> UrlList:
     elif data.source == "emoji_local":
         emoji_corpus.write_local_list(corpus_dir, url_list, split=data.split, mismatch=mismatch)
     else:
-        raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local or url_list (or "
-                          "data=webdataset for shards made elsewhere)")
+        raise IngestError(f"unknown data.source {data.source!r}: use emoji_http, emoji_local, url_list or "
+                          "image_folder (or data=webdataset for shards made elsewhere)")
     return str(url_list)
 
 
@@ -66,8 +72,14 @@ def check_source(cfg: DictConfig) -> None:
     """Refuse settings out of range, or a URL list that cannot be ingested (format, existence, columns), before
     anything starts."""
     job_from_config(cfg, url_list="")  # the job checks every setting as it is built; the list is checked below
-    if cfg.data.source == "url_list":
-        check_url_list(url_list_location(cfg), cfg.data.url_col, cfg.data.caption_col)
+    data = cfg.data
+    if data.source == "image_folder" and bool(data.get("root")) == bool(data.get("url_list")):
+        raise IngestError("data=image_folder takes data.root (a folder of image + .txt pairs) or data.url_list (a "
+                          "list whose data.url_col names image files), not both or neither")
+    if data.source == "image_folder" and data.root and not location(data.root).is_dir():
+        raise IngestError(f"data.root {data.root} is not a folder")
+    if data.source == "url_list" or (data.source == "image_folder" and data.url_list):
+        check_url_list(url_list_location(cfg), data.url_col, data.caption_col)
 
 
 def url_list_location(cfg: DictConfig) -> UrlList:
@@ -100,7 +112,7 @@ def ensure_shards(cfg: DictConfig, stage: str) -> UPath:
         shard_files(shard_dir)  # a missing directory, an empty one or a pattern's missing shard: one line
         return shard_dir
     if not shards_ready(shard_dir):
-        if cfg.data.source == "url_list":
+        if cfg.data.source in ("url_list", "image_folder"):
             raise FileNotFoundError(f"no finished ingest in {shard_dir}: run pipelines/ingest.py with this data first")
         print(f"[{stage}] no shards in {shard_dir}: ingesting the built-in corpus first", flush=True)
         ingest_from_config(cfg)
