@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from upath import UPath
 
-from components.cache import file_digest
 from components import lease
 from components.data.ingest import IngestError
+from components.data.shard_sets import shard_set_digest
 from components.data.sources import url_list_location
 from components.data.url_list import list_identity
 from components.runtime import init_ray, one_line_errors
@@ -83,12 +83,14 @@ def model_exists(outputs: Outputs) -> bool:
 
 
 def shards_exist(outputs: Outputs) -> bool:
-    manifest = UPath(outputs["shards"]) / "_manifest.json"
-    return manifest.is_file() and file_digest(manifest) == outputs["manifest_digest"]
+    try:
+        return shard_set_digest(outputs["shards"]) == outputs["manifest_digest"]
+    except FileNotFoundError:
+        return False
 
 
 def shard_outputs(shard_dir: UPath, **extra: Any) -> Outputs:
-    return {"shards": str(shard_dir), "manifest_digest": file_digest(shard_dir / "_manifest.json"), **extra}
+    return {"shards": str(shard_dir), "manifest_digest": shard_set_digest(shard_dir), **extra}
 
 
 def build_stages(cfg: DictConfig) -> list[Stage]:
@@ -104,10 +106,12 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
 
     def ingest(up, out):
         # Into the stage's keyed folder unless the data names its own: a changed ingest setting then never meets
-        # an earlier run's shards (which ingest would refuse to mix with).
+        # an earlier run's shards (which ingest would refuse to mix with). Shards made elsewhere stay where they are.
+        given = stage_config("ingest", overrides("ingest", *corpus))
         named = any(o.lstrip("+").startswith("data.output_dir=") for o in (*corpus, *cfg.overrides.get("ingest", [])))
-        keyed = [] if named else [f"data.output_dir={quoted(out)}"]
-        return stage_config("ingest", overrides("ingest", *corpus, *keyed))
+        if named or given.data.source == "shards":
+            return given
+        return stage_config("ingest", overrides("ingest", *corpus, f"data.output_dir={quoted(out)}"))
 
     def url_list_digest(c):
         if c.data.source not in ("url_list", "image_folder") or not c.data.get("url_list"):
@@ -115,7 +119,8 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
         return json.dumps(list_identity(url_list_location(c)), sort_keys=True)  # path, size, mtime per file
 
     def run_ingest(c):
-        pipeline("ingest").ingest(c)
+        if c.data.source != "shards":  # shards made elsewhere (data=webdataset) are handed on as they are
+            pipeline("ingest").ingest(c)
         return shard_outputs(location(c.data.output_dir))
 
     def pretrain(up, out, stage="pretrain", shards="ingest", suffix=""):

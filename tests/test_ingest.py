@@ -327,7 +327,8 @@ def test_local_images_from_a_folder_or_a_path_column_are_ingested_and_accounted_
     run_stage("ingest", "data=image_folder", f"data.url_list={tmp_path / 'files.csv'}",
               f"data.output_dir={tmp_path / 'listed'}", *no_dedup, cwd=tmp_path)
     manifest = json.loads((tmp_path / "listed" / "_manifest.json").read_text())
-    assert manifest["kept"] == 2 and {k: v for k, v in manifest["dropped"].items() if v} == {"file_missing": 1}
+    assert manifest["kept"] == 2 and {k: v for k, v in manifest["dropped"].items() if v} == {"file_missing": 1}, \
+        manifest
 
 
 def test_demo_pipeline_downloads_corpus_and_logs_to_mlflow(ray_session, tmp_path, capsys):
@@ -358,8 +359,9 @@ def test_bad_url_list_is_one_clear_line_and_exit_code_2(tmp_path):
 
     # A folder of lists, the second of which lacks the caption column: that file is named.
     (tmp_path / "lists").mkdir()
-    pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "caption": ["a"]}).to_csv(tmp_path / "lists" / "a.csv", index=False)
-    pd.DataFrame({"url": ["http://127.0.0.1/b.png"], "text": ["b"]}).to_csv(tmp_path / "lists" / "b.csv", index=False)
+    lists = tmp_path / "lists"
+    pd.DataFrame({"url": ["http://127.0.0.1/a.png"], "caption": ["a"]}).to_csv(lists / "a.csv", index=False)
+    pd.DataFrame({"url": ["http://127.0.0.1/b.png"], "text": ["b"]}).to_csv(lists / "b.csv", index=False)
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "data=url_list",
                            f"data.url_list={tmp_path / 'lists'}", f"data.output_dir={tmp_path / 'out'}",
                            "progress=false", "ray.num_cpus=1"], cwd=tmp_path, capture_output=True, text=True,

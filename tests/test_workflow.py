@@ -162,3 +162,31 @@ def test_ingest_writes_into_its_keyed_folder_and_an_edited_url_list_changes_its_
     assert ingest()[1] == key  # the same list, the same key
     urls.write_text("url,caption\nhttps://images.example/a.png,a green apple\n")
     assert ingest()[1] != key
+
+
+def test_shards_made_elsewhere_are_the_ingest_stages_output_as_they_are(tmp_path):
+    """corpus=webdataset: the ingest stage ingests nothing and hands the shards on where they lie; they stay valid
+    until a tar changes."""
+    import os
+
+    import webdataset
+
+    from components.workflow import cache_key
+    from pipelines import end_to_end
+    from tests.helpers import listed
+
+    shards = tmp_path / "laion"
+    shards.mkdir()
+    with webdataset.TarWriter(str(shards / "00000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "000000000", "jpg": b"\xff\xd8", "txt": b"a red apple"})
+    cfg = end_to_end.stage_config("end_to_end", ["corpus=webdataset",
+                                                 f"data_overrides={listed([f'data.shards={shards}'])}"])
+    (stage,) = [s for s in end_to_end.build_stages(cfg) if s.name == "ingest"]
+    config = stage.config({}, str(tmp_path / "work" / "ingest" / "KEY"))
+    assert config.data.output_dir == str(shards) and cache_key(stage, config, {})
+    outputs = stage.run(config)
+    assert outputs["shards"] == str(shards) and stage.still_valid(outputs)
+    assert sorted(p.name for p in shards.iterdir()) == ["00000.tar"]  # nothing written beside them
+    stamp = (shards / "00000.tar").stat()
+    os.utime(shards / "00000.tar", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
+    assert not stage.still_valid(outputs)

@@ -10,6 +10,7 @@ themselves (one pass over their headers).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -56,6 +57,18 @@ def manifest(shards: str | os.PathLike) -> dict | None:
         return None
     path = UPath(shards) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shard_set_digest(shards: str | os.PathLike) -> str:
+    """What a shard set is, as a digest: its manifest's content (ours), else every tar's path, size and
+    modification time. FileNotFoundError when the set is gone."""
+    from components.cache import file_digest
+    from components.data.url_list import fingerprint
+
+    if manifest(shards) is not None:
+        return file_digest(UPath(shards) / MANIFEST)
+    listing = json.dumps([fingerprint(str(tar)) for tar in shard_files(shards)], sort_keys=True)
+    return hashlib.sha1(listing.encode()).hexdigest()
 
 
 def sample_count(shards: str | os.PathLike) -> tuple[int, str]:
