@@ -1,7 +1,8 @@
 """Evaluation data: any WebDataset shards or Parquet files, with the field names given in config.
 
 A *field* names either a column (WebDataset: `txt`, `cls`, ...; Parquet: any column) or a key of the sample's
-JSON metadata (`{key}.json`). A caption field may hold a list: several captions for one image. Rows come out
+JSON metadata (`{key}.json`). A caption field may hold a list: several captions for one image; a row without it
+takes its WebDataset `txt` member, the caption by that format's convention. Rows come out
 as: `key` (the sample key, else a digest of the image), `image` (encoded bytes), `captions` (a JSON list of
 strings), one column per named label `label_<name>`
 (string or ""), and one per caption language `lang_<code>` (string or "").
@@ -88,6 +89,8 @@ def _select(batch, fields: EvalFields, where: dict[str, Any]):
         if any(_lookup(row, meta, k) != v for k, v in where.items()):
             continue
         captions = _text(_lookup(row, meta, fields.caption))
+        if captions is None and row.get("txt") is not None:  # WebDataset's caption member, whatever fields say
+            captions = _text(row["txt"])
         out["key"].append(str(row.get("__key__") or row.get("key") or _digest(row[image_column])))
         out["image"].append(row[image_column])
         out["captions"].append(json.dumps(captions if isinstance(captions, list) else [captions] if captions else []))

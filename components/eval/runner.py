@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from upath import UPath
 
 from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
 from components.eval.embed import ModelSource, ShippedExport, embed_text_sets, embed_to_store, load_with_tokenizer
 from components.eval.store import EmbeddingStore
-from components.eval.tasks import TASKS, EvalContext, caption_sets
+from components.eval.tasks import TASKS, EvalContext, caption_sets, runnable_tasks
 
 # Per task: the metric a registry tag and the summary table carry.
 HEADLINE = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "image_to_text_R5",
@@ -143,7 +144,15 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
         if len(images) == 0:
             raise ValueError(f"no rows to evaluate in {data_path} (where {where})")
         print(f"[evaluate] {len(images)} images embedded in {time.perf_counter() - started:.1f} s", flush=True)
-    text_stores = embed_text_sets(caption_sets(images, list(cfg["tasks"]), cfg["task_settings"]), model.for_workers,
+    tasks, skipped = runnable_tasks(images, list(cfg["tasks"]), cfg["task_settings"])
+    for name, why in skipped.items():
+        print(f"[evaluate] {name} skipped: {why}", flush=True)
+    if not tasks:
+        raise ValueError(f"none of the tasks {list(cfg['tasks'])} can run on {data_path}: "
+                         + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+    if skipped and mlflow.active_run():
+        mlflow.set_tag("evaluate.skipped", ", ".join(skipped))
+    text_stores = embed_text_sets(caption_sets(images, tasks, cfg["task_settings"]), model.for_workers,
                                   work_dir, **embed_settings)
 
     def embed_texts(texts: list[str], name: str) -> EmbeddingStore:
@@ -168,9 +177,7 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
     results: list[dict] = []
     out_dir = work_dir / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in cfg["tasks"]:
-        if name not in TASKS:
-            raise ValueError(f"unknown evaluation task {name!r}: use some of {sorted(TASKS)}")
+    for name in tasks:
         started = time.perf_counter()
         output = TASKS[name](context, dict(cfg["task_settings"].get(name) or {}))
         print(f"[evaluate] {name}: {len(output.results)} result(s), {len(output.images)} plot(s) "

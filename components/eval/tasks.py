@@ -323,6 +323,52 @@ def alignment_maps(context: EvalContext, settings: dict) -> TaskOutput:
     return output
 
 
+# -- what each task needs of the data ---------------------------------------------------------------------------
+def _needs_captions(images: EmbeddingStore, settings: dict) -> str | None:
+    return None if any(_captions(images)) else "no row has a caption (fields.caption)"
+
+
+def _needs_label(images: EmbeddingStore, settings: dict) -> str | None:
+    name = settings["label"]
+    if f"label_{name}" not in _meta_columns(images):
+        return f"label {name!r} is not among fields.labels"
+    classes = {label for label in _labels(images, name) if label}
+    return None if len(classes) >= 2 else f"label {name!r} has {len(classes)} distinct value(s) in the data"
+
+
+def _needs_languages(images: EmbeddingStore, settings: dict) -> str | None:
+    codes = settings.get("languages") or [c.removeprefix("lang_") for c in _meta_columns(images)
+                                          if c.startswith("lang_")]
+    present = [code for code in codes if f"lang_{code}" in _meta_columns(images)
+               and any(images.meta_column(f"lang_{code}"))]
+    return None if present else "no row has a caption in any of fields.languages"
+
+
+# A task the data cannot serve is skipped with this reason (evaluation then runs the others): shards made elsewhere
+# carry captions but rarely the corpus' labels or languages.
+TASK_NEEDS: dict[str, Callable[[EmbeddingStore, dict], str | None]] = {
+    "zeroshot_classification": _needs_label,
+    "retrieval": _needs_captions,
+    "linear_probe": _needs_label,
+    "multilingual_retrieval": _needs_languages,
+    "typographic_attack": _needs_label,
+    "alignment_maps": _needs_captions,
+}
+
+
+def runnable_tasks(images: EmbeddingStore, tasks: list[str], task_settings: dict) -> tuple[list[str], dict[str, str]]:
+    """(the tasks the data can serve, {skipped task: why}); ValueError for an unknown task."""
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown evaluation task(s) {unknown}: use some of {sorted(TASKS)}")
+    skipped = {}
+    for name in tasks:
+        why = TASK_NEEDS[name](images, dict(task_settings.get(name) or {}))
+        if why:
+            skipped[name] = why
+    return [name for name in tasks if name not in skipped], skipped
+
+
 TASKS: dict[str, Callable[[EvalContext, dict], TaskOutput]] = {
     "zeroshot_classification": zeroshot_classification,
     "retrieval": retrieval,
