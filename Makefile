@@ -35,8 +35,14 @@ endef
 system-deps:
 	$(call debian_packages,$(DEBIAN_PACKAGES))
 
-test-deps:
+# CLIP_benchmark's wheel, whose `build` code a test runs over our evaluation results (tests/helpers.py).
+CLIP_BENCHMARK_WHEEL := .cache/clip_benchmark/clip_benchmark-1.6.2-py2.py3-none-any.whl
+
+test-deps: $(CLIP_BENCHMARK_WHEEL)
 	$(call debian_packages,$(TEST_DEBIAN_PACKAGES))
+
+$(CLIP_BENCHMARK_WHEEL): | $(VENV)/bin/python
+	$(PY) -m pip download -q --no-deps -d $(dir $@) clip-benchmark==1.6.2
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

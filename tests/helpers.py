@@ -299,3 +299,26 @@ def save_openai_layout_clip(directory: Path, captions: list[str], merges: int = 
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(directory)
     return directory
+
+
+CLIP_BENCHMARK_WHEELS = REPO / ".cache" / "clip_benchmark"  # `make test-deps` downloads its wheel here
+
+
+def clip_benchmark_build(result_paths: list[Path], output: Path) -> None:
+    """CLIP_benchmark's own `clip_benchmark build` (cli.main_build, read from its released wheel) over result files
+    or directories, writing its CSV table to `output`. Only that function of its source runs: importing its module
+    would import its model and dataset stacks (open_clip, torchvision), which cannot be installed beside our pins,
+    and the tests reach no package index to build it an environment of its own."""
+    import argparse
+    import ast
+    import csv
+    import zipfile
+
+    wheels = sorted(CLIP_BENCHMARK_WHEELS.glob("clip_benchmark-*.whl"))
+    assert wheels, f"no CLIP_benchmark wheel in {CLIP_BENCHMARK_WHEELS}: run make test-deps"
+    source = zipfile.ZipFile(wheels[-1]).read("clip_benchmark/cli.py").decode()
+    (build,) = [node for node in ast.parse(source).body
+                if isinstance(node, ast.FunctionDef) and node.name == "main_build"]
+    namespace = {"json": json, "csv": csv, "os": os}
+    exec(compile(ast.Module([build], type_ignores=[]), "clip_benchmark/cli.py", "exec"), namespace)
+    namespace["main_build"](argparse.Namespace(files=[str(p) for p in result_paths], output=str(output)))

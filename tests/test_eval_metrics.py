@@ -6,6 +6,7 @@ retrieval uses blocks that are smaller than the matrix and do not divide it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -316,3 +317,37 @@ def test_a_bad_probe_setting_is_refused_before_anything_starts(tmp_path, overrid
         run_stage("evaluate", f"data_path={tmp_path / 'shards'}", f"output_dir={tmp_path / 'out'}", override,
                   cwd=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no run, no output, no scratch
+
+
+def test_results_are_read_by_clip_benchmarks_own_build_into_its_table(tmp_path):
+    """Our result files, one per task, through CLIP_benchmark's `build` (its released code): one row each, with
+    its model_fullname and its metric names carrying our values."""
+    import csv
+    from types import SimpleNamespace
+
+    from components.eval.tasks import _result
+    from tests.helpers import clip_benchmark_build
+
+    context = SimpleNamespace(dataset="coco_val", model_name="models:/clipforge-clip/3")
+    results = [
+        _result(context, "zeroshot_retrieval", {"image_to_text_R1": 0.2, "image_to_text_R5": 0.5,
+                                                "text_to_image_R1": 0.1, "text_to_image_R5": 0.4}),
+        _result(context, "zeroshot_classification", {"acc1": 0.3, "acc5": 0.6, "mean_per_class_recall": 0.25}),
+        _result(context, "linear_probe", {"acc1": 0.7, "mean_per_class_recall": 0.65, "C": 1.0}),
+    ]
+    for result in results:
+        (tmp_path / f"{result['task']}.json").write_text(json.dumps(result))
+    clip_benchmark_build([tmp_path], tmp_path / "benchmark.csv")
+    with open(tmp_path / "benchmark.csv") as file:
+        rows = {row["task"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"zeroshot_retrieval", "zeroshot_classification", "linear_probe"}
+    assert {row["model_fullname"] for row in rows.values()} == {"models:/clipforge-clip/3 models:/clipforge-clip/3"}
+    retrieval = rows["zeroshot_retrieval"]
+    assert float(retrieval["text_retrieval_recall@5"]) == 0.5 and float(retrieval["image_retrieval_recall@5"]) == 0.4
+    assert float(retrieval["text_retrieval_recall@1"]) == 0.2 and float(retrieval["image_retrieval_recall@1"]) == 0.1
+    zero_shot = rows["zeroshot_classification"]
+    assert (float(zero_shot["acc1"]), float(zero_shot["acc5"]), float(zero_shot["mean_per_class_recall"])) == \
+        (0.3, 0.6, 0.25)
+    probe = rows["linear_probe"]
+    assert float(probe["lp_acc1"]) == 0.7 and float(probe["lp_mean_per_class_recall"]) == 0.65
+    assert {row["dataset"] for row in rows.values()} == {"coco_val"} and retrieval["language"] == "en"

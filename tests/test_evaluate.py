@@ -19,7 +19,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, brute_force_retrieval_metrics, read_shards, run_stage
+from tests.helpers import REPO, brute_force_retrieval_metrics, clip_benchmark_build, read_shards, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def results(out: Path) -> dict[str, dict]:
     found = {}
     for path in sorted((out / "results").glob("*.json")):
         result = json.loads(path.read_text())
-        assert set(result) == {"dataset", "model", "task", "metrics", "language"}, path
+        assert set(result) == {"dataset", "model", "pretrained", "task", "metrics", "language"}, path
         key = result["task"] + (f".{result['language']}" if result["task"] == "multilingual_retrieval" else "")
         found[key] = result["metrics"]
     return found
@@ -90,6 +90,12 @@ def test_trained_model_beats_random_init_on_every_task(ray_session, pretrained_c
     assert zs_t["acc1"] > zs_r["acc1"] and zs_t["acc5"] >= zs_r["acc5"] + 0.03
     rt_t, rt_r = trained["zeroshot_retrieval"], random["zeroshot_retrieval"]
     assert rt_t["image_to_text_R5"] >= rt_r["image_to_text_R5"] + 0.03
+    # CLIP_benchmark's own `build` reads every result of the directory into its table.
+    clip_benchmark_build([trained_out / "results"], tmp_path / "benchmark.csv")
+    table = pd.read_csv(tmp_path / "benchmark.csv")
+    assert len(table) == len(list((trained_out / "results").glob("*.json"))) == len(trained)
+    assert table.loc[table.task == "zeroshot_retrieval", "text_retrieval_recall@5"].item() == \
+        pytest.approx(rt_t["image_to_text_R5"])
     assert rt_t["text_to_image_R5"] >= rt_r["text_to_image_R5"] + 0.03
     # The group probe (9 groups). Both feature sets beat the commonest group's share by far; with 16 images a group
     # the trained features lead on average over draws (each draw pairs the two models on the same images). Measured

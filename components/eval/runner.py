@@ -199,7 +199,7 @@ def results_table(results: list[dict]) -> str:
     lines = [f"{'task':32} {'lang':5} metrics"]
     for result in results:
         shown = {k: v for k, v in result["metrics"].items()
-                 if isinstance(v, float) and k.endswith(TABLE_METRICS) and not k.startswith("chance")}
+                 if isinstance(v, float) and k.endswith(TABLE_METRICS) and not k.startswith(("chance", "lp_"))}
         text = "  ".join(f"{k}={v:.3f}" for k, v in shown.items())
         lines.append(f"{result['task']:32} {result['language']:5} {text}")
     return "\n".join(lines)

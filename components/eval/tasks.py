@@ -61,9 +61,26 @@ def prompt_features(context: EvalContext, texts: list[str], batch: int = 256) ->
 
 
 def _result(context: EvalContext, task: str, metrics: dict, language: str = "en") -> dict:
-    return {"dataset": context.dataset, "model": context.model_name, "task": task,
+    """One result in CLIP_benchmark's shape (its `clip_benchmark build` reads these files as they are): `model`
+    and `pretrained` both name the evaluated model (its URI: our models have no separate architecture name), and
+    the metrics CLIP_benchmark also computes carry its names beside ours."""
+    metrics = {**metrics, **clip_benchmark_names(task, metrics)}
+    return {"dataset": context.dataset, "model": context.model_name, "pretrained": context.model_name, "task": task,
             "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
             "language": language}
+
+
+def clip_benchmark_names(task: str, metrics: dict) -> dict:
+    """CLIP_benchmark's keys for our metrics of the same definition: `text_retrieval_recall@k` is image->text R@k
+    (an image's query finds one of its captions), `image_retrieval_recall@k` text->image; the probe's `lp_acc1`
+    and `lp_mean_per_class_recall`. Zero-shot's acc1, acc5 and mean_per_class_recall already are its names."""
+    if task in ("zeroshot_retrieval", "multilingual_retrieval"):
+        return {name: metrics[ours] for k in (1, 5, 10)
+                for name, ours in ((f"text_retrieval_recall@{k}", f"image_to_text_R{k}"),
+                                   (f"image_retrieval_recall@{k}", f"text_to_image_R{k}")) if ours in metrics}
+    if task.startswith("linear_probe"):
+        return {f"lp_{name}": metrics[name] for name in ("acc1", "mean_per_class_recall") if name in metrics}
+    return {}
 
 
 def _labels(store: EmbeddingStore, name: str) -> list[str]:
