@@ -237,6 +237,31 @@ def test_a_checkpoint_in_openais_layout_pools_at_its_end_token_and_brings_its_to
         build_model("clip", pretrained=str(checkpoint), vocab_size=len(tokenizer), eos_token_id=3)
 
 
+def test_filip_and_clippo_start_from_the_towers_of_a_checkpoint_in_openais_layout(tmp_path):
+    """model.pretrained=<a transformers CLIP> for FILIP (both towers; token projections start random) and CLIPPO
+    (the image tower and its projection, which also read rendered text): the weights are the checkpoint's."""
+    from transformers import CLIPModel
+
+    from components.models.tokenizer import load_tokenizer
+    from tests.helpers import save_openai_layout_clip
+
+    checkpoint = save_openai_layout_clip(tmp_path / "openai", CAPTIONS * 20)
+    clip = CLIPModel.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+
+    def same(ours: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
+                                                      strict=True))
+
+    filip = build_model("filip", pretrained=str(checkpoint))
+    assert same(filip.vision, clip.vision_model) and same(filip.text, clip.text_model)
+    assert torch.equal(filip.logit_scale, clip.logit_scale)
+    assert embed_texts(filip, tokenizer, CAPTIONS).shape == (len(CAPTIONS), 256)  # its tokenizer's ids, pooled
+    clippo = build_model("clippo", pretrained=str(checkpoint))
+    assert same(clippo.vision, clip.vision_model) and same(clippo.projection, clip.visual_projection)
+    assert torch.equal(clippo.logit_scale, clip.logit_scale)
+
+
 def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 
