@@ -325,7 +325,7 @@ def test_results_are_read_by_clip_benchmarks_own_build_into_its_table(tmp_path):
     import csv
     from types import SimpleNamespace
 
-    from components.eval.tasks import _result
+    from components.eval.tasks import _result, result_file
     from tests.helpers import clip_benchmark_build
 
     context = SimpleNamespace(dataset="coco_val", model_name="models:/clipforge-clip/3")
@@ -336,7 +336,7 @@ def test_results_are_read_by_clip_benchmarks_own_build_into_its_table(tmp_path):
         _result(context, "linear_probe", {"acc1": 0.7, "mean_per_class_recall": 0.65, "C": 1.0}),
     ]
     for result in results:
-        (tmp_path / f"{result['task']}.json").write_text(json.dumps(result))
+        (tmp_path / f"{result['task']}.json").write_text(json.dumps(result_file(result)))
     clip_benchmark_build([tmp_path], tmp_path / "benchmark.csv")
     with open(tmp_path / "benchmark.csv") as file:
         rows = {row["task"]: row for row in csv.DictReader(file)}

@@ -26,7 +26,7 @@ from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
 from components.eval.embed import ModelSource, ShippedExport, embed_text_sets, embed_to_store, load_with_tokenizer
 from components.eval.store import EmbeddingStore
-from components.eval.tasks import TASKS, EvalContext, caption_sets, runnable_tasks
+from components.eval.tasks import TASKS, EvalContext, caption_sets, result_file, runnable_tasks
 
 # Per task: the metric a registry tag and the summary table carry.
 HEADLINE = {"zeroshot_classification": "acc1", "zeroshot_retrieval": "image_to_text_R5",
@@ -184,7 +184,7 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
               f"in {time.perf_counter() - started:.1f} s", flush=True)
         for result in output.results:
             suffix = f"_{result['language']}" if result["task"] == "multilingual_retrieval" else ""
-            (out_dir / f"{result['task']}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out_dir / f"{result['task']}{suffix}.json").write_text(json.dumps(result_file(result), indent=2) + "\n")
         for artifact, image in output.images.items():
             image.save(out_dir / artifact)
         results.extend(output.results)
@@ -199,7 +199,7 @@ def results_table(results: list[dict]) -> str:
     lines = [f"{'task':32} {'lang':5} metrics"]
     for result in results:
         shown = {k: v for k, v in result["metrics"].items()
-                 if isinstance(v, float) and k.endswith(TABLE_METRICS) and not k.startswith(("chance", "lp_"))}
+                 if isinstance(v, float) and k.endswith(TABLE_METRICS) and not k.startswith("chance")}
         text = "  ".join(f"{k}={v:.3f}" for k, v in shown.items())
         lines.append(f"{result['task']:32} {result['language']:5} {text}")
     return "\n".join(lines)

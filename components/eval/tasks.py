@@ -61,13 +61,17 @@ def prompt_features(context: EvalContext, texts: list[str], batch: int = 256) ->
 
 
 def _result(context: EvalContext, task: str, metrics: dict, language: str = "en") -> dict:
-    """One result in CLIP_benchmark's shape (its `clip_benchmark build` reads these files as they are): `model`
-    and `pretrained` both name the evaluated model (its URI: our models have no separate architecture name), and
-    the metrics CLIP_benchmark also computes carry its names beside ours."""
-    metrics = {**metrics, **clip_benchmark_names(task, metrics)}
+    """One result in CLIP_benchmark's shape: `model` and `pretrained` both name the evaluated model (its URI: our
+    models have no separate architecture name)."""
     return {"dataset": context.dataset, "model": context.model_name, "pretrained": context.model_name, "task": task,
             "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
             "language": language}
+
+
+def result_file(result: dict) -> dict:
+    """A result as its file holds it, which `clip_benchmark build` reads as it is: the metrics CLIP_benchmark also
+    computes carry its names beside ours (names with `@`, which MLflow refuses: files only)."""
+    return {**result, "metrics": {**result["metrics"], **clip_benchmark_names(result["task"], result["metrics"])}}
 
 
 def clip_benchmark_names(task: str, metrics: dict) -> dict:
