@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
 
 def clip_filter(cfg: DictConfig) -> dict[str, Any]:
     from components.data import model_filter
+    from components.data.shard_sets import MANIFEST, shard_files
     from components.data.sources import ensure_shards
     from components.eval.runner import fetch_model
     from components.train.trainer import resolve_use_gpu
@@ -48,11 +49,12 @@ def clip_filter(cfg: DictConfig) -> dict[str, Any]:
         where=dict(OmegaConf.to_container(OmegaConf.create(where), resolve=True)),
         truth_column=cfg.filter.truth_column or ("caption_mismatched" if salted else None))
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    source = storage.location(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
-    if not (source / "_manifest.json").is_file():
-        raise FileNotFoundError(f"no finished ingest in {source}: run pipelines/ingest.py first")
-    output = storage.location(cfg.output) if cfg.output else source.with_name(f"{source.name}_filtered")
-    storage.check_output(output, "output", inputs=(source,))
+    source = str(cfg.data_path) if cfg.data_path else ensure_shards(cfg, "clip-filter")
+    folder = shard_files(source)[0].parent  # a missing folder, or a pattern's missing shard: one line
+    if (folder / "_work").is_dir() and not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"the ingest in {folder} is unfinished: run pipelines/ingest.py again to finish it")
+    output = storage.location(cfg.output) if cfg.output else folder.with_name(f"{folder.name}_filtered")
+    storage.check_output(output, "output", inputs=(folder,))
     mlflow_runs.configure(cfg.mlflow.experiment)
     model = fetch_model(str(cfg.model_uri), output.with_name(f".{output.name}.model"))
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,

@@ -115,3 +115,17 @@ def test_a_checkpoint_in_openais_layout_fine_tunes_on_img2dataset_shards_as_they
     chance = after["chance_image_to_text_R5"]
     assert before["image_to_text_R5"] < 1.5 * chance < after["image_to_text_R5"], (before, after)
     assert after["image_to_text_mean_rank"] < before["image_to_text_mean_rank"] - 15, (before, after)
+
+    # The CLIP-score filter reads the same shards as they are (their JSON's `split` is its scope) and writes ours.
+    run_stage("clip_filter", f"model_uri={export}", f"data_path='{pattern}'", "filter.keep_fraction=0.5",
+              "filter.where={split: train}", f"output={tmp_path / 'filtered'}", "progress=false", cwd=tmp_path)
+    filtered = json.loads((tmp_path / "filtered" / shard_sets.MANIFEST).read_text())
+    splits = pq.read_table(tmp_path / "urls.parquet", columns=["split"]).column("split").to_pylist()
+    training = splits.count("train")
+    assert filtered["input_rows"] == downloaded == filtered["kept"] + filtered["dropped_total"]
+    assert filtered["in_scope"] == training
+    assert training - round(training / 2) - 2 <= filtered["dropped_total"] <= training - round(training / 2)
+    kept = pa.concat_tables(pq.read_table(p, columns=["key", "split"])
+                            for p in sorted((tmp_path / "filtered").glob("0*.parquet"))).to_pydict()  # the shards
+    assert len(kept["key"]) == filtered["kept"] and kept["split"].count("test") == downloaded - training
+    assert set(kept["key"]) <= {sample["key"] for tar in tars for sample in shard_sets.tar_samples(tar)}

@@ -224,6 +224,99 @@ def test_model_score_hook_drops_low_scores(ray_session, small_corpus, tmp_path):
     assert (scores >= 12).all()
 
 
+def test_failed_rows_are_retried_and_a_list_is_appended_with_every_row_accounted_for(ray_session, small_corpus,
+                                                                                      tmp_path):
+    """ingest.retry downloads again only the rows last dropped for a transient reason (503, 429, a timeout; not a
+    404), once the server mends; ingest.append adds another list. Both land in new shards of the same dataset, are
+    deduplicated against the rows already there (which win), and the manifest's identity holds over every round:
+    rows listed = kept + dropped, a retried row counted by its latest outcome."""
+    from components.data.ingest import latest_drops
+    from components.data.shard_sets import MANIFEST, captions, sample_count
+
+    corpus = load_corpus(small_corpus)
+    image = {i: (small_corpus / corpus.iloc[i]["image_path"]).read_bytes() for i in range(len(corpus))}
+    mended = False
+
+    def flaky(body: bytes, failure) -> callable:
+        def route(handler):
+            if mended:
+                send_bytes(handler, body, "image/png")
+            else:
+                failure(handler)
+        return route
+
+    def too_slow(handler):
+        time.sleep(2.0)  # past the 1 s timeout, twice (one retry within the run)
+        send_bytes(handler, image[42], "image/png")
+
+    routes = {"/busy.png": flaky(image[40], lambda h: send_bytes(h, b"busy", "text/plain", 503)),
+              "/limited.png": flaky(image[41], lambda h: send_bytes(h, b"slow down", "text/plain", 429)),
+              "/stalled.png": flaky(image[42], too_slow),
+              "/copy-of-first.png": flaky(image[0], lambda h: send_bytes(h, b"busy", "text/plain", 502)),
+              "/missing.png": lambda h: send_bytes(h, b"no", "text/plain", 404)}
+    with LoopbackServer(small_corpus, routes=routes) as server:
+        base = server.base_url
+        first = pd.DataFrame({"url": [f"{base}/{p}" for p in corpus["image_path"][:30]]
+                              + [f"{base}/{name}" for name in routes],
+                              "caption": list(corpus["caption"][:30]) + ["busy", "limited", "stalled", "copy", "gone"]})
+        first.to_csv(tmp_path / "first.csv", index=False)
+        output = tmp_path / "shards"
+        job = make_job(tmp_path / "first.csv", output, shard_size=16)
+        before = run_ingest(job, progress=False)
+        assert before["dropped"]["http_error"] == 4 and before["dropped"]["timeout"] == 1
+        assert before["kept"] + before["dropped_total"] == before["input_rows"] == 35
+
+        mended = True
+        retried = run_ingest(dataclasses.replace(job, retry=True), progress=False)
+        # The 503, 429 and the timeout come back kept; the 502 brings a copy of a kept image: its duplicate now.
+        assert retried["input_rows"] == 35 and retried["kept"] == before["kept"] + 3
+        assert retried["dropped"]["http_error"] == 1 and retried["dropped"]["timeout"] == 0
+        assert retried["dropped"]["duplicate_exact"] == before["dropped"]["duplicate_exact"] + 1
+        assert retried["kept"] + retried["dropped_total"] == 35
+        assert [r["kind"] for r in retried["rounds"]] == ["list", "retry"]
+        assert retried["rounds"][1]["retried"] == {"http_error": 3, "timeout": 1}
+        assert server.requests.count("/missing.png") == 1  # a 404 is not retried, by the downloader or the round
+        samples = {s["key"]: s for s in read_shards(output)}
+        first_keys = {row["json"]["url"]: key for key, row in samples.items() if "retry_of" not in row["json"]}
+        again = [s for s in samples.values() if "retry_of" in s["json"]]
+        assert sorted(s["txt"] for s in again) == ["busy", "limited", "stalled"]
+        assert all(s["key"][:5] == "00003" and s["json"]["retry_of"][:5] in ("00001", "00002") for s in again)
+        final = latest_drops(output).to_pandas()
+        assert len(final) == retried["dropped_total"]
+        copy = final[final["caption"] == "copy"].iloc[0]
+        original = first_keys[f"{base}/{corpus.iloc[0]['image_path']}"]
+        assert (copy["status"], copy["duplicate_of"]) == ("duplicate_exact", original)
+        assert final[final["caption"] == "gone"]["status"].tolist() == ["http_error"]
+
+        # Nothing left to retry: the same dataset.
+        assert run_ingest(dataclasses.replace(job, retry=True), progress=False)["rounds"] == retried["rounds"]
+
+        # Another list: refused without append; appended, its copies of rows already there are their duplicates.
+        copied = next(f"{base}/{p}" for p in corpus["image_path"][1:30] if f"{base}/{p}" in first_keys)  # a kept row
+        second = pd.DataFrame({"url": [f"{base}/{p}" for p in corpus["image_path"][30:40]] + [copied],
+                               "caption": list(corpus["caption"][30:40]) + ["again"]})
+        second.to_csv(tmp_path / "second.csv", index=False)
+        shards_before = {p.name: p.read_bytes() for p in output.glob("*.tar")}
+        appended_job = make_job(tmp_path / "second.csv", output, shard_size=16)
+        with pytest.raises(IngestError, match="holds an ingest of another list .* ingest.append=true adds"):
+            run_ingest(appended_job, progress=False)
+        appended = run_ingest(dataclasses.replace(appended_job, append=True), progress=False)
+    assert {p.name: p.read_bytes() for p in output.glob("*.tar") if p.name in shards_before} == shards_before
+    assert appended["input_rows"] == 35 + 11
+    assert appended["kept"] + appended["dropped_total"] == 46
+    assert [r["kind"] for r in appended["rounds"]] == ["list", "retry", "append"]
+    assert appended["rounds"][2]["shards"] == ["00004"]
+    samples = read_shards(output)
+    assert len(samples) == appended["kept"] and len({s["key"] for s in samples}) == len(samples)
+    # Readers of the whole set take shards whose companions differ in columns (retry_of in one round only).
+    assert sample_count(output) == (appended["kept"], MANIFEST)
+    assert sorted(captions(output)) == sorted(s["txt"] for s in samples)
+    again = latest_drops(output).to_pandas().set_index("caption").loc["again"]
+    assert (again["status"], again["duplicate_of"]) == ("duplicate_exact", first_keys[copied])
+    # Appending the same list again is its round's resume: nothing new.
+    assert run_ingest(dataclasses.replace(appended_job, append=True), progress=False)["rounds"] == appended["rounds"]
+
+
 def test_resume_after_a_kill_at_every_marker_matches_uninterrupted_run(ray_session, small_corpus, tmp_path):
     """Kill the real pipeline process once after each resume marker appears (settings, three parts downloaded,
     dedup done, a shard written), resuming each time, then let it finish: the same dataset as one uninterrupted run

@@ -222,16 +222,22 @@ def _count_rows(files: list[UPath]) -> int:
 
 
 def find_duplicates(staging_files: list[UPath], drops_dir: UPath, exact: bool, near_distance: int | None,
-                    index_digits: int, num_partitions: int | None = None) -> None:
+                    index_digits: int, num_partitions: int | None = None, reference_files: list[UPath] = ()) -> None:
     """Write the drop list under drops_dir/part=<part>/ (nothing when there are no duplicates); keys end in
-    `index_digits` digits of row index (components/data/url_list.make_key)."""
+    `index_digits` digits of row index (components/data/url_list.make_key).
+
+    `reference_files`: Parquet files of rows already deduplicated by the same rule (the shards of a dataset that
+    a round is added to) with smaller keys than every staging row. They take part in the pass, so a staging row
+    within reach of one is dropped as its duplicate, and they are never dropped themselves: no reference row has
+    a smaller-key twin among the references, and every staging key is larger."""
     if (not exact and near_distance is None) or not staging_files:
         return
+    files = [*reference_files, *staging_files]
     partitions = num_partitions or 2 * int(ray.cluster_resources().get("CPU", 1))
-    partitions = max(partitions, math.ceil(_count_rows(staging_files) / ROWS_PER_PARTITION))
+    partitions = max(partitions, math.ceil(_count_rows(files) / ROWS_PER_PARTITION))
     buckets = BUCKETS_PER_PARTITION * partitions
-    # One block per staging file, read with pyarrow: read_parquet would start footer-reading actors.
-    records = ray.data.from_items([{"path": str(f)} for f in staging_files], override_num_blocks=len(staging_files))
+    # One block per file, read with pyarrow: read_parquet would start footer-reading actors.
+    records = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files))
     records = records.map_batches(_read_staging, batch_size=1, batch_format="numpy",
                                   fn_kwargs={"exact": exact, "max_distance": near_distance, "buckets": buckets})
     dropped = records.groupby("bucket", num_partitions=partitions).map_groups(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import io
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -291,10 +292,21 @@ def _timed_out(timeout: float) -> _Refused:
 
 
 def _is_transient(result: DownloadResult) -> bool:
-    if result.error in ("timeout", "connection_error"):
+    return _transient(result.error, result.status)
+
+
+def _transient(error: str | None, status: int | None) -> bool:
+    """A failure another attempt may not meet: a timeout, a refused or dropped connection, HTTP 5xx or 429."""
+    if error in ("timeout", "connection_error"):
         return True
-    status = result.status
-    return result.error == "http_error" and status is not None and (status >= 500 or status == 429)
+    return error == "http_error" and status is not None and (status >= 500 or status == 429)
+
+
+def transient_drop(reason: str, message: str | None) -> bool:
+    """Whether a row dropped as `reason` (with its error message, "HTTP 503", ...) failed transiently: what
+    ingest.retry downloads again."""
+    status = re.match(r"HTTP (\d{3})\b", message or "")
+    return _transient(reason, int(status.group(1)) if status else None)
 
 
 class SafeDownloader:

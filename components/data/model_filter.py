@@ -8,15 +8,16 @@ Three passes, each over shards (never the whole pool in one process):
     write   tasks turn each scored part into <part>.tar/.parquet + _dropped/<part>.parquet (reason `model_score`,
             the score kept) + stats, through ingest's shard writer, so the output reads like any ingest.
 Rows outside `where` (e.g. the held-out split) pass through unscored-for-dropping: the filter shapes the
-training pool only. `_manifest.json` accounts for every input row, and where a truth column says which
-captions are wrong (the salted corpus), the precision and recall of the drops.
+training pool only. Shards made elsewhere (img2dataset's, no manifest of ours; a directory or a brace pattern)
+are read from their tars alone: every sample with an image is a row, its `.txt` the caption and its `.json`
+fields the columns (`where` and the truth column name them). `_manifest.json` accounts for every input row, and
+where a truth column says which captions are wrong (the salted corpus), the precision and recall of the drops.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,10 @@ from tqdm import tqdm
 from upath import UPath
 
 from components import storage
+from components.data import shard_sets
 from components.data.process_part import OK
-from components.data.shard_sets import MANIFEST
-from components.data.shards import IMAGE_EXTENSIONS, write_shard
+from components.data.shard_sets import MANIFEST, tar_samples
+from components.data.shards import write_shard
 
 REASON = "model_score"
 
@@ -54,33 +56,28 @@ class ScoreFilter:
 class PairScorer:
     """map_batches callable (an actor): {"part"} rows -> the part scored into `scored_dir`; returns its row count."""
 
-    def __init__(self, model_dir: str, source_dir: str, scored_dir: str, device: str = "cpu", batch_size: int = 128):
+    def __init__(self, model_dir: str, scored_dir: str, with_companions: bool, device: str = "cpu",
+                 batch_size: int = 128):
         from components.eval.embed import load_with_tokenizer
 
         self.model, self.tokenizer = load_with_tokenizer(model_dir)
         self.model.to(device)
-        self.source_dir, self.scored_dir = UPath(source_dir), UPath(scored_dir)
+        self.scored_dir, self.with_companions = UPath(scored_dir), with_companions
         self.device, self.batch_size = device, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = [self.score_part(str(part)) for part in batch["part"]]
-        return {"part": list(batch["part"]), "rows": rows}
+        rows = [self.score_part(UPath(str(tar))) for tar in batch["tar"]]
+        return {"tar": list(batch["tar"]), "rows": rows}
 
-    def score_part(self, part: str) -> int:
-        table = storage.read_parquet(self.source_dir / f"{part}.parquet")
-        images = _tar_images(self.source_dir / f"{part}.tar")
+    def score_part(self, tar: UPath) -> int:
+        table = _companion_rows(tar) if self.with_companions else _tar_rows(tar)
         keys = table.column("key").to_pylist()
-        missing = [k for k in keys if k not in images]
-        if missing:
-            raise ValueError(f"shard {part}: {len(missing)} rows of its Parquet have no image in its tar "
-                             f"(first key {missing[0]})")
-        image_bytes = [images[k] for k in keys]
+        image_bytes = table.column("image").to_pylist()
         captions = [c or "" for c in table.column("caption").to_pylist()]
         scores = np.concatenate([self.scores(image_bytes[i:i + self.batch_size], captions[i:i + self.batch_size])
                                  for i in range(0, len(keys), self.batch_size)] or [np.zeros(0, np.float32)])
-        scored = table.append_column("image", pa.array(image_bytes, pa.binary()))
-        scored = scored.append_column(REASON, pa.array(scores, pa.float32()))
-        storage.write_parquet(scored, self.scored_dir / f"{part}.parquet")
+        scored = table.append_column(REASON, pa.array(scores, pa.float32()))
+        storage.write_parquet(scored, self.scored_dir / f"{tar.stem}.parquet")
         return len(keys)
 
     @torch.no_grad()
@@ -96,15 +93,29 @@ class PairScorer:
         return (image * text).sum(-1).cpu().numpy()
 
 
-def _tar_images(path: UPath) -> dict[str, bytes]:
-    """key -> image bytes of a WebDataset shard, local or in an object store."""
-    images = {}
-    with path.open("rb") as file, tarfile.open(fileobj=file) as tar:
-        for member in tar:
-            key, _, extension = member.name.rpartition(".")
-            if extension in IMAGE_EXTENSIONS.values():
-                images[key] = tar.extractfile(member).read()
-    return images
+def _companion_rows(tar: UPath) -> pa.Table:
+    """Our shard's rows: its Parquet companion's, with each row's image bytes from the tar."""
+    table = storage.read_parquet(tar.with_suffix(".parquet"))
+    images = {sample["key"]: sample["image"] for sample in tar_samples(tar)}
+    keys = table.column("key").to_pylist()
+    missing = [k for k in keys if k not in images]
+    if missing:
+        raise ValueError(f"shard {tar.stem}: {len(missing)} rows of its Parquet have no image in its tar "
+                         f"(first key {missing[0]})")
+    return table.append_column("image", pa.array([images[k] for k in keys], pa.binary()))
+
+
+def _tar_rows(tar: UPath) -> pa.Table:
+    """A shard made elsewhere, from its tar alone: one row per sample with an image, its JSON fields as columns
+    (img2dataset's own `status`, "success", becomes ours), the caption from `.txt` (else the JSON's)."""
+    rows = []
+    for sample in tar_samples(tar):
+        fields = {name: value for name, value in sample["json"].items() if name not in ("key", "image")}
+        caption = sample["txt"] if sample["txt"] is not None else fields.get("caption")
+        rows.append({**fields, "key": sample["key"], "caption": caption, "status": OK, "image": sample["image"]})
+    if not rows:
+        raise ValueError(f"shard {tar}: no sample with an image")
+    return pa.Table.from_pylist(rows)
 
 
 def _in_scope(table: pa.Table, where: dict[str, Any]) -> np.ndarray:
@@ -151,28 +162,36 @@ def _image_format(table: pa.Table) -> str:
     return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[Image.open(io.BytesIO(first)).format]
 
 
-def run_filter(source_dir: UPath, output_dir: UPath, model_dir: str, spec: ScoreFilter, *, actors: int = 1,
+def run_filter(source: str | UPath, output_dir: UPath, model_dir: str, spec: ScoreFilter, *, actors: int = 1,
                use_gpu: bool = False, batch_size: int = 128, progress: bool = True) -> dict[str, Any]:
-    """Score, decide and write, from and to local directories or object-store locations; returns the manifest
+    """Score, decide and write, from a shard set (ours, or a directory or brace pattern of shards made
+    elsewhere) to a directory, local or in an object store; returns the manifest
     (also written to output_dir/_manifest.json). Every row's score is also kept in output_dir/_scores.parquet
     (key, score, in scope, truth) for choosing thresholds."""
     started = time.perf_counter()
-    source_dir, output_dir = UPath(source_dir), UPath(output_dir)
-    source_manifest = json.loads((source_dir / MANIFEST).read_text())
-    parts = [shard["shard"] for shard in source_manifest["shards"]]
+    output_dir = UPath(output_dir)
+    source_manifest = shard_sets.manifest(source)
+    tars = ([UPath(source) / f"{shard['shard']}.tar" for shard in source_manifest["shards"]] if source_manifest
+            else shard_sets.shard_files(source))
+    parts = [tar.stem for tar in tars]
     scored_dir = output_dir / "_work" / "scored"
-    storage.replace_output(output_dir, "output", inputs=(source_dir,))
+    storage.replace_output(output_dir, "output", inputs=(tars[0].parent,))
     scored_dir.mkdir(parents=True)
 
-    scorer_args = {"model_dir": str(model_dir), "source_dir": str(source_dir), "scored_dir": str(scored_dir),
-                   "device": "cuda" if use_gpu else "cpu", "batch_size": batch_size}
-    scored = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts)).map_batches(
-        PairScorer, fn_constructor_kwargs=scorer_args, batch_size=1, concurrency=max(1, min(actors, len(parts))),
+    scorer_args = {"model_dir": str(model_dir), "scored_dir": str(scored_dir),
+                   "with_companions": source_manifest is not None, "device": "cuda" if use_gpu else "cpu",
+                   "batch_size": batch_size}
+    scored = ray.data.from_items([{"tar": str(t)} for t in tars], override_num_blocks=len(tars)).map_batches(
+        PairScorer, fn_constructor_kwargs=scorer_args, batch_size=1, concurrency=max(1, min(actors, len(tars))),
         num_gpus=1 if use_gpu else 0)
-    total = sum(shard["kept"] for shard in source_manifest["shards"])
+    total, _ = shard_sets.sample_count(source)
+    scored_rows = 0
     with tqdm(total=total, desc="score pairs", unit="pair", disable=not progress) as bar:
         for row in scored.iter_rows():
             bar.update(row["rows"])
+            scored_rows += row["rows"]
+    if source_manifest is None:  # shards made elsewhere: their samples with an image are the input
+        source_manifest = {"dataset": tars[0].parent.name, "input_rows": scored_rows, "kept": scored_rows}
 
     columns = ["key", REASON, *spec.where, *([spec.truth_column] if spec.truth_column else [])]
     scores = pa.concat_tables(storage.read_parquet(scored_dir / f"{p}.parquet", columns=columns) for p in parts)
@@ -193,14 +212,14 @@ def run_filter(source_dir: UPath, output_dir: UPath, model_dir: str, spec: Score
     stats = [by_part[p] for p in parts]
     scores = scores.append_column("in_scope", pa.array(in_scope))
     storage.write_parquet(scores, output_dir / "_scores.parquet")
-    manifest = _manifest(source_dir, source_manifest, spec, threshold, stats, scores, time.perf_counter() - started)
+    manifest = _manifest(source, source_manifest, spec, threshold, stats, scores, time.perf_counter() - started)
     storage.write_text(output_dir / "sizes.json", json.dumps({f"{s['part']}.tar": s["kept"] for s in stats}))
     storage.remove_tree(output_dir / "_work")
     storage.write_text(output_dir / MANIFEST, json.dumps(manifest, indent=2))  # last: the output is complete
     return manifest
 
 
-def _manifest(source_dir: UPath, source: dict[str, Any], spec: ScoreFilter, threshold: float,
+def _manifest(source_dir: str | UPath, source: dict[str, Any], spec: ScoreFilter, threshold: float,
               stats: list[dict[str, Any]], scores: pa.Table, seconds: float) -> dict[str, Any]:
     total_in = sum(s["input"] for s in stats)
     kept = sum(s["kept"] for s in stats)

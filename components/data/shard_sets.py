@@ -146,4 +146,25 @@ def _members(tar: UPath) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
             if member.isfile():
                 directory, _, base = member.name.rpartition("/")
                 key, _, extension = base.partition(".")
-                yield f"{directory}/{key}", extension.lower(), lambda member=member: archive.extractfile(member).read()
+                yield (f"{directory}/{key}" if directory else key, extension.lower(),
+                       lambda member=member: archive.extractfile(member).read())
+
+
+def tar_samples(tar: UPath) -> Iterator[dict]:
+    """The samples of one tar that have an image, in tar order: {"key", "image" (bytes), "txt" (str or None),
+    "json" (dict)}. A sample is complete once the next key starts (webdataset writes a sample's files together)."""
+    sample: dict = {}
+    for key, extension, read in _members(tar):
+        if sample and key != sample["key"]:
+            if "image" in sample:
+                yield {"txt": None, "json": {}, **sample}
+            sample = {}
+        sample["key"] = key
+        if extension in IMAGE_EXTENSIONS:
+            sample["image"] = read()
+        elif extension == "txt":
+            sample["txt"] = read().decode("utf-8").strip()
+        elif extension == "json":
+            sample["json"] = json.loads(read())
+    if "image" in sample:
+        yield {"txt": None, "json": {}, **sample}

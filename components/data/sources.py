@@ -37,7 +37,7 @@ def job_from_config(cfg: DictConfig, url_list: UrlList) -> IngestJob:
         shard_size=ingest.shard_size, shuffle_window=ingest.shuffle_window, shuffle_seed=ingest.shuffle_seed,
         url_col=cfg.data.url_col, caption_col=cfg.data.caption_col,
         workers=ingest.workers, dedup_partitions=ingest.dedup_partitions, keep_staging=ingest.keep_staging,
-        dataset_name=cfg.data.name,
+        dataset_name=cfg.data.name, append=ingest.append, retry=ingest.retry,
     )
 
 

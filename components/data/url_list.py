@@ -165,6 +165,22 @@ def shuffled(batches: Iterator[pa.RecordBatch], window: int, seed: int) -> Itera
         yield from held.take(rng.permutation(held.num_rows)).to_batches()
 
 
+PARTS_DONE = "_done.json"  # written once every part of a list is cut: what it was cut from, the parts, the rows
+
+
+def parts_identity(url_list: UrlList, shard_size: int, url_col: str = "url", caption_col: str = "caption",
+                   shuffle_window: int = 0, shuffle_seed: int = 0) -> dict:
+    """What a list's parts are cut from and how: its files' fingerprints and the cutting settings. UrlListError
+    when a file does not exist or has an unknown format."""
+    for path in list_files(url_list):
+        list_format(path)
+    identity = {"input": list_identity(url_list), "shard_size": shard_size, "url_col": url_col,
+                "caption_col": caption_col}
+    if shuffle_window:  # (absent when off: parts cut before the option still match)
+        identity["shuffle"] = {"window": shuffle_window, "seed": shuffle_seed}
+    return identity
+
+
 def split_into_parts(
     url_list: UrlList,
     parts_dir: UPath,
@@ -173,33 +189,44 @@ def split_into_parts(
     caption_col: str = "caption",
     shuffle_window: int = 0,
     shuffle_seed: int = 0,
+    first_part: int = 0,
 ) -> list[UPath]:
     """Write `parts_dir/part-XXXXX.parquet` files of `shard_size` rows with columns key, url, caption, extras; with
-    `shuffle_window` > 0 the rows go into the parts in a seeded random order (`shuffled`), else in the list's.
+    `shuffle_window` > 0 the rows go into the parts in a seeded random order (`shuffled`), else in the list's. Parts
+    are numbered from `first_part` (a list appended to a dataset continues its numbering).
 
     Reuses existing parts when `parts_dir/_done.json` matches this input, so a rerun never re-keys rows.
     """
-    for path in list_files(url_list):
-        list_format(path)
-    source = list_identity(url_list)
+    identity = parts_identity(url_list, shard_size, url_col, caption_col, shuffle_window, shuffle_seed)
     parts_dir.mkdir(parents=True, exist_ok=True)
-    done_file = parts_dir / "_done.json"
-    identity = {"input": source, "shard_size": shard_size, "url_col": url_col, "caption_col": caption_col}
-    if shuffle_window:  # (absent when off: parts cut before the option still match)
-        identity["shuffle"] = {"window": shuffle_window, "seed": shuffle_seed}
+    done_file = parts_dir / PARTS_DONE
     if done_file.exists():
         done = json.loads(done_file.read_text())
         if done["identity"] == identity:
             return [parts_dir / name for name in done["parts"]]
         raise UrlListError(f"{parts_dir} was cut from a different input, shard size or shuffle; use a new output_dir")
 
+    batches = iter_list_batches(url_list, url_col, caption_col)
+    if shuffle_window:
+        batches = shuffled(batches, shuffle_window, shuffle_seed)
+    parts, total = cut_into_parts(batches, parts_dir, shard_size, first_part)
+    if total == 0:
+        raise UrlListError(f"{redacted_text(str(url_list))} holds no rows")
+    storage.write_text(done_file, json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
+    return parts
+
+
+def cut_into_parts(batches: Iterator[pa.RecordBatch], parts_dir: UPath, shard_size: int, first_part: int = 0,
+                   ) -> tuple[list[UPath], int]:
+    """Write the rows of `batches` as part files of `shard_size` rows, numbered from `first_part`, each row keyed
+    by its part and index (`make_key`); returns (the part files, rows written)."""
     parts: list[UPath] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     total = 0
 
     def flush(tables: list[pa.RecordBatch]) -> None:
-        part = len(parts)
+        part = first_part + len(parts)
         # Files of one list may type a column differently (a CSV's integers, a Parquet's floats): unified.
         table = pa.concat_tables([pa.Table.from_batches([b]) for b in tables], promote_options="permissive")
         keys = pa.array([make_key(part, i, shard_size) for i in range(table.num_rows)])
@@ -208,9 +235,6 @@ def split_into_parts(
         storage.write_parquet(table, out)
         parts.append(out)
 
-    batches = iter_list_batches(url_list, url_col, caption_col)
-    if shuffle_window:
-        batches = shuffled(batches, shuffle_window, shuffle_seed)
     for batch in batches:
         total += batch.num_rows
         while batch.num_rows:
@@ -223,10 +247,7 @@ def split_into_parts(
                 pending, pending_rows = [], 0
     if pending_rows:
         flush(pending)
-    if total == 0:
-        raise UrlListError(f"{redacted_text(str(url_list))} holds no rows")
-    storage.write_text(done_file, json.dumps({"identity": identity, "parts": [p.name for p in parts], "rows": total}))
-    return parts
+    return parts, total
 
 
 # Columns ingest writes itself (keys, the staging rows of stage 1, the shards' Parquet). DataComp-style lists carry
@@ -237,7 +258,7 @@ OWN_COLUMNS = ("key", "status", "error_message", "width", "height", "original_wi
 
 def listed_rows(parts_dir: UPath) -> int:
     """How many rows split_into_parts read from the URL list into `parts_dir` (recorded as it cut the parts)."""
-    return json.loads((parts_dir / "_done.json").read_text())["rows"]
+    return json.loads((parts_dir / PARTS_DONE).read_text())["rows"]
 
 
 def _normalise_columns(batch: pa.RecordBatch, url_col: str, caption_col: str, path: str) -> pa.RecordBatch:
