@@ -20,8 +20,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from upath import UPath
 
 from components.data import shard_sets
+from components.eval import datasets as standard_datasets
+from components.eval import templates
+from components.eval.benchmark_layout import BenchmarkDataset, is_benchmark_layout, read_layout
+from components.eval.datasets import CLASS_LABEL
 from components.runtime import init_ray, one_line_errors, route_overrides
 from components.storage import location, upload
 from components.tracking import mlflow_runs
@@ -35,6 +40,22 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
 
 
+def dataset_settings(settings: dict, classes: list[str] | None, **fields) -> None:
+    """Point the fields and zero-shot at a dataset's class label: zero-shot chooses among every class it lists."""
+    settings["fields"] = {**settings["fields"], "caption": "txt", "labels": {CLASS_LABEL: "cls"}, "languages": {},
+                          **fields}
+    settings["task_settings"].setdefault("zeroshot_classification", {}).update(label=CLASS_LABEL, classes=classes)
+
+
+def benchmark_settings(settings: dict, dataset: BenchmarkDataset) -> tuple[UPath, list[str] | None]:
+    """Read a CLIP_benchmark dataset folder as CLIP_benchmark does: its split's shards, `cls` as the class label
+    named by classnames.txt, a retrieval set's `txt` as one caption per line. Returns (the split's shards, the
+    dataset's own templates)."""
+    dataset_settings(settings, dataset.classes, caption_lines=dataset.kind == "retrieval",
+                     class_names={CLASS_LABEL: dataset.classes} if dataset.classes else {})
+    return dataset.shards, dataset.templates
+
+
 def evaluate(cfg: DictConfig) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
@@ -44,6 +65,19 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     data = location(cfg.data_path or cfg.data.output_dir)
     # A brace pattern of shards is named by its folder.
     settings["dataset_name"] = cfg.dataset_name or (data.parent.name if shard_sets.is_pattern(data) else data.name)
+    own_templates = None
+    if cfg.data_path and not shard_sets.is_pattern(data) and is_benchmark_layout(data, cfg.data_split):
+        data, own_templates = benchmark_settings(settings, read_layout(data, cfg.data_split))
+    elif cfg.data_path and not shard_sets.is_pattern(data):
+        standard = standard_datasets.detect(data, cfg.data_split)
+        if standard is not None:
+            dataset_settings(settings, standard.classes)
+            data = standard
+    for task in ("zeroshot_classification", "typographic_attack"):
+        task_settings = settings["task_settings"].get(task) or {}
+        if "templates" in task_settings:
+            task_settings["templates"] = templates.resolve(task_settings["templates"], own_templates,
+                                                           f"task_settings.{task}.templates")
     # A corpus knows its held-out and training rows; other data is evaluated whole unless `where` says.
     corpus = not cfg.data_path
     if settings["where"] is None:

@@ -351,3 +351,54 @@ def test_results_are_read_by_clip_benchmarks_own_build_into_its_table(tmp_path):
     probe = rows["linear_probe"]
     assert float(probe["lp_acc1"]) == 0.7 and float(probe["lp_mean_per_class_recall"]) == 0.65
     assert {row["dataset"] for row in rows.values()} == {"coco_val"} and retrieval["language"] == "en"
+
+
+def test_templates_by_name_are_clips_and_clip_benchmarks_and_a_datasets_own_win_over_auto():
+    from components.eval.templates import resolve
+
+    imagenet = resolve("imagenet")
+    assert len(imagenet) == 80 and imagenet[0] == "a bad photo of a {}." and resolve("imagenet1k") == imagenet
+    assert resolve("cifar10")[0] == "a photo of a {}." and all("{}" in t for t in resolve("cifar10"))
+    assert resolve("auto") == ["{}"] and resolve("auto", ["art of {}"]) == ["art of {}"]
+    assert resolve(["a {} here"], ["art of {}"]) == ["a {} here"]  # a list or a name is the user's choice
+    with pytest.raises(ValueError, match="unknown template set 'imagenet21k'; use a list, auto, imagenet or one of "):
+        resolve("imagenet21k")
+    with pytest.raises(ValueError, match=r"every template needs a \{\} where the class name goes, got \['a photo'\]"):
+        resolve(["a photo", "{}"])
+
+
+def test_clip_benchmark_layout_is_read_with_its_classes_templates_and_type(tmp_path):
+    from components.eval.benchmark_layout import is_benchmark_layout, read_layout
+
+    (tmp_path / "test").mkdir()
+    assert not is_benchmark_layout(tmp_path, "test")
+    (tmp_path / "test" / "nshards.txt").write_text("2\n")
+    (tmp_path / "test" / "0.tar").write_bytes(b"")
+    (tmp_path / "classnames.txt").write_text("tench\ngoldfish\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nart of the {c}.\n")
+    assert is_benchmark_layout(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="1 of the 2 shards nshards.txt counts are missing .first: 1.tar."):
+        read_layout(tmp_path, "test")
+    (tmp_path / "test" / "1.tar").write_bytes(b"")
+    dataset = read_layout(tmp_path, "test")
+    assert (dataset.kind, dataset.classes) == ("classification", ["tench", "goldfish"])
+    assert dataset.templates == ["a photo of a {}.", "art of the {}."] and dataset.shards == tmp_path / "test"
+    (tmp_path / "dataset_type.txt").write_text("multilabel\n")
+    with pytest.raises(ValueError, match="'multilabel' datasets are not supported"):
+        read_layout(tmp_path, "test")
+
+
+def test_cifar_pickles_that_ask_for_code_are_refused(tmp_path):
+    import pickle
+
+    from components.eval.datasets import cifar
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": Payload()}))
+    with pytest.raises(ValueError, match="batches.meta: refused: the file asks for builtins.print"):
+        cifar.read(tmp_path, "test")

@@ -250,3 +250,129 @@ def test_ten_times_the_samples_keeps_driver_memory_flat(pretrained_clip, emoji_s
     print(f"driver peak RSS: {small} rows {small_peak:.0f} MiB, {large} rows {large_peak:.0f} MiB")
     assert large == 10 * small
     assert large_peak - small_peak < 150, peaks
+
+
+def write_clip_benchmark_folder(root: Path, corpus_dir: Path, classes: list[str] | None) -> list[dict]:
+    """The small corpus as a dataset in CLIP_benchmark's WebDataset layout: test/{0,1}.tar + nshards.txt, and
+    either `cls` labels with classnames.txt and a templates file (`classes`), or a retrieval set whose `txt`
+    holds two captions per image. Returns the samples written."""
+    import webdataset as wds
+
+    from components.data.emoji_corpus import load_corpus
+
+    corpus = load_corpus(corpus_dir)
+    (root / "test").mkdir(parents=True)
+    samples = []
+    for i, row in corpus.iterrows():
+        sample = {"__key__": f"s{i:04d}", "png": (corpus_dir / row["image_path"]).read_bytes()}
+        if classes:
+            sample["cls"] = str(classes.index(row["caption"])).encode()
+        else:
+            sample["txt"] = f"{row['caption']}\n{row['caption']} picture {i}".encode()
+        samples.append(sample)
+    for shard, half in enumerate((samples[: len(samples) // 2], samples[len(samples) // 2:])):
+        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as tar:
+            for sample in half:
+                tar.write(sample)
+    (root / "test" / "nshards.txt").write_text("2\n")
+    if classes:
+        (root / "classnames.txt").write_text("\n".join(classes) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nan emoji of {c}.\n")
+    else:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    return samples
+
+
+def test_a_clip_benchmark_dataset_folder_is_evaluated_as_clip_benchmark_reads_it(ray_session, small_corpus, tmp_path,
+                                                                                 capfd):
+    """`data=<CLIP_benchmark dataset folder>` with no other setting: zero-shot over every class of its
+    classnames.txt (one absent from the split included) with its own templates, or retrieval over every caption
+    line of a retrieval set; what the folder cannot serve is skipped in one line; CLIP_benchmark's build reads
+    the results. The model is any transformers CLIP (one saved in OpenAI's layout)."""
+    from components.data.emoji_corpus import load_corpus
+    from tests.helpers import save_openai_layout_clip
+
+    corpus = load_corpus(small_corpus)
+    model = save_openai_layout_clip(tmp_path / "clip", list(corpus["caption"]))
+    classes = sorted(set(corpus["caption"])) + ["a class with no image in the split"]
+    write_clip_benchmark_folder(tmp_path / "emoji_concepts", small_corpus, classes)
+    (tmp_path / "out").mkdir()
+    capfd.readouterr()
+    evaluate(str(model), tmp_path / "emoji_concepts", tmp_path / "out")
+    assert "[evaluate] retrieval skipped" in capfd.readouterr().out
+    zero_shot = json.loads((tmp_path / "out" / "results" / "zeroshot_classification.json").read_text())
+    assert zero_shot["dataset"] == "emoji_concepts"
+    assert zero_shot["metrics"]["classes"] == len(classes) and zero_shot["metrics"]["templates"] == 2
+    clip_benchmark_build([tmp_path / "out" / "results"], tmp_path / "benchmark.csv")
+    table = pd.read_csv(tmp_path / "benchmark.csv")
+    assert table.loc[table.task == "zeroshot_classification", "acc1"].item() == \
+        pytest.approx(zero_shot["metrics"]["acc1"])
+
+    samples = write_clip_benchmark_folder(tmp_path / "emoji_captions", small_corpus, None)
+    (tmp_path / "out_retrieval").mkdir()
+    evaluate(str(model), tmp_path / "emoji_captions", tmp_path / "out_retrieval")
+    assert "[evaluate] zeroshot_classification skipped" in capfd.readouterr().out
+    retrieval = json.loads((tmp_path / "out_retrieval" / "results" / "zeroshot_retrieval.json").read_text())
+    lines = {line for s in samples for line in s["txt"].decode().splitlines()}
+    assert (retrieval["metrics"]["images"], retrieval["metrics"]["texts"]) == (len(samples), len(lines))
+
+
+def write_standard_datasets(root: Path, corpus_dir: Path) -> dict[str, Path]:
+    """The small corpus written as ImageNet-style class folders (with a class-names file naming two of three
+    folders), as Flickr30k in Karpathy's split JSON (five captions an image, one image in the train split), and
+    as CIFAR-10's Python pickles (its images shrunk to 32x32). Returns each dataset's path."""
+    import pickle
+
+    from PIL import Image
+
+    from components.data.emoji_corpus import load_corpus
+
+    corpus = load_corpus(corpus_dir).head(24)
+    images = [(corpus_dir / p).read_bytes() for p in corpus["image_path"]]
+    folders = root / "imagenet"
+    for i, image in enumerate(images):
+        (folders / "val" / f"n0000000{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folders / "val" / f"n0000000{i % 3}" / f"ILSVRC2012_val_{i:08d}.png").write_bytes(image)
+    (folders / "classnames.txt").write_text("n00000000 grinning face\nn00000001 red apple\n")
+    flickr = root / "flickr30k"
+    (flickr / "flickr30k-images").mkdir(parents=True)
+    entries = []
+    for i, (image, caption) in enumerate(zip(images, corpus["caption"])):
+        (flickr / "flickr30k-images" / f"{i}.png").write_bytes(image)
+        entries.append({"filename": f"{i}.png", "imgid": i, "split": "train" if i == 0 else "test",
+                        "sentences": [{"raw": f"{caption}, picture {i}, caption {k}"} for k in range(5)]})
+    (flickr / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    cifar = root / "cifar-10-batches-py"
+    cifar.mkdir()
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((32, 32))) for b in images])
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (cifar / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    (cifar / "test_batch").write_bytes(pickle.dumps({b"data": pixels.transpose(0, 3, 1, 2).reshape(len(images), -1),
+                                                     b"labels": [i % 4 for i in range(len(images))]}))
+    return {"imagenet": folders, "flickr30k": flickr, "cifar10": root}
+
+
+def test_standard_datasets_are_read_in_the_layouts_they_are_distributed_in(ray_session, small_corpus, tmp_path):
+    """ImageNet class folders, Karpathy-split captions and CIFAR pickles, each written in its exact format, give
+    zero-shot over their classes or multi-caption retrieval over their test split, with no other setting."""
+    from components.data.emoji_corpus import load_corpus
+    from tests.helpers import save_openai_layout_clip
+
+    model = save_openai_layout_clip(tmp_path / "clip", list(load_corpus(small_corpus)["caption"]))
+    paths = write_standard_datasets(tmp_path / "data", small_corpus)
+
+    def results(name: str, *extra: str) -> dict:
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        evaluate(str(model), paths[name], out, *extra)
+        return {p.stem: json.loads(p.read_text())["metrics"] for p in (out / "results").glob("*.json")}
+
+    imagenet = results("imagenet", "data_split=val")
+    assert set(imagenet) == {"zeroshot_classification"} and imagenet["zeroshot_classification"]["classes"] == 3
+    flickr = results("flickr30k")
+    assert set(flickr) == {"zeroshot_retrieval"}
+    assert (flickr["zeroshot_retrieval"]["images"], flickr["zeroshot_retrieval"]["texts"]) == (23, 23 * 5)
+    cifar = results("cifar10", "task_settings.zeroshot_classification.templates=cifar10")
+    assert cifar["zeroshot_classification"]["classes"] == 10
+    assert cifar["zeroshot_classification"]["templates"] == 18  # CLIP_benchmark's CIFAR-10 set
+

@@ -30,6 +30,8 @@ class EvalFields:
     labels: dict[str, str] = field(default_factory=dict)  # label name (what tasks ask for) -> field
     languages: dict[str, str] = field(default_factory=dict)  # language code -> caption field
     image: tuple[str, ...] = IMAGE_COLUMNS  # the first of these present is the image
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # label name -> names of its integer values
+    caption_lines: bool = False  # a caption holds several, one per line (CLIP_benchmark's retrieval sets)
 
 
 def data_files(path: str | os.PathLike) -> tuple[str, list[UPath]]:
@@ -54,7 +56,14 @@ def data_files(path: str | os.PathLike) -> tuple[str, list[UPath]]:
 
 def read_eval_rows(path: str | os.PathLike, fields: EvalFields, where: dict[str, Any] | None = None,
                    limit: int | None = None) -> ray.data.Dataset:
-    """A Ray Dataset of evaluation rows (see the module docstring), filtered by `where` (field -> value)."""
+    """A Ray Dataset of evaluation rows (see the module docstring), filtered by `where` (field -> value). `path`
+    may be a standard dataset read by components/eval/datasets (its rows are evaluation rows already)."""
+    from components.eval.datasets import StandardDataset
+
+    if isinstance(path, StandardDataset):
+        if where:
+            raise ValueError(f"where= does not apply to a {path.name} dataset: choose its split with data_split")
+        return path.to_ray(limit)
     kind, files = data_files(path)
     files, filesystem = storage.arrow_paths(files)
     if kind == "webdataset":
@@ -91,12 +100,16 @@ def _select(batch, fields: EvalFields, where: dict[str, Any]):
         captions = _text(_lookup(row, meta, fields.caption))
         if captions is None and row.get("txt") is not None:  # WebDataset's caption member, whatever fields say
             captions = _text(row["txt"])
+        if fields.caption_lines and isinstance(captions, str):
+            captions = [line.strip() for line in captions.splitlines() if line.strip()]
         out["key"].append(str(row.get("__key__") or row.get("key") or _digest(row[image_column])))
         out["image"].append(row[image_column])
         out["captions"].append(json.dumps(captions if isinstance(captions, list) else [captions] if captions else []))
         for name, source in fields.labels.items():
             label = _lookup(row, meta, source)
-            out[f"label_{name}"].append("" if label is None else str(_text(label)))
+            label = "" if label is None else str(_text(label))
+            names = fields.class_names.get(name)
+            out[f"label_{name}"].append(names[int(label)] if names and label.lstrip("-").isdigit() else label)
         for code, name in fields.languages.items():
             out[f"lang_{code}"].append(_text(_lookup(row, meta, name)) or "")
     return pd.DataFrame(out)

@@ -116,7 +116,9 @@ def export_in(root: Path, uri: str) -> Path:
 def fields_from_config(cfg: dict) -> EvalFields:
     return EvalFields(caption=cfg["caption"], labels=dict(cfg.get("labels") or {}),
                       languages=dict(cfg.get("languages") or {}),
-                      image=tuple(cfg.get("image") or EvalFields().image))
+                      image=tuple(cfg.get("image") or EvalFields().image),
+                      class_names={name: list(names) for name, names in (cfg.get("class_names") or {}).items()},
+                      caption_lines=bool(cfg.get("caption_lines")))
 
 
 def image_store_dir(work_dir: Path) -> Path:

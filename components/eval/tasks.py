@@ -125,7 +125,8 @@ def zeroshot_classification(context: EvalContext, settings: dict) -> TaskOutput:
     from components.eval.plots import confusion_matrix_plot
 
     labels = _labels(context.images, settings["label"])
-    classes = _classes(labels)
+    # The dataset's class list when it has one (CLIP_benchmark classifies among every class), else the labels seen.
+    classes = list(settings.get("classes") or _classes(labels))
     accumulator = zero_shot_scores(context, context.images, _class_index(labels, classes), classes,
                                    list(settings["templates"]))
     metrics = {**accumulator.result(), "classes": len(classes), "templates": len(settings["templates"])}

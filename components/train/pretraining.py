@@ -158,8 +158,12 @@ def periodic_eval_config(cfg: DictConfig, shard_dir: UPath) -> dict[str, Any] | 
     samples = read_pairs(shard_dir, _where(cfg.data.get("eval_where"))).limit(spec.rows).take_all()
     fields = OmegaConf.to_container(cfg.fields, resolve=True)
     rows = heldout_rows(samples, fields["caption"], fields.get("labels") or {}, fields.get("languages") or {})
-    return {"every": int(spec.every), "task": spec.task, "rows": rows,
-            "settings": OmegaConf.to_container(spec.settings, resolve=True)}
+    settings = OmegaConf.to_container(spec.settings, resolve=True)
+    if "templates" in settings:
+        from components.eval.templates import resolve
+
+        settings["templates"] = resolve(settings["templates"], where="periodic_eval.settings.templates")
+    return {"every": int(spec.every), "task": spec.task, "rows": rows, "settings": settings}
 
 
 def evaluate_heldout(cfg: DictConfig, shard_dir: UPath, model, tokenizer) -> dict[str, float]:
