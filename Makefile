@@ -2,11 +2,12 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := fonts-unifont unicode-data unicode-cldr-core  # the built-in corpus and CLIPPO's text renderer
+DEBIAN_PACKAGES := $(shell cat cluster/debian-packages.txt)  # the built-in corpus and CLIPPO's text renderer
+IMAGE ?= ghcr.io/your-org/clipforge:latest  # the cluster image (cluster/Dockerfile) every cluster config runs
 TEST_DEBIAN_PACKAGES := chromium  # the MLflow UI test's headless browser
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bootstrap test test-fast setup system-deps test-deps ingest pretrain evaluate clip-filter altclip clipcap caption mlflow-ui bench clean
+.PHONY: demo bootstrap test test-fast setup system-deps test-deps image ingest pretrain evaluate clip-filter altclip clipcap caption mlflow-ui bench clean
 
 demo: setup  ## the whole chain on the built-in corpus: ingest, pretrain, evaluate, AltCLIP, ClipCap, caption (a re-run skips what is unchanged)
 	$(PY) pipelines/end_to_end.py $(ARGS)
@@ -54,6 +55,9 @@ $(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
 	touch $(STAMP)
+
+image:  ## build the cluster image (cluster/Dockerfile) as $(IMAGE); push it to your registry
+	docker build -f cluster/Dockerfile -t $(IMAGE) .
 
 ingest: setup
 	$(PY) pipelines/ingest.py $(ARGS)

