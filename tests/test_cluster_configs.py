@@ -250,3 +250,24 @@ def test_the_image_installs_what_make_setup_installs_from_the_same_lists_and_pas
     lint = subprocess.run([str(REPO / ".venv" / "bin" / "hadolint"), "--no-color", "cluster/Dockerfile"], cwd=REPO,
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_gpu_node_type_boots_with_an_nvidia_driver(name):
+    """A GPU node type on a plain OS image would start with GPUs no step can use: each names an image that carries
+    the driver (AWS's Deep Learning Base GPU AMI) or installs it at boot (GCP's Deep Learning VM with
+    install-nvidia-driver)."""
+    config = yaml.safe_load((REPO / "cluster" / name).read_text())
+    gpu_types = {key: node["node_config"] for key, node in config["available_node_types"].items()
+                 if node["resources"].get("GPU")}
+    assert gpu_types
+    for key, node_config in gpu_types.items():
+        if config["provider"]["type"] == "aws":
+            image = node_config["ImageId"]
+            assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-"), key
+        else:
+            images = [d["initializeParams"]["sourceImage"] for d in node_config["disks"] if d.get("boot")]
+            assert images and all("deeplearning-platform-release" in i and "-cu" in i for i in images), (key, images)
+            metadata = {item["key"]: item["value"] for item in node_config["metadata"]["items"]}
+            assert metadata.get("install-nvidia-driver") == "True", key
+            assert {"onHostMaintenance": "TERMINATE"} in node_config["scheduling"], key  # GPUs cannot live-migrate
