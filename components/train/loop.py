@@ -53,6 +53,7 @@ class LoopSettings:
     checkpoint_every: int
     local_shuffle_buffer: int
     seed: int
+    grad_cache: bool = False
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
 
@@ -225,13 +226,25 @@ def train_worker(config: dict[str, Any]) -> None:
                         shutil.copytree(tokenizer_dir, Path(directory) / CHECKPOINT_TOKENIZER)
             ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(directory))
 
+    # GradCache: the step's micro-batches form one contrastive batch (tasks.ContrastiveTask.cached_step).
+    cached = settings.grad_cache and settings.grad_accum > 1 and hasattr(task, "cached_step")
+    pending: list[dict[str, torch.Tensor]] = []
     window.start()
     for batch in _batches(shard, micro_batch, settings, device):
         window.data_ready()
-        loss, metrics = task.step(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        micro_step += 1
+        if cached:
+            pending.append(batch)
+            if len(pending) < settings.grad_accum:
+                window.start()
+                continue
+            loss, metrics = task.cached_step(engine, pending)
+            pending = []
+            micro_step += settings.grad_accum
+        else:
+            loss, metrics = task.step(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            micro_step += 1
         window.step_done(loss.item())
         if micro_step % settings.grad_accum:
             window.start()

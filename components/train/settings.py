@@ -30,6 +30,7 @@ class TrainerSettings:
     samples: int = MISSING
     global_batch: int = MISSING
     grad_accum: int = MISSING
+    grad_cache: bool = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
     warmup_fraction: float = MISSING

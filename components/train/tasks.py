@@ -54,6 +54,46 @@ class ContrastiveTask:
         self.model, self.loss = model, loss
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        image, text, logit_scale, logit_bias = self._features(engine, batch)
+        loss = self.loss(_float(image), _float(text), self.model.loss_similarity, logit_scale.float(),
+                         None if logit_bias is None else logit_bias.float(), self._caption_ids([batch]))
+        return loss, self._metrics(logit_scale, logit_bias)
+
+    def cached_step(self, engine, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step whose contrastive batch is all of `batches` (the step's micro-batches), in the
+        memory of one micro-batch: GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size
+        under Memory Limited Setup"). Every micro-batch's features are computed without a graph; the loss over
+        all of them gives the gradient of each feature (and of the temperature and bias); each micro-batch then
+        runs forward again with its graph and back-propagates those feature gradients, which sum to the full
+        batch's parameter gradient. Costs one extra forward per micro-batch. Runs engine.backward and
+        engine.step once per micro-batch (DeepSpeed steps the optimizer at the last); returns the batch's loss."""
+        states = []
+        with torch.no_grad():
+            chunks = []
+            for batch in batches:
+                states.append(_rng_states())
+                chunks.append(self._features(engine, batch))
+        image, text = _leaves([c[0] for c in chunks]), _leaves([c[1] for c in chunks])
+        scale, bias = (None if v is None else v.detach().float().requires_grad_() for v in chunks[0][2:])
+        loss = self.loss(image, text, self.model.loss_similarity, scale, bias, self._caption_ids(batches))
+        loss.backward()
+        offset = 0
+        for batch, state in zip(batches, states):
+            _set_rng_states(state)  # the same dropout and token choices as the pass without a graph
+            chunk_image, chunk_text, chunk_scale, chunk_bias = self._features(engine, batch)
+            rows = chunk_image[0].shape[0]
+            surrogate = _dot(chunk_image, image, offset, rows) + _dot(chunk_text, text, offset, rows)
+            if offset == 0:  # the temperature (and bias) enter the loss once: their gradient goes in once
+                surrogate = surrogate + (chunk_scale.float() * scale.grad).sum()
+                if chunk_bias is not None:
+                    surrogate = surrogate + (chunk_bias.float() * bias.grad).sum()
+            engine.backward(surrogate, scale_wrt_gas=False)  # the loss is the step's mean already
+            engine.step()
+            offset += rows
+        return loss.detach(), self._metrics(chunks[0][2], chunks[0][3])
+
+    def _features(self, engine, batch: dict[str, torch.Tensor]):
+        """(image features, text features, logit_scale, logit_bias) of one micro-batch."""
         pixel_values, text = model_inputs(self.model, batch, engine_dtype(engine))
         # Through engine(...): under ZeRO-3 the top module's own parameters (logit_scale) are only gathered
         # inside its forward.
@@ -61,16 +101,42 @@ class ContrastiveTask:
         select_tokens = getattr(self.model, "select_tokens", None)  # FILIP: top-k% tokens, before the gather
         if select_tokens is not None:
             image, text_features = select_tokens(image, text_features)
-        caption_ids = None
-        if self.loss.duplicate_positives:  # equal captions are equal model inputs: tokens, or rendered pixels
-            caption_ids = (text_ids(batch["text_pixels"]) if "text_pixels" in text
-                           else text_ids(batch["input_ids"], batch["attention_mask"]))
-        loss = self.loss(_float(image), _float(text_features), self.model.loss_similarity, logit_scale.float(),
-                         None if logit_bias is None else logit_bias.float(), caption_ids)
+        return image, text_features, logit_scale, logit_bias
+
+    def _caption_ids(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        if not self.loss.duplicate_positives:
+            return None
+        # Equal captions are equal model inputs: tokens, or rendered pixels.
+        return torch.cat([text_ids(b["text_pixels"]) if self.model.text_input == "pixels"
+                          else text_ids(b["input_ids"], b["attention_mask"]) for b in batches])
+
+    def _metrics(self, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> dict[str, float]:
         metrics = {"logit_scale": float(logit_scale.detach().float().exp().clamp(max=self.loss.max_logit_scale))}
         if logit_bias is not None:
             metrics["logit_bias"] = float(logit_bias.detach().float())
-        return loss, metrics
+        return metrics
+
+
+def _leaves(chunks: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Micro-batches' features joined along the batch, the floating ones as fp32 leaves whose .grad the loss fills."""
+    return tuple(torch.cat([t.detach() for t in parts]).float().requires_grad_() if parts[0].is_floating_point()
+                 else torch.cat(parts) for parts in zip(*chunks))
+
+
+def _dot(features: tuple[torch.Tensor, ...], leaves: tuple[torch.Tensor, ...], offset: int, rows: int) -> torch.Tensor:
+    """sum(features * the loss's gradient of their rows): its gradient is the loss's, through this micro-batch."""
+    return sum((f.float() * leaf.grad[offset:offset + rows]).sum()
+               for f, leaf in zip(features, leaves) if leaf.requires_grad)
+
+
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_states(states: tuple) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
 
 
 class DistillTask:
