@@ -100,6 +100,7 @@ bench: setup
 	$(PY) benchmarks/object_store_chain.py
 	$(PY) benchmarks/caption_decoding.py
 	$(PY) benchmarks/dynamic_padding.py
+	$(PY) benchmarks/grad_cache_memory.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db

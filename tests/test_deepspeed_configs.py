@@ -100,7 +100,8 @@ for case in json.loads(sys.argv[1]):
     accum = case.get("grad_accum", 1)
     settings = LoopSettings.from_trainer(trainer_defaults(), samples=16 * case["steps"], global_batch=16, lr=2e-3,
                                          warmup_fraction=0.0, grad_accum=accum)
-    engine, _ = initialise_engine(task.model, settings, config, micro_batch=8 // accum)
+    engine, _ = initialise_engine(task.model, settings, config, micro_batch=8 // accum,
+                                  compile_model=case.get("compile", False))
     generator = torch.Generator().manual_seed(rank)
     batch = {"pixels": torch.randint(0, 256, (8, 32, 32, 3), generator=generator, dtype=torch.uint8),
              "input_ids": torch.cat([torch.ones(8, 1, dtype=torch.int64), torch.randint(4, 300, (8, 10), generator=generator),
@@ -126,7 +127,8 @@ for case in json.loads(sys.argv[1]):
         "losses": losses, "stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
         # ZeRO-3's optimizer keeps its fp32 states and the parameter partitions in host memory (offloaded)
         "offloaded": [getattr(engine.optimizer, name, False) for name in ("offload_optimizer", "offload_param")],
-        "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in task.model.modules())}
+        "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in task.model.modules()),
+        "compiled": engine.is_compiled}
 print("STEPS " + json.dumps(report), flush=True)
 # The work is done and reported. Interpreter teardown with the gloo group alive aborted one rank in about four runs
 # here ("terminate called without an active exception", a C++ thread destroyed while joinable): end at once.
@@ -199,6 +201,16 @@ def test_grad_cache_trains_the_whole_batch_as_one_contrastive_batch_in_micro_bat
         assert split[0] < whole[0] - 1.0, (split, whole)
         siglip, siglip_cached = report["twins_siglip"]["losses"], report["twins_siglip_grad_cache"]["losses"]
         assert siglip_cached == pytest.approx(siglip, rel=1e-4, abs=1e-4), (siglip_cached, siglip)
+
+
+@pytest.mark.slow  # inductor compiles the tiny CLIP's graphs for ~50-90 s a rank on this machine
+def test_a_compiled_engine_trains_with_the_losses_of_the_eager_one(trained_engines):
+    """trainer.compile's path (initialise_engine's engine.compile, inductor on CPU): the same losses, step after
+    step, as the eager engine from the same seed and batches."""
+    compiled = engine_steps([{"name": "zero2_compiled", "deepspeed": "zero2", "steps": 3, "compile": True}])
+    for eager, report in zip(trained_engines, compiled):
+        assert report["zero2_compiled"]["compiled"] and not eager["zero2"]["compiled"]
+        assert report["zero2_compiled"]["losses"] == pytest.approx(eager["zero2"]["losses"], rel=1e-4, abs=1e-4)
 
 
 def test_duplicate_positives_reach_the_loss_through_the_training_step(trained_engines):

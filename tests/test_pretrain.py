@@ -178,13 +178,13 @@ def test_training_stream_holds_its_passes_of_the_filtered_rows(ray_session, emoj
 def test_a_killed_driver_resumes_from_its_latest_checkpoint(ray_session, emoji_shards, tmp_path, capfd):
     """The whole driver process killed (its Ray with it) after its first checkpoint: trainer.resume_from=latest
     finds the last checkpoint Ray registered for the stage's run name and the run goes on from that step to the
-    end."""
+    end. The run takes its steps as GradCache steps of two micro-batches (trainer.grad_cache), through the loop."""
     import json
 
     from tests.helpers import kill_when
 
     args = pretrain_args(emoji_shards, tmp_path, f"trainer.samples={20 * 128}", "trainer.checkpoint_every=10",
-                         "trainer.log_every=5", "eval_samples=64")
+                         "trainer.log_every=5", "eval_samples=64", "trainer.grad_accum=2", "trainer.grad_cache=true")
     records = tmp_path / "ray"
 
     def checkpointed() -> bool:
@@ -200,6 +200,7 @@ def test_a_killed_driver_resumes_from_its_latest_checkpoint(ray_session, emoji_s
     assert f"resuming from {killed / latest['checkpoint_dir_name']}" in output, output[-3000:]
     assert f"resumed from step {step} ({step * 128} samples seen)" in output, output[-3000:]
     assert outcome["step"] == 20 and outcome["samples_seen"] == 20 * 128
+    assert "GradCache: 2 micro-batches of 32 a worker form each contrastive batch of 128" in output, output[-3000:]
 
 
 def test_resume_latest_without_a_checkpoint_is_one_clear_error(tmp_path):

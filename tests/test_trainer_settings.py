@@ -16,7 +16,7 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     trainer = trainer_defaults()
     settings = LoopSettings.from_trainer(trainer)
     shared = [f.name for f in dataclasses.fields(LoopSettings) if f.name in trainer]
-    assert len(shared) == 10 and all(getattr(settings, name) == trainer[name] for name in shared)
+    assert len(shared) == 11 and all(getattr(settings, name) == trainer[name] for name in shared)
     assert isinstance(trainer.lr, float) and isinstance(trainer.workers, int)  # typed, not YAML's guesses
     with pytest.raises(TypeError):  # no default of its own to disagree with the config
         LoopSettings(samples=128, global_batch=128)
@@ -26,6 +26,7 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     ("pretrain_clip", "trainer.lr=abc", "Error merging override trainer.lr=abc"),
     ("pretrain_clip", "trainer.workers=1.5", "Error merging override trainer.workers=1.5"),
     ("pretrain_clip", "trainer.lrate=0.1", "Could not override 'trainer.lrate'"),
+    ("pretrain_clip", "trainer.compile=maybe", "trainer.compile must be auto, true or false, got 'maybe'"),
     ("distill_altclip", "stage1.trainer.lr=abc", "altclip: stage1.trainer: Value 'abc' of type 'str' could not be "
                                                  "converted to Float"),
     ("train_clipcap", "+caption.trainer.lrate=0.1", "clipcap: caption.trainer: Key 'lrate' not in 'TrainerSettings'"),

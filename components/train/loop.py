@@ -153,9 +153,11 @@ def skip_shared_memory_allreduce() -> None:
 
 
 def initialise_engine(model: torch.nn.Module, settings: LoopSettings, deepspeed_base: dict[str, Any],
-                      micro_batch: int):
+                      micro_batch: int, compile_model: bool = False):
     """(DeepSpeed engine, its lr scheduler) for `model`: AdamW without decay on norms, biases and scalars, linear
-    warmup then cosine, the ZeRO stage and precision of `deepspeed_base` (a conf/deepspeed config)."""
+    warmup then cosine, the ZeRO stage and precision of `deepspeed_base` (a conf/deepspeed config).
+    `compile_model`: torch.compile the module inside the engine (DeepSpeed's engine.compile, inductor), so that
+    ZeRO's hooks stay outside the compiled graphs; the first step pays the compilation."""
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -170,6 +172,8 @@ def initialise_engine(model: torch.nn.Module, settings: LoopSettings, deepspeed_
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(deepspeed_base, micro_batch, settings.grad_accum))
+    if compile_model:
+        engine.compile()
     return engine, scheduler
 
 
@@ -199,7 +203,8 @@ def train_worker(config: dict[str, Any]) -> None:
         directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
         state = json.loads((directory / TRAINER_STATE).read_text()) if directory else None
         deepspeed_base = resumable_layout(config["deepspeed"], state)
-        engine, scheduler = initialise_engine(task.model, settings, deepspeed_base, micro_batch)
+        engine, scheduler = initialise_engine(task.model, settings, deepspeed_base, micro_batch,
+                                              compile_model=bool(config.get("compile")))
         if state:
             with weights_only_loads():
                 engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
@@ -228,6 +233,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # GradCache: the step's micro-batches form one contrastive batch (tasks.ContrastiveTask.cached_step).
     cached = settings.grad_cache and settings.grad_accum > 1 and hasattr(task, "cached_step")
+    if cached:
+        _say(rank, f"GradCache: {settings.grad_accum} micro-batches of {micro_batch} a worker form each contrastive "
+                   f"batch of {settings.global_batch}")
     pending: list[dict[str, torch.Tensor]] = []
     window.start()
     for batch in _batches(shard, micro_batch, settings, device):

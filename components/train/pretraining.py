@@ -25,6 +25,7 @@ from components.train.driver import (
     deepspeed_settings,
     describe_scale,
     log_loss_curve,
+    resolve_compile,
     resolve_resume,
     train_and_export,
     worker_config,
@@ -73,6 +74,7 @@ def check_settings(cfg: DictConfig) -> None:
     workers)."""
     ContrastiveLoss(**OmegaConf.to_container(cfg.loss, resolve=True))
     check_temperature_init(cfg.model.get("temperature_init"), cfg.model.get("pretrained"))
+    resolve_compile(cfg.trainer.compile, use_gpu=False)
 
 
 def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:

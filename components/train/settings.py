@@ -44,6 +44,7 @@ class TrainerSettings:
     local_shuffle_buffer: int = MISSING
     seed: int = MISSING
     activation_checkpointing: bool = MISSING
+    compile: Any = MISSING  # auto | true | false
     augment: Optional[AugmentSettings] = MISSING
 
 
