@@ -7,6 +7,7 @@ retrieval uses blocks that are smaller than the matrix and do not divide it.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -393,12 +394,12 @@ def test_cifar_pickles_that_ask_for_code_are_refused(tmp_path):
 
     from components.eval.datasets import cifar
 
-    class Payload:
+    class Payload:  # a harmless call with a stable name (Ray replaces print in a session that started it)
         def __reduce__(self):
-            return (print, ("ran",))
+            return (os.getcwd, ())
 
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": Payload()}))
-    with pytest.raises(ValueError, match="batches.meta: refused: the file asks for builtins.print"):
+    with pytest.raises(ValueError, match="batches.meta: refused: the file asks for posix.getcwd"):
         cifar.read(tmp_path, "test")
