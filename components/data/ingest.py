@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +36,11 @@ from components import lease, storage
 from components.data.dedup import find_duplicates
 from components.data.download import transient_drop
 from components.data.filters import build_filters
-from components.data.process_part import PartProcessor, PartSettings, staging_done_marker
+from components.data.process_part import (
+    PartProcessor,
+    PartSettings,
+    staging_done_marker,
+)
 from components.data.shard_sets import MANIFEST
 from components.data.shards import ShardWriter, stats_file
 from components.data.url_list import (
@@ -238,37 +243,50 @@ def _new_retry_round(work: UPath, rounds: list[Round], job: IngestJob, progress:
     if not all(stats_file(job.output_dir, p.stem.removeprefix("part-")).exists() for r in rounds for p in r.parts):
         _say(progress, "retry: finishing the dataset's unfinished round first; retry again once it is done")
         return
-    failed = latest_drops(job.output_dir)
-    failed = failed.filter(pa.array([transient_drop(reason, message) for reason, message in
-                                     zip(failed["status"].to_pylist(), failed["error_message"].to_pylist())],
-                                    pa.bool_()))
-    _say(progress, f"retry: {failed.num_rows} rows dropped for a transient reason get another download")
-    if not failed.num_rows:
-        return
-    retried = dict(Counter(failed["status"].to_pylist()))
+    retried: Counter[str] = Counter()
     # The row as its list gave it, under a new key: what ingest added (verdicts, hashes, an older retry_of) goes.
     added = {*OWN_COLUMNS, "duplicate_of", "retry_of"} - {"key"}
-    inputs = failed.drop_columns([c for c in failed.column_names if c in added])
-    inputs = inputs.rename_columns(["retry_of" if c == "key" else c for c in inputs.column_names])
+
+    def failed_rows():  # streamed drop file by drop file: the driver never holds the whole drop list
+        for dropped in _latest_drop_tables(job.output_dir):
+            transient = [transient_drop(reason, message) for reason, message in
+                         zip(dropped["status"].to_pylist(), dropped["error_message"].to_pylist())]
+            failed = dropped.filter(pa.array(transient, pa.bool_()))
+            retried.update(failed["status"].to_pylist())
+            failed = failed.drop_columns([c for c in failed.column_names if c in added])
+            failed = failed.rename_columns(["retry_of" if c == "key" else c for c in failed.column_names])
+            yield from failed.to_batches()
+
     folder = _new_round_folder(work, rounds)
     (folder / "input").mkdir(parents=True)
-    parts, total = cut_into_parts(iter(inputs.to_batches()), folder / "input", job.shard_size, _next_part(rounds))
+    parts, total = cut_into_parts(failed_rows(), folder / "input", job.shard_size, _next_part(rounds))
+    _say(progress, f"retry: {total} rows dropped for a transient reason get another download")
+    if not total:
+        storage.remove_tree(folder)  # made above, empty: no round
+        return
     storage.write_text(folder / "input" / PARTS_DONE, json.dumps(
-        {"identity": {"retry": retried}, "parts": [p.name for p in parts], "rows": total}))
-    storage.write_text(folder / ROUND_FILE, json.dumps({"kind": "retry", "retried": retried}))
+        {"identity": {"retry": dict(retried)}, "parts": [p.name for p in parts], "rows": total}))
+    storage.write_text(folder / ROUND_FILE, json.dumps({"kind": "retry", "retried": dict(retried)}))
 
 
 def latest_drops(output_dir: UPath) -> pa.Table:
     """Every dropped row of the dataset (`_dropped/*.parquet`) by its latest outcome: a row that a retry round
-    downloaded again (its key is one of that round's `retry_of`) is left out; its new key is kept or dropped anew."""
-    files = sorted((UPath(output_dir) / "_dropped").glob("*.parquet"), key=lambda f: f.name)
-    if not files:
+    downloaded again (its key is one of that round's `retry_of`) is left out; its new key is kept or dropped anew.
+    The whole list in memory: for a look at a dataset's failures (ingest.retry streams it file by file)."""
+    tables = list(_latest_drop_tables(output_dir))
+    if not tables:
         return pa.table({name: pa.array([], pa.string()) for name in ("key", "status", "error_message")})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _latest_drop_tables(output_dir: UPath) -> Iterator[pa.Table]:
+    """latest_drops, one drop file at a time."""
     retry_parts = [part for r in _rounds(UPath(output_dir) / "_work") if r.kind == "retry" for part in r.parts]
     superseded = {key for part in retry_parts
                   for key in storage.read_parquet(part, columns=["retry_of"])["retry_of"].to_pylist()}
-    dropped = pa.concat_tables([storage.read_parquet(f) for f in files], promote_options="permissive")
-    return dropped.filter(pa.array([key not in superseded for key in dropped["key"].to_pylist()], pa.bool_()))
+    for file in sorted((UPath(output_dir) / "_dropped").glob("*.parquet"), key=lambda f: f.name):
+        dropped = storage.read_parquet(file)
+        yield dropped.filter(pa.array([key not in superseded for key in dropped["key"].to_pylist()], pa.bool_()))
 
 
 def _process_parts(pending: list[tuple[str, str]], job: IngestJob, progress: bool) -> None:
