@@ -101,6 +101,7 @@ bench: setup
 	$(PY) benchmarks/caption_decoding.py
 	$(PY) benchmarks/dynamic_padding.py
 	$(PY) benchmarks/grad_cache_memory.py
+	$(PY) benchmarks/ray_data_reads.py
 
 clean:
 	rm -rf data outputs mlruns mlflow.db

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.runtime import EMBEDDED_DATA_ENV
 from tests.helpers import REPO, free_port, listed, server_process
 
 MLFLOW_ACCOUNT = "clipforge-ci"
@@ -60,7 +61,9 @@ def ray_head() -> Iterator[str]:
 
     temp_dir = tempfile.mkdtemp(prefix="rayhead")  # short: Ray's socket paths must fit 107 characters
     ports = {name: free_port() for name in HEAD_PORTS}
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    # One machine's cluster: Ray Data set as on the embedded Ray (a cluster keeps Ray's defaults).
+    env = {**os.environ, **EMBEDDED_DATA_ENV,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
                "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "4", "--temp-dir", temp_dir,
                "--disable-usage-stats", *[f"--{name}={port}" for name, port in ports.items()]]

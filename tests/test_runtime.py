@@ -85,3 +85,20 @@ def test_embedded_ray_train_polls_often_and_watches_no_preemption(ray_session):
                                        constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR}
     assert set(EMBEDDED_TRAIN_ENV) <= constants.ENV_VARS_TO_PROPAGATE
     assert {name: os.environ.get(name) for name in EMBEDDED_TRAIN_ENV} == EMBEDDED_TRAIN_ENV
+
+
+def test_embedded_ray_reads_parquet_footers_on_one_actor(ray_session, tmp_path):
+    """Ray Data's footer reader pool on the embedded Ray is one actor, not its cluster default of 32 (each one a
+    process start-up, several seconds of a small machine per read: components/runtime.py, EMBEDDED_DATA_ENV)."""
+    import collections
+
+    import pandas as pd
+
+    def footer_readers() -> int:
+        actors = ray._private.state.actors().values()
+        return collections.Counter(actor["ActorClassName"] for actor in actors)["FooterReader"]
+
+    pd.DataFrame({"id": range(6)}).to_parquet(tmp_path / "rows.parquet")
+    before = footer_readers()
+    assert len(ray.data.read_parquet(str(tmp_path / "rows.parquet")).take_all()) == 6
+    assert footer_readers() - before == 1
