@@ -13,9 +13,12 @@ from pathlib import Path
 
 import ray
 from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-import components.train.settings  # noqa: F401  (the trainer group's types, for Hydra)
 from components import QUIET_ENV
+from components.data.settings import IngestSettings
+from components.train.settings import TrainerSettings
 
 # A pipeline process ends with a garbage collection over every object torch, Ray and MLflow created: seconds on a
 # small machine, freeing nothing the exit would not. Frozen objects are left out of it.
@@ -101,6 +104,25 @@ def path(value: str | os.PathLike) -> Path:
                          "a filesystem path; shards (data.output_dir), exports, tokenizers, work_dir caches, "
                          "checkpoints and outputs take object-store URLs")
     return Path(to_absolute_path(str(value)))
+
+
+# The config groups with a typed schema (registered in Hydra's ConfigStore when their modules are imported, above).
+TYPED_GROUPS = {"ingest": IngestSettings, "trainer": TrainerSettings}
+
+
+def check_typed_settings(cfg: DictConfig, *stage_trainers: str) -> None:
+    """Check now, before anything starts, what Hydra's parse lets through: keys added past a typed group's schema
+    with `+` (Hydra's own hint for an unknown key; the code would silently ignore them), and each stage's own
+    trainer settings (`<stage>.trainer`: AltCLIP's, ClipCap's), merged onto the typed trainer group. A wrong type
+    or an unknown key is a ValueError naming the setting."""
+    checks = [(group, OmegaConf.structured(schema), cfg[group]) for group, schema in TYPED_GROUPS.items()
+              if group in cfg]
+    checks += [(f"{stage}.trainer", cfg.trainer, cfg[stage].trainer) for stage in stage_trainers]
+    for name, typed, given in checks:
+        try:  # as a plain container: a node of the schema's own type would be merged without its keys checked
+            OmegaConf.merge(typed, OmegaConf.to_container(given))
+        except OmegaConfBaseException as error:
+            raise ValueError(f"{name}: {str(error).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager

@@ -22,9 +22,8 @@ from components import storage
 from components.data.ingest import IngestError
 from components.data.parallel_text import ParallelTextError
 from components.data.sources import ensure_shards
-from components.runtime import init_ray, one_line_errors
+from components.runtime import check_typed_settings, init_ray, one_line_errors
 from components.tracking import mlflow_runs
-from components.train.settings import check_stage_trainers
 
 
 @hydra.main(config_path="../conf", config_name="distill_altclip", version_base="1.3")
@@ -37,7 +36,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     from components.eval.runner import fetch_model
     from components.train import altclip
 
-    check_stage_trainers(cfg, "stage1", "stage2")
+    check_typed_settings(cfg, "stage1", "stage2")
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "altclip")
     mlflow_runs.configure(cfg.mlflow.experiment)

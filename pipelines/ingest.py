@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from components.data.ingest import IngestError, summary
 from components.data.sources import check_source, ingest_from_config
 from components.data.url_list import UrlListError
-from components.runtime import init_ray, one_line_errors
+from components.runtime import check_typed_settings, init_ray, one_line_errors
 from components.tracking import mlflow_runs
 from components.tracking.plots import shard_sample_grid
 
@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def ingest(cfg: DictConfig) -> None:
+    check_typed_settings(cfg)
     check_source(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment, tags={"stage": "ingest"}) as mlflow_run:

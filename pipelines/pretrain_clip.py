@@ -22,7 +22,7 @@ from components.data import shard_sets
 from components.data.ingest import IngestError
 from components.data.sources import ensure_shards
 from components.data.url_list import UrlListError
-from components.runtime import init_ray, one_line_errors
+from components.runtime import check_typed_settings, init_ray, one_line_errors
 from components.tracking import mlflow_runs
 
 
@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> None:
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     from components.train import pretraining
 
+    check_typed_settings(cfg)
     pretraining.check_settings(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "pretrain")

@@ -25,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from components import storage
 from components.data.ingest import IngestError
 from components.data.sources import ensure_shards
-from components.runtime import init_ray, one_line_errors
+from components.runtime import check_typed_settings, init_ray, one_line_errors
 from components.tracking import mlflow_runs
-from components.train.settings import check_stage_trainers
 
 
 @hydra.main(config_path="../conf", config_name="train_clipcap", version_base="1.3")
@@ -40,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from components.caption import training
     from components.eval.runner import fetch_model
 
-    check_stage_trainers(cfg, "lm", "caption")
+    check_typed_settings(cfg, "lm", "caption")
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     shard_dir = ensure_shards(cfg, "clipcap")
     mlflow_runs.configure(cfg.mlflow.experiment)

@@ -348,9 +348,7 @@ def test_a_fuzz_pass_over_every_accepted_format_accounts_for_every_row(tmp_path)
     ("ingest.image_formats=[JPEG,JPG]", "ingest.image_formats must name Pillow formats"),
     ("ingest.download.timeout=0", "ingest.download.timeout must be > 0, got 0"),
     ("ingest.download.thread_count=0", "ingest.download.thread_count must be >= 1, got 0"),
-    ("ingest.append=maybe", "ingest.append must be true or false, got 'maybe'"),
-    ("ingest.retry=1", "ingest.retry must be true or false, got 1"),
-])
+])  # types (ingest.append=maybe) fail at parse: tests/test_trainer_settings.py
 def test_an_ingest_setting_out_of_range_is_refused_by_name_before_anything_starts(tmp_path, override, message):
     from tests.helpers import run_stage
 

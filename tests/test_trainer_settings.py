@@ -1,4 +1,5 @@
-"""The trainer group's settings: typed when the config is parsed (components/train/settings.py), in one place."""
+"""The typed config groups (trainer: components/train/settings.py, ingest: components/data/settings.py): checked when
+the config is parsed, each setting in one place."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     ("distill_altclip", "stage1.trainer.lr=abc", "altclip: stage1.trainer: Value 'abc' of type 'str' could not be "
                                                  "converted to Float"),
     ("train_clipcap", "+caption.trainer.lrate=0.1", "clipcap: caption.trainer: Key 'lrate' not in 'TrainerSettings'"),
+    # Hydra adds a `+` key past the schema (its own hint for an unknown key); the pipeline refuses it.
+    ("pretrain_clip", "+trainer.lrate=0.1", "pretrain: trainer: Key 'lrate' not in 'TrainerSettings'"),
+    ("ingest", "ingest.shard_size=big", "Error merging override ingest.shard_size=big"),
+    ("ingest", "+ingest.download.time_out=5", "ingest: ingest: Key 'time_out' not in 'DownloadSettings'"),
 ])
-def test_a_mistyped_or_unknown_trainer_setting_is_refused_before_anything_starts(tmp_path, pipeline, override,
-                                                                                  message):
+def test_a_mistyped_or_unknown_setting_is_refused_before_anything_starts(tmp_path, pipeline, override, message):
     done = subprocess.run(pipeline_command([override], pipeline), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]

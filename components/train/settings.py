@@ -4,15 +4,14 @@
 MISSING), so a setting lives in one place. Registered in Hydra's ConfigStore as `trainer/schema`, which the YAML
 extends: `trainer.lr=abc` or an unknown `trainer.*` key fails at parse, in one line, before Ray or MLflow start.
 A stage's own `<stage>.trainer` settings (AltCLIP's, ClipCap's) are merged onto this typed node, so they are
-checked too (`check_stage_trainers`).
+checked too (`components.runtime.check_typed_settings`).
 """
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig
 
 
 @dataclass
@@ -51,22 +50,14 @@ class TrainerSettings:
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSettings)
 
 
-def check_stage_trainers(cfg: DictConfig, *stages: str) -> None:
-    """Merge each stage's trainer settings onto the typed trainer group now, so that a wrong type or an unknown key
-    under `<stage>.trainer` fails before anything starts: a ValueError naming the setting."""
-    for stage in stages:
-        try:
-            OmegaConf.merge(cfg.trainer, cfg[stage].trainer)
-        except OmegaConfBaseException as error:
-            raise ValueError(f"{stage}.trainer: {str(error).splitlines()[0]}") from None
-
-
 def trainer_defaults() -> DictConfig:
     """The trainer group as the pipelines compose it (conf/trainer/default.yaml, typed), for code that runs the loop
     outside a pipeline: tests, benchmarks."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
+
+    import components.data.settings  # noqa: F401  (pretrain_clip composes the typed ingest group too)
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
