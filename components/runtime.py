@@ -42,7 +42,7 @@ EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_EN
 # Ray Data reads Parquet footers on a pool of actors before it reads a row: 32 by default, sized for a cluster
 # with many files. Each actor is a Python process of its own, so on one machine every read_parquet (each
 # evaluation, cache read and shard scan) paid several process start-ups for a few footers: on two cores five reads
-# of a small file took 18.4 s with the machine busy throughout, 6.6 s with one actor (benchmarks/ray_data_reads.py).
+# of a small file took 23.0 s with the machine busy throughout, 7.1 s with one actor (benchmarks/ray_data_reads.py).
 # One actor's threads (128 by default) read a machine's footers concurrently.
 EMBEDDED_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 

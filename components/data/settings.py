@@ -2,8 +2,9 @@
 
 `conf/ingest/default.yaml` holds every value and its comment; this schema holds the types only (every field
 MISSING), as `components/train/settings.py` does for the trainer group. Registered in Hydra's ConfigStore as
-`ingest/schema`, which the YAML extends: `ingest.shard_size=big` or an unknown `+ingest.*` key fails at parse, in
-one line, before Ray starts or a URL is read. Ranges and choices (shard_size >= 1, resize_mode) are checked where
+`ingest/schema`, which the YAML extends: `ingest.shard_size=big` or an unknown `ingest.*` key fails at parse, in
+one line, before Ray starts or a URL is read (a key added with `+`, which Hydra lets past a schema, fails in
+`components.runtime.check_typed_settings`, as the pipeline starts). Ranges and choices (shard_size >= 1, resize_mode) are checked where
 the job is built (components/data/ingest.py, components/data/process_part.py), still before any work.
 """
 
