@@ -37,8 +37,8 @@ def train(shards: Path, patch_size: int, steps: int, batch: int, lr: float) -> l
     from transformers import get_cosine_schedule_with_warmup
 
     from components.models.base import normalize_pixels
-    from components.models.clippo import render_text
     from components.models.factory import build_model
+    from components.models.unifont import render_text
     from components.train.losses import ContrastiveLoss
     from tests.helpers import read_shards
 

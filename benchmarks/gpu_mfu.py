@@ -56,7 +56,7 @@ def measured_matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
 
 def random_batch(model, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     pixels = torch.randn(batch, 3, model.image_size, model.image_size, device="cuda")
-    if model.text_input == "pixels":
+    if not model.uses_tokenizer:
         return pixels, {"text_pixels": torch.randn_like(pixels)}
     length = model.max_text_length
     ids = torch.randint(1, VOCAB - 2, (batch, length), device="cuda")
@@ -145,7 +145,7 @@ def bench_deepspeed(family: str, preset: str, batch: int, stage: int) -> dict:
     task = ContrastiveTask(model, ContrastiveLoss())
     pixels = torch.randint(0, 256, (batch, model.image_size, model.image_size, 3), dtype=torch.uint8, device="cuda")
     data = {"pixels": pixels}
-    if model.text_input == "pixels":
+    if not model.uses_tokenizer:
         data["text_pixels"] = torch.randint_like(pixels, 0, 256)
     else:
         data.update(random_batch(model, batch)[1])

@@ -174,11 +174,10 @@ def preprocess_cost(rows: list[dict], tokenizer, image_size: int) -> float:
 
     import torch
 
+    from components.models.text import Tokens
     from components.train.data import BatchSpec, Preprocess, TextConfig
 
-    with tempfile.TemporaryDirectory() as directory:
-        tokenizer.save_pretrained(directory)
-        preprocess = Preprocess(BatchSpec(image_size=image_size, text=TextConfig(tokenizer_dir=directory)))
+    preprocess = Preprocess(BatchSpec(image_size=image_size, text=TextConfig(Tokens.wrapping(tokenizer, 32))))
     batch = {"image": np.array([r["image"] for r in rows[:64]], dtype=object),
              "meta": np.array([json.dumps(r["json"]) for r in rows[:64]], dtype=object)}
     threads = torch.get_num_threads()

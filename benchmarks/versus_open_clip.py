@@ -136,13 +136,13 @@ def train_ours(work: Path, shards: Path, seed: int, args: argparse.Namespace, en
 def similarity_ours(export: Path, rows: list[dict], texts: list[str]) -> np.ndarray:
     """[rows, texts] similarities by the family's own similarity: cosine for CLIP and CLIPPO, token-wise for FILIP
     (`--ours model=filip`)."""
-    from components.eval.embed import load_with_tokenizer
+    from components.eval.embed import load_export
     from components.eval.retrieval import similarity_matrix
     from components.models.inference import image_features, text_features
 
-    model, tokenizer = load_with_tokenizer(export)
+    model, text = load_export(export)
     return similarity_matrix(model.similarity, image_features(model, [r["image"] for r in rows]),
-                             text_features(model, tokenizer, texts))
+                             text_features(model, text, texts))
 
 
 def scores(similarity: np.ndarray, rows: list[dict], text_index: dict[str, int], groups: list[str],

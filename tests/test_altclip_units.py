@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from components.data.emoji_corpus import DEFAULT_LANGUAGES, load_corpus
-from components.data.parallel_text import ParallelTextError, builtin_parallel_text, read_parallel_text
+from components.data.parallel_text import (
+    ParallelTextError,
+    builtin_parallel_text,
+    read_parallel_text,
+)
 from components.models.altclip import image_tower_state
 from components.models.factory import build_model, load_model
 from components.models.tokenizer import train_bpe
@@ -168,6 +172,7 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teac
     (fetch_model), and the cache is written there by them."""
     from components import storage
     from components.eval.runner import fetch_model
+    from components.models.text import Tokens
     from components.train.altclip import read_targets, teacher_targets
     from components.train.data import parallel_text_dataset, split_rows
 
@@ -180,22 +185,21 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teac
                           "split": ["train", "train", "train", "test", "test", "train"]})
     out = teacher_targets(frame, teacher, work / "targets", batch_size=4, actors=1, use_gpu=False)
     assert str(out).startswith(str(work)) and (out / "_cache.json").is_file()
-    model = load_model(teacher_dir)
+    from components.models.factory import load_model_and_text
     from components.models.inference import text_inputs
-    from components.models.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(teacher_dir)
+    model, text = load_model_and_text(teacher_dir)
     for split in ("train", "test"):
         rows = read_targets(out, split)
         assert sorted(rows["tgt"]) == sorted(frame[frame["split"] == split]["tgt"])
         with torch.no_grad():
-            expected = model.text_features(text_inputs(model, tokenizer, list(rows["src"]))).numpy()
+            expected = model.text_features(text_inputs(model, text, list(rows["src"]))).numpy()
         np.testing.assert_allclose(np.stack(rows["target"]), expected, atol=1e-5)
     # Stage 1's stream of the cache: streamed from Parquet, or tokenised once and held in Ray's object store (the
     # stage picks by split_rows against in_memory_rows): the same rows either way.
     assert split_rows(out, "train") == 4 and split_rows(out, "test") == 2
     streams = [sorted((tuple(row["input_ids"]), tuple(np.round(row["target"], 5))) for row in parallel_text_dataset(
-        out, str(teacher_dir), 16, "train", in_memory).take_all()) for in_memory in (False, True)]
+        out, Tokens(str(teacher_dir), 16), "train", in_memory).take_all()) for in_memory in (False, True)]
     assert streams[0] == streams[1] and len(streams[0]) == 4
     capsys.readouterr()
     assert teacher_targets(frame, teacher, work / "targets", batch_size=4, actors=1, use_gpu=False) == out
@@ -203,10 +207,11 @@ def test_teacher_targets_equal_direct_inference_and_are_cached(ray_session, teac
 
 
 def test_stage2_draws_each_caption_from_a_random_language():
+    from components.models.text import RenderedText
     from components.train.data import BatchSpec, Preprocess, TextConfig
 
-    spec = BatchSpec(image_size=8, text=TextConfig(kind="pixels", caption_choices=("caption_en", "caption_ja",
-                                                                                   "caption_xx")))
+    spec = BatchSpec(image_size=8, text=TextConfig(RenderedText(8), caption_choices=("caption_en", "caption_ja",
+                                                                                     "caption_xx")))
     preprocess = Preprocess(spec)
     meta = {"caption": "fallback", "caption_en": "red heart", "caption_ja": "赤いハート", "caption_xx": None}
     drawn = [preprocess._caption(meta) for _ in range(400)]

@@ -297,7 +297,7 @@ def test_linear_probe_task_draws_the_same_shots_whatever_order_the_rows_arrived_
         train = EmbeddingStore.create(tmp_path / f"train{order[0]}")
         train.append((train_x[order],), train_x[order], {"key": [keys[i] for i in order],
                                                           "label_cls": list(labels[order])})
-        context = EvalContext(model=None, tokenizer=None, images=test, dataset="toy", model_name="toy",
+        context = EvalContext(model=None, text=None, images=test, dataset="toy", model_name="toy",
                               embed_texts=None, embed_rows=lambda name, where: train, sample_rows=None)
         output = linear_probe(context, {"train_where": {}, "label": "cls", "shots": [2], "c_values": [1.0]})
         return [result["metrics"]["acc1"] for result in output.results]

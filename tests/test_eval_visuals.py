@@ -229,7 +229,6 @@ class _FixedEmbeddings(ContrastiveModel):
     match exactly one patch."""
 
     family = "fixed"
-    text_input = "tokens"
 
     # Alignment maps read token_embeddings only.
     def encode_image(self, pixel_values):

@@ -157,9 +157,8 @@ def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(
     """Retrieval with two captions per image and zero-shot with a prompt ensemble, against one matrix computed in
     this process."""
     from components.eval.tasks import caption_lists_relevance
-    from components.models.factory import load_model
+    from components.models.factory import load_model_and_text
     from components.models.inference import embed_images, embed_texts
-    from components.models.tokenizer import load_tokenizer
 
     rows = _parquet_with_foreign_names(emoji_shards, tmp_path / "foreign.parquet")
     out = tmp_path / "out"
@@ -173,10 +172,10 @@ def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(
     got = results(out)
 
     # Reference: every image against every unique caption in one matrix, in this process.
-    model, tokenizer = load_model(export), load_tokenizer(export)
+    model, text = load_model_and_text(export)
     texts, image_texts, _ = caption_lists_relevance([r["alt_texts"] for r in rows])
     images = embed_images(model, [r["picture"] for r in rows])
-    similarity = images @ embed_texts(model, tokenizer, texts).T
+    similarity = images @ embed_texts(model, text, texts).T
     pairs = [(image, text) for image, owned in enumerate(image_texts) for text in owned]
     expected = brute_force_retrieval_metrics(similarity, pairs)
     for key, value in expected.items():
@@ -185,7 +184,7 @@ def test_foreign_field_names_through_config_alone_match_a_brute_force_reference(
 
     # Zero-shot: each class scored by the renormalised mean of its prompts' embeddings (CLIP's ensemble).
     classes = sorted({r["category"] for r in rows})
-    prompts = embed_texts(model, tokenizer, [t.format(c) for c in classes for t in templates])
+    prompts = embed_texts(model, text, [t.format(c) for c in classes for t in templates])
     ensemble = prompts.reshape(len(classes), len(templates), -1).mean(axis=1)
     scores = images @ (ensemble / np.linalg.norm(ensemble, axis=1, keepdims=True)).T
     truth = np.array([classes.index(r["category"]) for r in rows])

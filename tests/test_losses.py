@@ -393,7 +393,7 @@ def test_siglip_labels_duplicate_captions_positive():
 
 
 def test_text_ids_are_equal_exactly_for_equal_texts():
-    from components.train.losses import text_ids
+    from components.models.text import text_ids
 
     tokens = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 0], [5, 6, 8, 0], [5, 6, 7, 9]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from components.models.clippo import render_text
-from components.models.factory import build_model, load_model
+from components.models.factory import build_model, load_model, load_model_and_text
 from components.models.filip import late_interaction, similarity_pair
 from components.models.inference import embed_images, embed_texts
 from components.models.tokenizer import train_bpe
+from components.models.unifont import render_text
 
 CAPTIONS = ["grinning face", "red apple", "smiling cat with heart eyes", "flag: japan", "a b c d e f g h"]
 
@@ -141,13 +141,13 @@ def test_export_reloads_to_the_same_embeddings(family, tokenizer, tmp_path):
     model = _build(family, tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded = load_model(tmp_path)
+    loaded, text = load_model_and_text(tmp_path)  # the export's own tokenizer, or Unifont for CLIPPO
     assert type(loaded) is type(model)
     images = _images(3)
     assert np.allclose(embed_images(model, images), embed_images(loaded, images), atol=1e-6)
-    assert np.allclose(embed_texts(model, tokenizer, CAPTIONS), embed_texts(loaded, tokenizer, CAPTIONS), atol=1e-6)
-    norms = np.linalg.norm(embed_texts(loaded, tokenizer, CAPTIONS), axis=1)
-    assert np.allclose(norms, 1, atol=1e-5)
+    reloaded = embed_texts(loaded, text, CAPTIONS)
+    assert np.allclose(embed_texts(model, model.text_processor(tokenizer), CAPTIONS), reloaded, atol=1e-6)
+    assert np.allclose(np.linalg.norm(reloaded, axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["clip", "filip", "clippo"])
@@ -182,12 +182,8 @@ def test_the_initial_temperature_is_a_setting_and_the_scale_stays_learnable(fami
 
 
 def _tiny_inputs(model, tokenizer):
-    pixels = torch.randn(4, 3, model.image_size, model.image_size)
-    if model.text_input == "pixels":
-        return pixels, {"text_pixels": torch.randn(4, 3, model.text_image_size, model.text_image_size)}
-    encoded = tokenizer(CAPTIONS[:4], padding="max_length", truncation=True, max_length=model.max_text_length,
-                        return_tensors="pt")
-    return pixels, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    return torch.randn(4, 3, model.image_size, model.image_size), \
+        model.text_batch(model.text_processor(tokenizer).tensors(CAPTIONS[:4]))
 
 
 @pytest.mark.parametrize("family", ["clip", "filip"])
@@ -198,7 +194,7 @@ def test_training_cuts_trailing_padding_without_changing_the_features(family, to
     from components.train.tasks import model_inputs
 
     model = _build(family, tokenizer)
-    _, padded = _tiny_inputs(model, tokenizer)
+    padded = model.text_processor(tokenizer).tensors(CAPTIONS[:4])
     _, text = model_inputs(model, {"pixels": torch.zeros(4, 64, 64, 3, dtype=torch.uint8), **padded}, torch.float32)
     longest = int(padded["attention_mask"].sum(dim=1).max())
     assert padded["input_ids"].shape[1] == model.max_text_length > longest
@@ -231,7 +227,7 @@ def test_a_checkpoint_in_openais_layout_pools_at_its_end_token_and_brings_its_to
     with torch.no_grad():
         expected = reference.get_text_features(**encoded)
         expected = getattr(expected, "pooler_output", expected)
-    got = embed_texts(model, tokenizer, CAPTIONS)
+    got = embed_texts(model, model.text_processor(tokenizer), CAPTIONS)
     assert np.allclose(got, torch.nn.functional.normalize(expected, dim=-1).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match=rf"eos_token_id=3 \(pretrained has {len(tokenizer) - 1}\)"):
         build_model("clip", pretrained=str(checkpoint), vocab_size=len(tokenizer), eos_token_id=3)
@@ -256,7 +252,8 @@ def test_filip_and_clippo_start_from_the_towers_of_a_checkpoint_in_openais_layou
     filip = build_model("filip", pretrained=str(checkpoint))
     assert same(filip.vision, clip.vision_model) and same(filip.text, clip.text_model)
     assert torch.equal(filip.logit_scale, clip.logit_scale)
-    assert embed_texts(filip, tokenizer, CAPTIONS).shape == (len(CAPTIONS), 256)  # its tokenizer's ids, pooled
+    # its tokenizer's ids, pooled
+    assert embed_texts(filip, filip.text_processor(tokenizer), CAPTIONS).shape == (len(CAPTIONS), 256)
     clippo = build_model("clippo", pretrained=str(checkpoint))
     assert same(clippo.vision, clip.vision_model) and same(clippo.projection, clip.visual_projection)
     assert torch.equal(clippo.logit_scale, clip.logit_scale)
@@ -276,7 +273,7 @@ def test_clip_export_loads_with_plain_transformers(tokenizer, tmp_path):
         if not isinstance(features, torch.Tensor):  # transformers 5 returns an output whose pooler is projected
             features = features.pooler_output
         plain_text = torch.nn.functional.normalize(features, dim=-1).numpy()
-    assert np.allclose(plain_text, embed_texts(model, tokenizer, CAPTIONS), atol=1e-5)
+    assert np.allclose(plain_text, embed_texts(model, model.text_processor(tokenizer), CAPTIONS), atol=1e-5)
 
 
 def test_unifont_rendering_draws_text_and_wraps():

@@ -17,7 +17,13 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import finished_run, loss_curve, pretrain_args, read_shards, run_stage
+from tests.helpers import (
+    finished_run,
+    loss_curve,
+    pretrain_args,
+    read_shards,
+    run_stage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +63,7 @@ def test_clip_learns_exports_for_transformers_and_registers(pretrained_clip, mon
         features = plain.get_text_features(**encoded)
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     plain_embeddings = torch.nn.functional.normalize(features, dim=-1).numpy()
-    assert np.allclose(plain_embeddings, embed_texts(ours, tokenizer, captions), atol=1e-5)
+    assert np.allclose(plain_embeddings, embed_texts(ours, ours.text_processor(export), captions), atol=1e-5)
 
     # The registered pyfunc gives the same embeddings as the export.
     _, run = finished_run("clip")
@@ -162,15 +168,21 @@ def test_clippo_learns_through_a_killed_worker_then_trains_longer_and_evaluates(
 def test_training_stream_holds_its_passes_of_the_filtered_rows(ray_session, emoji_shards, tmp_path):
     """The passes a run asks for come as one stream, each pass every training row once; the share of rows the
     corpus' filter keeps, which sizes the passes, is counted from the shards' Parquet companions."""
+    from components.models.text import Tokens
     from components.models.tokenizer import train_bpe
-    from components.train.data import BatchSpec, TextConfig, matching_share, training_dataset
+    from components.train.data import (
+        BatchSpec,
+        TextConfig,
+        matching_share,
+        training_dataset,
+    )
 
     rows = read_shards(emoji_shards)
     training = [r for r in rows if r["json"]["split"] == "train"]
     assert matching_share(emoji_shards, {"split": "train"}) == pytest.approx(len(training) / len(rows))
     assert matching_share(emoji_shards, {"no_such_field": "x"}) == matching_share(emoji_shards, None) == 1.0
     train_bpe([r["txt"] for r in training], vocab_size=512).save_pretrained(tmp_path / "tokenizer")
-    spec = BatchSpec(image_size=32, text=TextConfig(tokenizer_dir=str(tmp_path / "tokenizer")))
+    spec = BatchSpec(image_size=32, text=TextConfig(Tokens(str(tmp_path / "tokenizer"), max_length=16)))
     stream = training_dataset(emoji_shards, spec, where={"split": "train"}, passes=3)
     assert stream.count() == 3 * len(training)
 

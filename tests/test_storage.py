@@ -84,7 +84,7 @@ def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_
     import ray
     import torch
 
-    from components.eval.embed import ShippedExport, load_with_tokenizer
+    from components.eval.embed import ShippedExport, load_export
     from components.eval.runner import ResolvedModel
     from components.models.factory import build_model
 
@@ -102,8 +102,8 @@ def test_a_model_shipped_through_rays_object_store_loads_where_the_drivers_copy_
             return ShippedExport.files_of(local)
 
     assert ray.get(unpacked.remote(resolved.for_workers)) == files and len(files) >= 2
-    loaded, tokenizer = load_with_tokenizer(resolved.for_workers)  # the actors' loader takes it as it is
-    assert tokenizer is None  # CLIPPO reads rendered text
+    loaded, text = load_export(resolved.for_workers)  # the actors' loader takes it as it is
+    assert "text_pixels" in text(["a caption"])  # CLIPPO reads rendered text
     for name, original in model.state_dict().items():
         assert torch.equal(original, loaded.state_dict()[name]), name
     in_bucket = ResolvedModel(export, "s3://models/clippo", shared="s3://models/clippo")

@@ -30,22 +30,24 @@ def test_clippo_text_pairs_replace_that_share_of_images_with_a_rendered_translat
     """model.text_pair_fraction, as a pretraining run configures its data workers: each example's image is, with
     that probability, one of its caption's translations (data.caption_columns) rendered like the caption."""
     from components.data.emoji_corpus import load_corpus
-    from components.models.clippo import render_text
     from components.models.factory import build_model
+    from components.models.text import RenderedText
+    from components.models.unifont import render_text
     from components.train.data import BatchSpec, Preprocess
     from components.train.pretraining import model_spec, text_config
     from pipelines.end_to_end import stage_config
 
     cfg = stage_config("pretrain_clip", ["model=clippo", f"model.text_pair_fraction={fraction}"])
     model = build_model(**model_spec(cfg, None))
-    text = text_config(cfg, model, None)
-    assert text.kind == "pixels" and text.text_pair_fraction == fraction and "caption_ja" in text.pair_columns
+    text = text_config(cfg, model.text_processor(None))
+    assert isinstance(text.processor, RenderedText) and text.text_pair_fraction == fraction
+    assert "caption_ja" in text.pair_columns
     rows = load_corpus(small_corpus).to_dict("records")
     batch = {"image": np.array([(small_corpus / r["image_path"]).read_bytes() for r in rows], dtype=object),
              "meta": np.array([json.dumps(r) for r in rows], dtype=object)}
     out = Preprocess(BatchSpec(model.image_size, text, augment=None))(batch)
 
-    size, font = model.image_size, text.font_size
+    size, font = model.image_size, text.processor.font_size
     pairs = 0
     for i, row in enumerate(rows):
         assert np.array_equal(out["text_pixels"][i], render_text([row["caption"]], size, font)[0])

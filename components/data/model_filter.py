@@ -58,9 +58,9 @@ class PairScorer:
 
     def __init__(self, model_dir: str, scored_dir: str, with_companions: bool, device: str = "cpu",
                  batch_size: int = 128):
-        from components.eval.embed import load_with_tokenizer
+        from components.eval.embed import load_export
 
-        self.model, self.tokenizer = load_with_tokenizer(model_dir)
+        self.model, self.text = load_export(model_dir)
         self.model.to(device)
         self.scored_dir, self.with_companions = UPath(scored_dir), with_companions
         self.device, self.batch_size = device, batch_size
@@ -87,7 +87,7 @@ class PairScorer:
 
         model = self.model
         image = model.image_embedding(model.encode_image(image_tensor(model, images).to(self.device)))
-        inputs = text_inputs(model, self.tokenizer, captions)
+        inputs = text_inputs(model, self.text, captions)
         text = model.text_embedding(model.encode_text({k: v.to(self.device) for k, v in inputs.items()}))
         image, text = (torch.nn.functional.normalize(e.float(), dim=-1) for e in (image, text))
         return (image * text).sum(-1).cpu().numpy()

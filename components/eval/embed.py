@@ -57,22 +57,16 @@ class ShippedExport:
 ModelSource = str | Path | ShippedExport
 
 
-def load_with_tokenizer(model_dir: ModelSource):
-    """(model in eval mode, tokenizer or None) from an export: a local directory, one in an object store, or one
+def load_export(model_dir: ModelSource):
+    """(model in eval mode, its text processor) from an export: a local directory, one in an object store, or one
     shipped through Ray's object store (what a ResolvedModel gives its workers: each reads it on its own node)."""
     from components.eval.runner import export_in
-    from components.models.factory import load_model
+    from components.models.factory import load_model_and_text
 
     copy = model_dir.local_copy() if isinstance(model_dir, ShippedExport) else storage.local_copy(model_dir)
     with copy as local:
-        directory = export_in(local, str(model_dir))
-        model = load_model(directory).eval()
-        tokenizer = None
-        if model.text_input == "tokens":
-            from components.models.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(directory)
-    return model, tokenizer
+        model, text = load_model_and_text(export_in(local, str(model_dir)))
+    return model.eval(), text
 
 
 class Embedder:
@@ -84,7 +78,7 @@ class Embedder:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
-        self.model, self.tokenizer = load_with_tokenizer(model_dir)
+        self.model, self.text = load_export(model_dir)
         self.model.to(device)
         self.side, self.device = side, device
 
@@ -97,7 +91,7 @@ class Embedder:
             features = model.encode_image(image_tensor(model, list(batch["image"])).to(self.device))
             embedding = model.image_embedding(features)
         else:
-            inputs = text_inputs(model, self.tokenizer, [str(t) for t in batch["text"]])
+            inputs = text_inputs(model, self.text, [str(t) for t in batch["text"]])
             features = model.encode_text({k: v.to(self.device) for k, v in inputs.items()})
             embedding = model.text_embedding(features)
         out = {f"f{i}": f.float().cpu().numpy() for i, f in enumerate(features)}

@@ -50,13 +50,13 @@ class PeriodicEvaluation:
         return self.every > 0 and step % self.every == 0
 
     @torch.no_grad()
-    def __call__(self, model, tokenizer) -> dict[str, float]:
+    def __call__(self, model, text) -> dict[str, float]:
         """{"eval.<task>[.<language>].<metric>": value} for the model as it is now."""
         was_training = model.training
         model.eval()
         try:
             with tempfile.TemporaryDirectory() as scratch:
-                context = self._context(model, tokenizer, Path(scratch))
+                context = self._context(model, text, Path(scratch))
                 output = TASKS[self.task](context, self.settings)
         finally:
             model.train(was_training)
@@ -68,7 +68,7 @@ class PeriodicEvaluation:
                     metrics[f"eval.{result['task']}{language}.{name}"] = value
         return metrics
 
-    def _context(self, model, tokenizer, scratch: Path) -> EvalContext:
+    def _context(self, model, text, scratch: Path) -> EvalContext:
         from components.models.inference import image_tensor
 
         parameter = next(model.parameters())
@@ -93,7 +93,7 @@ class PeriodicEvaluation:
         def no_more_passes(name: str, spec: Any) -> EmbeddingStore:
             raise ValueError(f"{self.task} needs another data pass ({name}): not available during training")
 
-        context = EvalContext(model=model, tokenizer=tokenizer, images=images, dataset="heldout",
+        context = EvalContext(model=model, text=text, images=images, dataset="heldout",
                               model_name="training", embed_texts=embed_texts, embed_rows=no_more_passes,
                               sample_rows=lambda count: [{**r, "store_row": i} for i, r in enumerate(self.rows[:count])])
         return context

@@ -44,7 +44,7 @@ def _matplotlib_families() -> tuple[str, ...]:
 
     families = ["DejaVu Sans"]
     try:
-        from components.models.clippo import unifont_paths
+        from components.models.unifont import unifont_paths
 
         paths = [path for path in unifont_paths() if path]
     except FileNotFoundError:

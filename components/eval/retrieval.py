@@ -46,13 +46,13 @@ def caption_relevance(captions: list[str]) -> tuple[list[str], list[tuple[int, i
     return list(unique), pairs
 
 
-def heldout_retrieval(model, tokenizer, images: list[bytes], captions: list[str]) -> dict[str, float]:
+def heldout_retrieval(model, text, images: list[bytes], captions: list[str]) -> dict[str, float]:
     """Image<->text retrieval metrics of `model` on (image, caption) pairs, with chance R@5 for reference."""
     from components.models.inference import image_features, text_features
 
     texts, pairs = caption_relevance(captions)
     model.eval()
-    similarity = similarity_matrix(model.similarity, image_features(model, images), text_features(model, tokenizer, texts))
+    similarity = similarity_matrix(model.similarity, image_features(model, images), text_features(model, text, texts))
     metrics = retrieval_metrics(similarity, pairs)
     metrics["chance_image_to_text_R5"] = min(1.0, 5 / len(texts))
     metrics["images"], metrics["texts"] = len(images), len(texts)

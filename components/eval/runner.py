@@ -24,7 +24,7 @@ from upath import UPath
 
 from components import storage
 from components.eval.dataset import EvalFields, read_eval_rows
-from components.eval.embed import ModelSource, ShippedExport, embed_text_sets, embed_to_store, load_with_tokenizer
+from components.eval.embed import ModelSource, ShippedExport, embed_text_sets, embed_to_store, load_export
 from components.eval.store import EmbeddingStore
 from components.eval.tasks import TASKS, EvalContext, caption_sets, result_file, runnable_tasks
 
@@ -172,8 +172,8 @@ def evaluate(cfg: dict, data_path: UPath, model: ResolvedModel, work_dir: Path, 
     def sample_rows(count: int) -> list[dict]:
         return [{**row, "store_row": store_row[row["key"]]} for row in rows().take(count)]
 
-    torch_model, tokenizer = load_with_tokenizer(model.directory)
-    context = EvalContext(model=torch_model, tokenizer=tokenizer, images=images, dataset=cfg["dataset_name"],
+    torch_model, text = load_export(model.directory)
+    context = EvalContext(model=torch_model, text=text, images=images, dataset=cfg["dataset_name"],
                           model_name=model.uri, embed_texts=embed_texts,
                           embed_rows=embed_rows, sample_rows=sample_rows, block=cfg["block"])
     results: list[dict] = []

@@ -26,7 +26,7 @@ class EvalContext:
     """What every evaluator may use. `embed_texts` / `embed_rows` give stores filled by Ray Data batch inference."""
 
     model: Any  # ContrastiveModel, on the driver, eval mode
-    tokenizer: Any
+    text: Any  # its text processor (components/models/text.py)
     images: EmbeddingStore  # the evaluated rows
     dataset: str
     model_name: str
@@ -54,7 +54,7 @@ def prompt_features(context: EvalContext, texts: list[str], batch: int = 256) ->
     model, parts = context.model, []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch):
-        inputs = text_inputs(model, context.tokenizer, texts[start:start + batch])
+        inputs = text_inputs(model, context.text, texts[start:start + batch])
         features = model.encode_text({k: v.to(device) for k, v in inputs.items()})
         parts.append(tuple(f.float().cpu() for f in features))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
@@ -333,13 +333,13 @@ def alignment_maps(context: EvalContext, settings: dict) -> TaskOutput:
     model, output = context.model, TaskOutput()
     for index, row in enumerate(context.sample_rows(settings.get("pairs", 3))):
         caption = (json.loads(row["captions"]) or [""])[0]
-        inputs = text_inputs(model, context.tokenizer, [caption])
+        inputs = text_inputs(model, context.text, [caption])
         try:
             token_index, maps = maps_for(model, image_tensor(model, [row["image"]]), inputs)
         except NotImplementedError as error:
             print(f"[evaluate] alignment maps skipped: {error}", flush=True)
             return output
-        pieces = token_strings(context.tokenizer, inputs["input_ids"][0])
+        pieces = token_strings(context.text.tokenizer, inputs["input_ids"][0])
         words = [pieces[i] for i in token_index]
         output.images[f"alignment_{index}.png"] = alignment_map_figure(row["image"], words, maps)
     return output

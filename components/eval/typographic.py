@@ -15,18 +15,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from components.models.clippo import _fonts
+from components.models.unifont import fonts as unifont
 
-# A font and the code points it has (None: unknown, use it for everything), as clippo._fonts returns them.
+# A font and the code points it has (None: unknown, use it for everything), as unifont.fonts returns them
+# (Unifont, then Unifont Upper for emoji and the planes above; FileNotFoundError when Unifont is missing).
 FontList = Sequence[tuple[ImageFont.FreeTypeFont, "frozenset[int] | None"]]
 
 MIN_FONT_SIZE = 16  # Unifont's native size: smaller glyphs get hard to read
-
-
-def unifont(font_size: int) -> FontList:
-    """Unifont (BMP) then Unifont Upper (emoji and the planes above) at `font_size`; FileNotFoundError when
-    Unifont is not installed."""
-    return _fonts(font_size)
 
 
 def _font_for(char: str, fonts: FontList) -> ImageFont.FreeTypeFont:

@@ -15,6 +15,7 @@ import abc
 import copy
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from components.models.text import TextProcessor, Tokens, text_ids, trimmed_tokens
 
 Features = tuple[torch.Tensor, ...]
 
@@ -174,19 +177,21 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 class ContrastiveModel(nn.Module, metaclass=abc.ABCMeta):
     """Two encoders into one embedding space, and a similarity between their features.
 
-    Subclasses set the class attributes `family` and `text_input`, a `logit_scale` parameter (log of the
-    inverse temperature, initialised to log(1/0.07); the loss applies exp() and clamps it at 100), and the
-    attributes image_size / image_mean / image_std (what the data pipeline resizes and normalises with) and,
-    for tokens models, max_text_length.
+    Subclasses set the class attribute `family`, a `logit_scale` parameter (log of the inverse temperature,
+    initialised to log(1/0.07); the loss applies exp() and clamps it at 100), and the attributes image_size /
+    image_mean / image_std (what the data pipeline resizes and normalises with) and, for tokens models,
+    max_text_length.
 
-    text_input: "tokens" -> encode_text reads batch["input_ids"] and batch["attention_mask"] ([B, L]);
-                "pixels" -> encode_text reads batch["text_pixels"] ([B, 3, H, W], normalised like images).
+    Text input: a family owns it. `text_processor` gives the processor that turns captions into arrays (every stage
+    calls it), `text_batch` turns those arrays into what encode_text reads. The defaults are a tokens family's:
+    token ids and mask from the tokenizer saved beside the model (`uses_tokenizer`), dynamically padded. CLIPPO
+    overrides all three (Unifont renderings, no tokenizer).
     fixed_text_length: a tokens model whose features depend on the padded length L, not only on the real
-                tokens; training then keeps every batch at max_text_length instead of cutting trailing padding.
+                tokens; its batches keep max_text_length instead of cutting trailing padding.
     """
 
     family: ClassVar[str]
-    text_input: ClassVar[str]
+    uses_tokenizer: ClassVar[bool] = True
     fixed_text_length: ClassVar[bool] = False
     default_image_mean: ClassVar[tuple[float, ...]] = OPENAI_CLIP_MEAN
     default_image_std: ClassVar[tuple[float, ...]] = OPENAI_CLIP_STD
@@ -197,6 +202,25 @@ class ContrastiveModel(nn.Module, metaclass=abc.ABCMeta):
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     logit_scale: nn.Parameter
+
+    # -- text input --------------------------------------------------------------------------------------------
+    def text_processor(self, tokenizer) -> TextProcessor:
+        """Captions -> this model's text arrays. tokenizer: the directory of its tokenizer (the export, a run's),
+        or a tokenizer already loaded."""
+        if tokenizer is None:
+            raise ValueError(f"a {self.family} model reads tokens: give its tokenizer or the directory of it")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            return Tokens(str(tokenizer), self.max_text_length)
+        return Tokens.wrapping(tokenizer, self.max_text_length)
+
+    def text_batch(self, arrays: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
+                   ) -> dict[str, torch.Tensor]:
+        """The processor's arrays (as tensors, on the model's device) -> encode_text's input."""
+        return trimmed_tokens(arrays, self.fixed_text_length)
+
+    def text_identity(self, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """An int64 per row of the processor's arrays, equal exactly for equal texts (duplicate captions)."""
+        return text_ids(arrays["input_ids"], arrays["attention_mask"])
 
     # -- the interface -------------------------------------------------------------------------------------
     @abc.abstractmethod

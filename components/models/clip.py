@@ -35,7 +35,6 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 class CLIP(ContrastiveModel):
     family = "clip"
-    text_input = "tokens"
     transformers_model = "CLIPModel"  # the transformers class the whole model is (AltCLIP: AltCLIPModel)
 
     def __init__(self, model, image_mean=None, image_std=None):

@@ -1,4 +1,6 @@
-"""Models by name: `build_model("filip", "tiny", vocab_size=..., embed_dim=256)`, `load_model(directory)`.
+"""Models by name: `build_model("filip", "tiny", vocab_size=..., embed_dim=256)`, `load_model(directory)`, and
+`load_model_and_text(directory)`: a saved model with its text processor (tokenizer or Unifont renderer), as
+open_clip's `create_model_and_transforms` and `get_tokenizer` pair them.
 
 Families are classes (one file each); presets are data (base.PRESETS); conf/model/<family>.yaml chooses
 both, and `build_model_from_config` turns that YAML group into a model.
@@ -19,6 +21,7 @@ from components.models.base import CONFIG_NAME, SIGLIP_LOGIT_SCALE_INIT, Contras
 from components.models.clip import CLIP, SIDE_FILE
 from components.models.clippo import CLIPPO
 from components.models.filip import FILIP
+from components.models.text import TextProcessor
 
 FAMILIES: dict[str, type[ContrastiveModel]] = {"clip": CLIP, "filip": FILIP, "clippo": CLIPPO, "altclip": AltCLIP}
 
@@ -110,3 +113,10 @@ def saved_family(directory: str | Path) -> str:
 def load_model(directory: str | Path) -> ContrastiveModel:
     """The model saved in `directory` (by save_pretrained, or any transformers CLIP directory), in eval mode."""
     return family_class(saved_family(directory)).from_pretrained(directory)
+
+
+def load_model_and_text(directory: str | Path) -> tuple[ContrastiveModel, TextProcessor]:
+    """The model saved in `directory`, in eval mode, and its text processor, loaded now (the directory may be a
+    scratch copy that is gone when the processor is used)."""
+    model = load_model(directory)
+    return model, model.text_processor(directory).loaded()

@@ -107,7 +107,6 @@ def masked_mean_embedding(tokens: torch.Tensor, mask: torch.Tensor | None = None
 
 class FILIP(ContrastiveModel):
     family = "filip"
-    text_input = "tokens"
     # select_tokens keeps ceil(f * L) text slots of the padded length L, and every rank's tokens must have one
     # shape for the all-gather.
     fixed_text_length = True

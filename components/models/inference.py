@@ -1,4 +1,5 @@
-"""Run a trained contrastive model on raw inputs: image bytes and caption strings -> features / embeddings."""
+"""Run a trained contrastive model on raw inputs: image bytes and caption strings (through the model's text
+processor, components/models/text.py) -> features / embeddings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from components.models.base import ContrastiveModel, Features, normalize_pixels
+from components.models.text import TextProcessor
 
 BATCH = 64
 
@@ -27,12 +29,9 @@ def pixels_to_tensor(model: ContrastiveModel, pixels: np.ndarray) -> torch.Tenso
     return normalize_pixels(pixels, model.image_mean, model.image_std)
 
 
-def text_inputs(model: ContrastiveModel, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    if model.text_input == "pixels":
-        return model.render(texts)
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.max_text_length,
-                        return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+def text_inputs(model: ContrastiveModel, text: TextProcessor, texts: list[str]) -> dict[str, torch.Tensor]:
+    """encode_text's input for `texts` (on the CPU)."""
+    return model.text_batch(text.tensors(texts))
 
 
 def _concat(parts: list[Features]) -> Features:
@@ -45,8 +44,8 @@ def image_features(model: ContrastiveModel, images: list[bytes]) -> Features:
 
 
 @torch.no_grad()
-def text_features(model: ContrastiveModel, tokenizer, texts: list[str]) -> Features:
-    return _concat([model.encode_text(text_inputs(model, tokenizer, texts[i:i + BATCH]))
+def text_features(model: ContrastiveModel, text: TextProcessor, texts: list[str]) -> Features:
+    return _concat([model.encode_text(text_inputs(model, text, texts[i:i + BATCH]))
                     for i in range(0, len(texts), BATCH)])
 
 
@@ -63,8 +62,8 @@ def embed_images(model: ContrastiveModel, images: list[bytes]) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed_texts(model: ContrastiveModel, tokenizer, texts: list[str]) -> np.ndarray:
+def embed_texts(model: ContrastiveModel, text: TextProcessor, texts: list[str]) -> np.ndarray:
     device = _device(model)
-    return torch.cat([model.embed_text({k: v.to(device) for k, v in text_inputs(model, tokenizer,
+    return torch.cat([model.embed_text({k: v.to(device) for k, v in text_inputs(model, text,
                                                                                 texts[i:i + BATCH]).items()}).cpu()
                       for i in range(0, len(texts), BATCH)]).float().numpy()

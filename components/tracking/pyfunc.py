@@ -28,15 +28,10 @@ def serving_requirements() -> list[str]:
 
 class EmbeddingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from components.models.factory import load_model
+        from components.models.factory import load_model_and_text
 
-        directory = Path(context.artifacts[MODEL_ARTIFACT])
-        self.model = load_model(directory).eval()
-        self.tokenizer = None
-        if self.model.text_input == "tokens":
-            from components.models.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(directory)
+        self.model, self.text = load_model_and_text(Path(context.artifacts[MODEL_ARTIFACT]))
+        self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from components.models.inference import embed_images, embed_texts
@@ -50,7 +45,7 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
         if "text" in model_input:
             texts = model_input["text"]
             present = texts.notna()
-            vectors = embed_texts(self.model, self.tokenizer, list(texts[present])) if present.any() else np.zeros((0, 0))
+            vectors = embed_texts(self.model, self.text, list(texts[present])) if present.any() else np.zeros((0, 0))
             out["text_embedding"] = _column(vectors, present)
         return out
 

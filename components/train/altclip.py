@@ -27,6 +27,7 @@ from components import storage
 from components.cache import cached_parquet, content_key, file_digest
 from components.data.parallel_text import builtin_parallel_text, fingerprint, read_parallel_text
 from components.models.factory import saved_family
+from components.models.text import TextProcessor
 from components.runtime import path
 from components.tracking import mlflow_runs
 from components.train.data import TextConfig, parallel_text_dataset, split_rows
@@ -62,10 +63,10 @@ class TeacherTargets:
     def __init__(self, teacher_dir: str, device: str = "cpu"):
         from transformers.utils import logging as transformers_logging
 
-        from components.eval.embed import load_with_tokenizer
+        from components.eval.embed import load_export
 
         transformers_logging.disable_progress_bar()
-        self.model, self.tokenizer = load_with_tokenizer(teacher_dir)
+        self.model, self.text = load_export(teacher_dir)
         self.model.to(device)
         self.device = device
 
@@ -74,7 +75,7 @@ class TeacherTargets:
         from components.models.inference import text_inputs
 
         sentences, index = np.unique(batch["src"].astype(str), return_inverse=True)
-        inputs = text_inputs(self.model, self.tokenizer, list(sentences))
+        inputs = text_inputs(self.model, self.text, list(sentences))
         features = self.model.text_features({k: v.to(self.device) for k, v in inputs.items()}).float().cpu().numpy()
         return {**batch, "target": features[index]}
 
@@ -113,20 +114,20 @@ def read_targets(targets_dir: UPath, split: str) -> pd.DataFrame:
 
 # -- stage 1 metrics -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def student_features(model, tokenizer, texts: list[str], batch: int = 256) -> np.ndarray:
+def student_features(model, text: TextProcessor, texts: list[str], batch: int = 256) -> np.ndarray:
     from components.models.inference import text_inputs
 
     model.eval()
-    return torch.cat([model.text_features(text_inputs(model, tokenizer, texts[i:i + batch])).float()
+    return torch.cat([model.text_features(text_inputs(model, text, texts[i:i + batch])).float()
                       for i in range(0, len(texts), batch)]).numpy()
 
 
-def distill_metrics(model, tokenizer, heldout: pd.DataFrame, probe_language: str, distractors: int = 10,
+def distill_metrics(model, text: TextProcessor, heldout: pd.DataFrame, probe_language: str, distractors: int = 10,
                     seed: int = 0) -> dict[str, float]:
     """On parallel pairs: MSE to the teacher's targets, and for `probe_language` whether each sentence lands
     nearest (cosine) its own English sentence's teacher embedding: among every English sentence of the pairs
     (top1, top10), and among its own plus `distractors` random others (vs<distractors>)."""
-    student = student_features(model, tokenizer, list(heldout["tgt"]))
+    student = student_features(model, text, list(heldout["tgt"]))
     targets = np.stack(heldout["target"])
     metrics = {"mse": float(((student - targets) ** 2).mean()),
                "cosine": float(np.mean(np.sum(_unit(student) * _unit(targets), axis=1)))}
@@ -202,7 +203,7 @@ def run(cfg: DictConfig, shard_dir: Path, teacher, run_id: str) -> dict[str, Any
                                   use_gpu=resolve_use_gpu(inference.use_gpu))
 
     stage1 = _stage1(cfg, run_id, teacher, tokenizer, str(tokenizer_dir), targets_dir)
-    stage2 = _stage2(cfg, run_id, shard_dir, tokenizer, str(tokenizer_dir), stage1["export_dir"])
+    stage2 = _stage2(cfg, run_id, shard_dir, str(tokenizer_dir), stage1["export_dir"])
     outcome = {"teacher": teacher.uri, "stage1": stage1, "stage2": stage2}
     client = mlflow.tracking.MlflowClient()
     if stage2.get("registered_version"):
@@ -237,22 +238,23 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: UP
                                tags={"stage": "altclip-distill", **_lineage_tags(teacher)}) as child:
         mlflow_runs.log_params({"stage1": OmegaConf.to_container(trainer_cfg, resolve=True), "model": spec})
         model = build_spec_model(spec)
+        text = model.text_processor(tokenizer_dir).loaded()
         # Held-out concepts (generalisation) and training concepts (what the student fitted), the same size.
         samples = {split: pairs_sample(targets_dir, split, cfg.heldout_pairs, cfg.probe_language)
                    for split in ("test", "train")}
-        before = distill_metrics(model, tokenizer, samples["test"], cfg.probe_language)
+        before = distill_metrics(model, text, samples["test"], cfg.probe_language)
         deepspeed = deepspeed_settings(cfg, trainer_cfg)
         print(f"[altclip] stage 1 (teacher learning): student {model.num_parameters(trainable_only=True) / 1e6:.1f}M "
               f"trainable parameters, {describe_scale(trainer_cfg, deepspeed)}", flush=True)
         in_memory = split_rows(targets_dir, "train") <= cfg.in_memory_rows
-        dataset = parallel_text_dataset(targets_dir, tokenizer_dir, model.max_text_length, "train", in_memory)
+        dataset = parallel_text_dataset(targets_dir, text, "train", in_memory)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "distill",
                         "model": spec, "tokenizer_dir": tokenizer_dir}
         export_dir = storage.location(cfg.export_dir) / "stage1"
         trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage1-{run_id[:8]}", export_dir,
                                    tokenizer_dir)
-        after = distill_metrics(trained.model, tokenizer, samples["test"], cfg.probe_language)
-        seen = distill_metrics(trained.model, tokenizer, samples["train"], cfg.probe_language)
+        after = distill_metrics(trained.model, text, samples["test"], cfg.probe_language)
+        seen = distill_metrics(trained.model, text, samples["train"], cfg.probe_language)
         mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in after.items()},
                                  **{f"heldout.init_{k}": v for k, v in before.items()},
                                  **{f"train.{k}": v for k, v in seen.items()},
@@ -267,7 +269,7 @@ def _stage1(cfg, run_id, teacher, tokenizer, tokenizer_dir: str, targets_dir: UP
             "step": trained.step, "train_seconds": trained.seconds, "before": before, "after": after, "seen": seen}
 
 
-def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_dir: str) -> dict:
+def _stage2(cfg, run_id, shard_dir: Path, tokenizer_dir: str, stage1_dir: str) -> dict:
     trainer_cfg = stage_trainer(cfg, "stage2")
     spec = {"family": "altclip", "pretrained": stage1_dir, "lock_image": True}
     with mlflow_runs.start_run(f"{cfg.mlflow.run_name}-stage2-lit", cfg.mlflow.experiment,
@@ -278,16 +280,16 @@ def _stage2(cfg, run_id, shard_dir: Path, tokenizer, tokenizer_dir: str, stage1_
         print(f"[altclip] stage 2 (contrastive, image tower locked): "
               f"{model.num_parameters(trainable_only=True) / 1e6:.1f}M trainable parameters, "
               f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
-        text = TextConfig(kind="tokens", tokenizer_dir=tokenizer_dir, max_length=model.max_text_length,
-                          caption_choices=tuple(cfg.fields.languages.values()))
-        dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text)
+        text = model.text_processor(tokenizer_dir).loaded()
+        captions = TextConfig(text, caption_choices=tuple(cfg.fields.languages.values()))
+        dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, captions)
         train_config = {**worker_config(cfg, trainer_cfg, deepspeed, child.info.run_id), "task": "contrastive",
                         "model": spec, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                         "tokenizer_dir": tokenizer_dir}
         export_dir = storage.location(cfg.export_dir) / "final"
         trained = train_and_export(trainer_cfg, train_config, dataset, f"altclip-stage2-{run_id[:8]}", export_dir,
                                    tokenizer_dir)
-        metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
+        metrics = evaluate_heldout(cfg, shard_dir, trained.model, text)
         mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": trained.seconds})
         log_loss_curve(child.info.run_id)
         mlflow.set_tag("checkpoint", trained.checkpoint)

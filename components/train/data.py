@@ -1,4 +1,5 @@
-"""Ray Data from ingest shards to trainer batches: read, select, decode + augment, tokenise or render.
+"""Ray Data from ingest shards to trainer batches: read, select, decode + augment, and the captions through the
+model's text processor (components/models/text.py: token ids, or CLIPPO's renderings).
 
 Everything here runs on Ray Data's CPU workers (on any node), streaming; trainers receive ready uint8
 image arrays and token ids through `get_dataset_shard(...).iter_torch_batches`, and normalise on their device.
@@ -22,6 +23,7 @@ from upath import UPath
 
 from components import storage
 from components.data.shard_sets import shard_files
+from components.models.text import TextProcessor
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    kind: str = "tokens"  # "tokens" (tokenizer) or "pixels" (CLIPPO: captions rendered with Unifont)
-    tokenizer_dir: str | None = None
-    max_length: int = 32
+    processor: TextProcessor  # the model's: model.text_processor(tokenizer_dir)
     caption_column: str = "caption"
     # When set, each example's caption is drawn uniformly from these columns' non-empty values (AltCLIP stage 2:
     # one language per example); caption_column is the fallback.
@@ -43,7 +43,6 @@ class TextConfig:
     # CLIPPO text/text pairs: with this probability the "image" is a rendered translation of the caption.
     text_pair_fraction: float = 0.0
     pair_columns: tuple[str, ...] = ()
-    font_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -96,37 +95,20 @@ def _unpack(batch, where: dict[str, Any]):
 
 
 class Preprocess:
-    """map_batches callable: image bytes -> uint8 [B, H, W, 3]; caption -> token ids or rendered pixels."""
+    """map_batches callable: image bytes -> uint8 [B, H, W, 3]; caption -> the text processor's arrays."""
 
     def __init__(self, spec: BatchSpec):
         self.spec = spec
         self.rng = np.random.default_rng(spec.seed + _worker_salt())
-        text = spec.text
-        if text.kind == "tokens":
-            from components.models.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(text.tokenizer_dir)
-        elif text.kind != "pixels":
-            raise ValueError(f"text kind must be tokens or pixels, got {text.kind!r}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.spec
         metas = [json.loads(m) for m in batch["meta"]]
         captions = [self._caption(m) for m in metas]
         pixels = np.stack([self._image(b) for b in batch["image"]])
-        if spec.text.kind == "pixels":
-            from components.models.clippo import render_text
-
-            out = {"text_pixels": render_text(captions, spec.image_size, spec.text.font_size)}
-            pairs = self._text_pairs(metas, captions)
-            for i, translation in pairs.items():
-                pixels[i] = render_text([translation], spec.image_size, spec.text.font_size)[0]
-        else:
-            encoded = self.tokenizer(captions, padding="max_length", truncation=True, max_length=spec.text.max_length,
-                                     return_tensors="np")
-            out = {"input_ids": encoded["input_ids"].astype(np.int64),
-                   "attention_mask": encoded["attention_mask"].astype(np.int64)}
-        return {"pixels": pixels, **out}
+        for i, translation in self._text_pairs(metas, captions).items():
+            pixels[i] = spec.text.processor.as_image(translation, spec.image_size)
+        return {"pixels": pixels, **spec.text.processor(captions)}
 
     def _caption(self, meta: dict) -> str:
         options = [meta[c] for c in self.spec.text.caption_choices if meta.get(c)]
@@ -218,29 +200,16 @@ def training_dataset(shard_dir: str | Path, spec: BatchSpec, where: dict[str, An
 
 
 # -- AltCLIP stage 1: parallel text with the teacher's targets ---------------------------------------------------
-class TokenizeParallel:
-    """map_batches callable: tgt -> student token ids; target (the teacher's features of src) -> float32 [B, D]."""
-
-    def __init__(self, tokenizer_dir: str, max_length: int):
-        from components.models.tokenizer import load_tokenizer
-
-        self.tokenizer, self.max_length = load_tokenizer(tokenizer_dir), max_length
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer([str(t) for t in batch["tgt"]], padding="max_length", truncation=True,
-                                 max_length=self.max_length, return_tensors="np")
-        return {"input_ids": encoded["input_ids"].astype(np.int64),
-                "attention_mask": encoded["attention_mask"].astype(np.int64),
-                "target": np.stack(batch["target"]).astype(np.float32)}
-
-
 @functools.lru_cache(maxsize=4)
-def _parallel_tokenizer(tokenizer_dir: str, max_length: int) -> TokenizeParallel:
-    return TokenizeParallel(tokenizer_dir, max_length)
+def _worker_copy(text: TextProcessor) -> TextProcessor:
+    # One processor per setting and worker process: a task's own unpickled copy would read the tokenizer again.
+    return text
 
 
-def tokenize_parallel(batch: dict[str, np.ndarray], tokenizer_dir: str, max_length: int) -> dict[str, np.ndarray]:
-    return _parallel_tokenizer(tokenizer_dir, max_length)(batch)
+def tokenize_parallel(batch: dict[str, np.ndarray], text: TextProcessor) -> dict[str, np.ndarray]:
+    """tgt -> the student's text arrays; target (the teacher's features of src) -> float32 [B, D]."""
+    return {**_worker_copy(text)([str(t) for t in batch["tgt"]]),
+            "target": np.stack(batch["target"]).astype(np.float32)}
 
 
 def cached_rows(directory: str | Path, columns: list[str], split: str | None = None) -> ray.data.Dataset:
@@ -258,13 +227,13 @@ def split_rows(directory: str | Path, split: str) -> int:
     return int(pa_compute.sum(pa_compute.equal(table.column("split"), split)).as_py() or 0)
 
 
-def parallel_text_dataset(targets_dir: str | Path, tokenizer_dir: str, max_length: int, split: str | None = "train",
+def parallel_text_dataset(targets_dir: str | Path, text: TextProcessor, split: str | None = "train",
                           in_memory: bool = False) -> ray.data.Dataset:
     """Stage 1's training stream: the cached (src, tgt, lang, split, target) Parquet rows of `split` (shuffled
     when cached), tgt tokenised by Ray tasks (as training_dataset does for images). Streamed from Parquet, or,
     `in_memory`, tokenised once and held in Ray's object store: a pass started from Parquet costs seconds (a new
     execution, file listing, tokenizer loading), which a small set pays every few dozen steps."""
     rows = cached_rows(targets_dir, ["tgt", "split", "target"], split)
-    tokens = rows.map_batches(tokenize_parallel, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length},
-                              batch_size=256, num_cpus=0.5, batch_format="numpy")
+    tokens = rows.map_batches(tokenize_parallel, fn_kwargs={"text": text}, batch_size=256, num_cpus=0.5,
+                              batch_format="numpy")
     return tokens.materialize() if in_memory else tokens

@@ -213,7 +213,7 @@ def train_worker(config: dict[str, Any]) -> None:
     alignment = bool((deepspeed_base.get("zero_optimization") or {}).get(PARAMETER_ALIGNMENT, False))
 
     logger = _MetricLogger(config.get("mlflow"), rank)
-    periodic, periodic_tokenizer = _periodic_evaluation(config)
+    periodic, periodic_text = _periodic_evaluation(config, task.model)
     shard = ray.train.get_dataset_shard("train")
     device = engine.device
     window = _Window()
@@ -266,7 +266,7 @@ def train_worker(config: dict[str, Any]) -> None:
             _say(rank, f"step {step}/{settings.total_steps}  loss {summary['loss']:.4f}  "
                        f"{summary['samples_per_second']:.0f} samples/s  data wait {summary['data_wait_fraction']:.0%}")
         if periodic is not None and periodic.due(step):
-            results = periodic(task.model, periodic_tokenizer)  # every rank: ZeRO-3 gathers need all
+            results = periodic(task.model, periodic_text)  # every rank: ZeRO-3 gathers need all
             logger.log(results, step)
             _say(rank, "evaluation at step {}: {}".format(
                 step, "  ".join(f"{k.removeprefix('eval.')} {v:.3f}" for k, v in results.items() if "_R5" in k
@@ -279,19 +279,15 @@ def train_worker(config: dict[str, Any]) -> None:
         window.start()
 
 
-def _periodic_evaluation(config: dict[str, Any]):
-    """(evaluator, tokenizer) for evaluation during training, or (None, None) when it is off."""
+def _periodic_evaluation(config: dict[str, Any], model):
+    """(evaluator, the model's text processor) for evaluation during training, or (None, None) when it is off."""
     spec = config.get("periodic_eval")
     if not spec or not spec.get("every"):
         return None, None
     from components.eval.periodic import PeriodicEvaluation
 
-    tokenizer = None
-    if config.get("tokenizer_dir"):
-        from components.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config["tokenizer_dir"])
-    return PeriodicEvaluation(spec["rows"], spec["task"], spec["settings"], spec["every"]), tokenizer
+    text = model.text_processor(config.get("tokenizer_dir")).loaded()
+    return PeriodicEvaluation(spec["rows"], spec["task"], spec["settings"], spec["every"]), text
 
 
 def _batches(shard, micro_batch: int, settings: LoopSettings, device) -> Iterator[dict[str, torch.Tensor]]:

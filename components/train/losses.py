@@ -47,8 +47,8 @@ concept one caption; web data repeats stock captions), that pushes each image aw
 With the option, each row's target is spread evenly over every column whose caption equals its own (UniCL's
 label-based targets, Yang et al. 2022): q_ij = [c_i = c_j] / |{k : c_k = c_i}|, loss -sum_j q_ij log p_ij, in both
 directions; SigLIP labels such pairs +1. Without duplicates q is the identity and the loss is CLIP's exactly.
-Captions are compared by `caption_ids` (an int64 per row, equal for equal captions: `text_ids`), gathered with
-the features. Where it matters: equal captions embed equally, so under InfoNCE a twin's logit equals the row's own,
+Captions are compared by `caption_ids` (an int64 per row, equal for equal captions: the model's
+`text_identity`), gathered with the features. Where it matters: equal captions embed equally, so under InfoNCE a twin's logit equals the row's own,
 and spreading the target over both gives the same loss and the same gradient as CLIP's (the softmax already splits
 the mass evenly between them); the option changes SigLIP, where each pair is scored alone and the twin was a -1
 pair. Measured on the built-in corpus with InfoNCE: no effect beyond run-to-run noise (BENCHMARKS.md).
@@ -169,18 +169,6 @@ def gather_features(features: Features, gather_with_grad: bool = True) -> Featur
             n = t.shape[0]
             out.append(torch.cat([everyone[:rank * n], t, everyone[(rank + 1) * n:]]))
     return tuple(out)
-
-
-def text_ids(text: Tensor, mask: Tensor | None = None) -> Tensor:
-    """An int64 per row of a text batch (token ids [B, L] with their attention mask, or rendered text pixels),
-    equal for equal rows: the first 8 bytes of each row's BLAKE2b digest (a collision: about 2^-64 a pair)."""
-    import hashlib
-
-    rows = text if mask is None else text * mask
-    flat = rows.detach().reshape(rows.shape[0], -1).cpu().contiguous().numpy()
-    digests = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
-               for row in flat]
-    return torch.tensor(digests, dtype=torch.int64, device=text.device)
 
 
 def _loss_dtype(logits: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from components import storage
 from components.data.shard_sets import sample_count
 from components.models.base import SIGLIP_LOGIT_BIAS_INIT
 from components.models.factory import build_model, check_temperature_init, family_class
+from components.models.text import TextProcessor
 from components.tracking import mlflow_runs
 from components.train.data import AugmentConfig, BatchSpec, TextConfig, matching_share, read_pairs, training_dataset
 from components.train.driver import (
@@ -81,7 +82,7 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     trainer_cfg = cfg.trainer
     resolve_resume(trainer_cfg, cfg.mlflow.run_name, "pretrain")
     run_name = f"{cfg.mlflow.run_name}-{run_id[:8]}"
-    tokens = family_class(cfg.model.family).text_input == "tokens"
+    tokens = family_class(cfg.model.family).uses_tokenizer
     tokenizer_dir = storage.location(cfg.tokenizer.save_dir) / run_name  # read by the data workers (any node)
     tokenizer = run_tokenizer(cfg, shard_dir, tokenizer_dir) if tokens else None
     spec = model_spec(cfg, tokenizer)
@@ -91,8 +92,8 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
     print(f"[pretrain] {cfg.model.family} ({cfg.model.preset}): {model.num_parameters() / 1e6:.1f}M parameters, "
           f"{describe_scale(trainer_cfg, deepspeed)}", flush=True)
 
-    text = text_config(cfg, model, str(tokenizer_dir) if tokens else None)
-    dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text)
+    text = model.text_processor(str(tokenizer_dir) if tokens else None)
+    dataset = image_text_dataset(cfg, trainer_cfg, shard_dir, model, text_config(cfg, text))
     train_config = {
         **worker_config(cfg, trainer_cfg, deepspeed, run_id),
         "task": "contrastive",
@@ -106,7 +107,7 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
                                str(tokenizer_dir) if tokens else None)
     print(f"[pretrain] exported to {export_dir}", flush=True)
 
-    metrics = evaluate_heldout(cfg, shard_dir, trained.model, tokenizer)
+    metrics = evaluate_heldout(cfg, shard_dir, trained.model, text)
     mlflow_runs.log_metrics({**{f"heldout.{k}": v for k, v in metrics.items()}, "train_seconds": trained.seconds})
     log_loss_curve(run_id)
     mlflow.set_tag("checkpoint", trained.checkpoint)
@@ -121,14 +122,11 @@ def run(cfg: DictConfig, shard_dir: UPath, run_id: str) -> dict[str, Any]:
             "registered_version": version}
 
 
-def text_config(cfg: DictConfig, model, tokenizer_dir: str | None) -> TextConfig:
-    """How the data workers turn captions into the model's text input: token ids, or (CLIPPO) Unifont renderings,
-    with `model.text_pair_fraction` of the images replaced by a rendered translation (data.caption_columns)."""
-    return TextConfig(kind=model.text_input, tokenizer_dir=tokenizer_dir,
-                      max_length=getattr(model, "max_text_length", 0) or 0,
-                      text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
-                      pair_columns=tuple(cfg.data.get("caption_columns") or ()),
-                      font_size=int(getattr(model, "font_size", 16)))
+def text_config(cfg: DictConfig, text: TextProcessor) -> TextConfig:
+    """How the data workers turn captions into the model's text input (its processor), with
+    `model.text_pair_fraction` of the images replaced by a rendered translation (data.caption_columns; CLIPPO)."""
+    return TextConfig(text, text_pair_fraction=float(cfg.model.get("text_pair_fraction") or 0.0),
+                      pair_columns=tuple(cfg.data.get("caption_columns") or ()))
 
 
 def image_text_dataset(cfg: DictConfig, trainer_cfg: DictConfig, shard_dir: Path, model,
@@ -168,7 +166,7 @@ def periodic_eval_config(cfg: DictConfig, shard_dir: UPath) -> dict[str, Any] | 
     return {"every": int(spec.every), "task": spec.task, "rows": rows, "settings": settings}
 
 
-def evaluate_heldout(cfg: DictConfig, shard_dir: UPath, model, tokenizer) -> dict[str, float]:
+def evaluate_heldout(cfg: DictConfig, shard_dir: UPath, model, text: TextProcessor) -> dict[str, float]:
     """Retrieval on the held-out samples (data.eval_where), at most eval_samples of them."""
     from components.eval.retrieval import heldout_retrieval
 
@@ -176,7 +174,7 @@ def evaluate_heldout(cfg: DictConfig, shard_dir: UPath, model, tokenizer) -> dic
     if not rows:
         return {}
     captions = [json.loads(r["meta"])["caption"] for r in rows]
-    return heldout_retrieval(model, tokenizer, [r["image"] for r in rows], captions)
+    return heldout_retrieval(model, text, [r["image"] for r in rows], captions)
 
 
 def summary(outcome: dict[str, Any]) -> str:

@@ -11,35 +11,17 @@ import torch
 
 from components import storage
 from components.models.base import ContrastiveModel, normalize_pixels
-from components.train.losses import ContrastiveLoss, text_ids
+from components.models.text import trimmed_tokens
+from components.train.losses import ContrastiveLoss
 
 
 def engine_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
 
-def trimmed_tokens(batch: dict[str, torch.Tensor], fixed_length: bool = False) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask cut after the last column any row attends to (dynamic padding, as
-    transformers' DataCollatorWithPadding pads). The data pipeline pads every caption to the model's length
-    once; most captions are a few tokens, and the masked columns only cost compute (a `tiny` CLIP step at length
-    32 runs 1.31x slower: benchmarks/dynamic_padding.py). Exact for right padding: no real token attends to a
-    padding slot. `fixed_length` keeps the padded length (a model whose features depend on it: FILIP)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if not fixed_length:
-        used = mask.any(dim=0).nonzero()
-        length = int(used[-1]) + 1 if len(used) else 1
-        ids, mask = ids[:, :length], mask[:, :length]
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def model_inputs(model: ContrastiveModel, batch: dict[str, torch.Tensor], dtype: torch.dtype):
     """(pixel_values, text batch) for the model's forward, from a data-pipeline batch."""
-    pixel_values = normalize_pixels(batch["pixels"], model.image_mean, model.image_std, dtype)
-    if model.text_input == "pixels":
-        text = {"text_pixels": normalize_pixels(batch["text_pixels"], model.image_mean, model.image_std, dtype)}
-    else:
-        text = trimmed_tokens(batch, model.fixed_text_length)
-    return pixel_values, text
+    return normalize_pixels(batch["pixels"], model.image_mean, model.image_std, dtype), model.text_batch(batch, dtype)
 
 
 def _float(features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -106,9 +88,7 @@ class ContrastiveTask:
     def _caption_ids(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
         if not self.loss.duplicate_positives:
             return None
-        # Equal captions are equal model inputs: tokens, or rendered pixels.
-        return torch.cat([text_ids(b["text_pixels"]) if self.model.text_input == "pixels"
-                          else text_ids(b["input_ids"], b["attention_mask"]) for b in batches])
+        return torch.cat([self.model.text_identity(b) for b in batches])
 
     def _metrics(self, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> dict[str, float]:
         metrics = {"logit_scale": float(logit_scale.detach().float().exp().clamp(max=self.loss.max_logit_scale))}
@@ -148,7 +128,7 @@ class DistillTask:
         model.logit_scale.requires_grad_(False)  # no contrastive term in this stage
 
     def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        student = engine(None, trimmed_tokens(batch, self.model.fixed_text_length), raw_text=True).float()
+        student = engine(None, self.model.text_batch(batch), raw_text=True).float()
         target = batch["target"].float()
         loss = torch.nn.functional.mse_loss(student, target)
         cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
