@@ -145,21 +145,25 @@ def caption_length_score(images: list[bytes], captions: list[str]) -> list[float
 
 
 # Each pipeline script's entry function (what its @hydra.main calls with the composed config).
-ENTRY_POINTS = {"ingest": "ingest", "pretrain_clip": "pretrain", "evaluate": "evaluate", "clip_filter": "clip_filter",
-                "distill_altclip": "distill", "train_clipcap": "train", "caption": "caption",
-                "end_to_end": "end_to_end"}
+# pipelines/<config name>.py -> the module of components/stages/ whose `run` it calls
+STAGE_MODULES = {"ingest": "ingest", "pretrain_clip": "pretrain", "evaluate": "evaluate", "clip_filter": "clip_filter",
+                 "distill_altclip": "altclip", "train_clipcap": "clipcap", "caption": "caption"}
 
 
 def run_stage(config_name: str, *overrides: str, cwd: Path) -> Any:
-    """pipelines/<config_name>.py's entry function, called in this process from `cwd` with the config its command
-    line would compose from these overrides, as pipelines/end_to_end.py calls every stage; it runs on this
-    process's Ray (the session's). Returns what the function returns. The scripts' command lines (argument
+    """pipelines/<config_name>.py's driver (components/stages/), called in this process from `cwd` with the config
+    its command line would compose from these overrides, as pipelines/end_to_end.py calls every stage; it runs on
+    this process's Ray (the session's). Returns what the driver returns. The scripts' command lines (argument
     routing, one clear line and exit code 2 on bad input) are tested through `run_pipeline`."""
+    import importlib
+
+    from components.stages.wiring import stage_config
     from pipelines import end_to_end
 
-    module = end_to_end if config_name == "end_to_end" else end_to_end.pipeline(config_name)
+    run = end_to_end.end_to_end if config_name == "end_to_end" else \
+        importlib.import_module(f"components.stages.{STAGE_MODULES[config_name]}").run
     with contextlib.chdir(cwd):  # relative defaults (data/..., mlflow.db) land there, as in a process started there
-        return getattr(module, ENTRY_POINTS[config_name])(end_to_end.stage_config(config_name, list(overrides)))
+        return run(stage_config(config_name, list(overrides)))
 
 
 def pipeline_command(args: list[str], pipeline: str) -> list[str]:

@@ -33,9 +33,9 @@ def test_clippo_text_pairs_replace_that_share_of_images_with_a_rendered_translat
     from components.models.factory import build_model
     from components.models.text import RenderedText
     from components.models.unifont import render_text
+    from components.stages.wiring import stage_config
     from components.train.data import BatchSpec, Preprocess
     from components.train.pretraining import model_spec, text_config
-    from pipelines.end_to_end import stage_config
 
     cfg = stage_config("pretrain_clip", ["model=clippo", f"model.text_pair_fraction={fraction}"])
     model = build_model(**model_spec(cfg, None))

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from components.workflow import DONE, FAILED, Stage, StateFile, WorkflowError, run_stages
+from components.workflow import (
+    DONE,
+    FAILED,
+    Stage,
+    StateFile,
+    WorkflowError,
+    run_stages,
+)
 
 
 class Chain:
@@ -142,6 +149,7 @@ def test_ingest_writes_into_its_keyed_folder_and_an_edited_url_list_changes_its_
     """pipelines/end_to_end.py's ingest stage: shards go to the stage's folder named by its key unless the data
     names one itself (a changed setting never meets an earlier run's shards), and the key follows the URL list's
     content, not only its path."""
+    from components.stages.wiring import stage_config
     from components.workflow import cache_key
     from pipelines import end_to_end
     from tests.helpers import listed
@@ -150,7 +158,7 @@ def test_ingest_writes_into_its_keyed_folder_and_an_edited_url_list_changes_its_
     urls.write_text("url,caption\nhttps://images.example/a.png,a red apple\n")
 
     def ingest(*data: str) -> tuple[Stage, str, str]:
-        cfg = end_to_end.stage_config("end_to_end", ["corpus=url_list",
+        cfg = stage_config("end_to_end", ["corpus=url_list",
                                                      f"data_overrides={listed([f'data.url_list={urls}', *data])}"])
         (stage,) = [s for s in end_to_end.build_stages(cfg) if s.name == "ingest"]
         out = str(tmp_path / "work" / "ingest" / "KEY")
@@ -171,6 +179,7 @@ def test_shards_made_elsewhere_are_the_ingest_stages_output_as_they_are(tmp_path
 
     import webdataset
 
+    from components.stages.wiring import stage_config
     from pipelines import end_to_end
     from tests.helpers import listed
 
@@ -178,7 +187,7 @@ def test_shards_made_elsewhere_are_the_ingest_stages_output_as_they_are(tmp_path
     shards.mkdir()
     with webdataset.TarWriter(str(shards / "00000.tar"), encoder=False) as writer:
         writer.write({"__key__": "000000000", "jpg": b"\xff\xd8", "txt": b"a red apple"})
-    cfg = end_to_end.stage_config("end_to_end", ["corpus=webdataset",
+    cfg = stage_config("end_to_end", ["corpus=webdataset",
                                                  f"data_overrides={listed([f'data.shards={shards}'])}"])
     (stage,) = [s for s in end_to_end.build_stages(cfg) if s.name == "ingest"]
     config = stage.config({}, str(tmp_path / "work" / "ingest" / "KEY"))

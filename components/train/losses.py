@@ -48,10 +48,10 @@ With the option, each row's target is spread evenly over every column whose capt
 label-based targets, Yang et al. 2022): q_ij = [c_i = c_j] / |{k : c_k = c_i}|, loss -sum_j q_ij log p_ij, in both
 directions; SigLIP labels such pairs +1. Without duplicates q is the identity and the loss is CLIP's exactly.
 Captions are compared by `caption_ids` (an int64 per row, equal for equal captions: the model's
-`text_identity`), gathered with the features. Where it matters: equal captions embed equally, so under InfoNCE a twin's logit equals the row's own,
-and spreading the target over both gives the same loss and the same gradient as CLIP's (the softmax already splits
-the mass evenly between them); the option changes SigLIP, where each pair is scored alone and the twin was a -1
-pair. Measured on the built-in corpus with InfoNCE: no effect beyond run-to-run noise (BENCHMARKS.md).
+`text_identity`), gathered with the features. Where it matters: equal captions embed equally, so under InfoNCE a
+twin's logit equals the row's own, and spreading the target over both gives the same loss and the same gradient as
+CLIP's (the softmax already splits the mass evenly between them); the option changes SigLIP, where each pair is
+scored alone and the twin was a -1 pair. Measured on the built-in corpus with InfoNCE: no effect beyond run-to-run noise (BENCHMARKS.md).
 
 Equal local batch sizes are required (and so equal token counts P, L for token features: pad them): all_gather
 needs equal shapes, and the local-loss labels use the offset r * B. `gather_features` checks the shapes across
