@@ -51,7 +51,8 @@ Captions are compared by `caption_ids` (an int64 per row, equal for equal captio
 `text_identity`), gathered with the features. Where it matters: equal captions embed equally, so under InfoNCE a
 twin's logit equals the row's own, and spreading the target over both gives the same loss and the same gradient as
 CLIP's (the softmax already splits the mass evenly between them); the option changes SigLIP, where each pair is
-scored alone and the twin was a -1 pair. Measured on the built-in corpus with InfoNCE: no effect beyond run-to-run noise (BENCHMARKS.md).
+scored alone and the twin was a -1 pair. Measured on the built-in corpus with InfoNCE: no effect beyond run-to-run
+noise (BENCHMARKS.md).
 
 Equal local batch sizes are required (and so equal token counts P, L for token features: pad them): all_gather
 needs equal shapes, and the local-loss labels use the offset r * B. `gather_features` checks the shapes across
