@@ -3,28 +3,19 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from components import storage
-from components.data.sources import ensure_shards
-from components.runtime import check_typed_settings, init_ray
-from components.stages.wiring import Wiring, model_exists, quoted, registered_uri
+from components.stages.wiring import Wiring, model_exists, quoted, registered_uri, shards_and_model
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from components.eval.runner import fetch_model
     from components.train import altclip
 
-    check_typed_settings(cfg, "stage1", "stage2")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
-    shard_dir = ensure_shards(cfg, "altclip")
-    mlflow_runs.configure(cfg.mlflow.experiment)
-    teacher = fetch_model(str(cfg.teacher), storage.location(cfg.work_dir) / "teacher")
+    shard_dir, teacher = shards_and_model(cfg, "altclip", "teacher", "stage1", "stage2")
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "altclip", "teacher.uri": teacher.uri}) as run:
         mlflow_runs.log_params(OmegaConf.to_container(cfg, resolve=True))

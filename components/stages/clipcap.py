@@ -3,30 +3,21 @@ in the chain, on the pretrained CLIP."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from components import storage
-from components.data.sources import ensure_shards
-from components.runtime import check_typed_settings, init_ray
-from components.stages.wiring import Wiring, model_exists, quoted, registered_uri
+from components.stages.wiring import Wiring, model_exists, quoted, registered_uri, shards_and_model
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     from components.caption import training
-    from components.eval.runner import fetch_model
 
-    check_typed_settings(cfg, "lm", "caption")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
-    shard_dir = ensure_shards(cfg, "clipcap")
-    mlflow_runs.configure(cfg.mlflow.experiment)
-    clip = fetch_model(str(cfg.clip), storage.location(cfg.work_dir) / "clip")
+    shard_dir, clip = shards_and_model(cfg, "clipcap", "clip", "lm", "caption")
     sweep = sweep_parent(cfg)
     with mlflow_runs.start_run(cfg.mlflow.run_name, cfg.mlflow.experiment,
                                tags={"stage": "clipcap", "clip.uri": clip.uri}, parent_run_id=sweep) as run:

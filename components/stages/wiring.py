@@ -3,6 +3,7 @@ would, the chain's settings handed to each stage, and the checks that a cached s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,23 @@ class Wiring:
         """A stage reading the corpus' shards and a registered model (given as `setting`)."""
         return stage_config(config_name, self.overrides(stage, *self.corpus, self.shards_of(up),
                                                         f"{setting}={quoted(up[model]['model_uri'])}", *extra))
+
+
+def shards_and_model(cfg: DictConfig, stage: str, model_setting: str, *stage_trainers: str):
+    """What a stage that trains on a model's outputs does first (AltCLIP's teacher, ClipCap's CLIP): its settings
+    checked, Ray up, the corpus' shards there, the model cfg.<model_setting> fetched into work_dir. Returns
+    (shard directory, components.eval.runner.ResolvedModel)."""
+    from components import storage
+    from components.data.sources import ensure_shards
+    from components.eval.runner import fetch_model
+    from components.runtime import check_typed_settings, init_ray
+    from components.tracking import mlflow_runs
+
+    check_typed_settings(cfg, *stage_trainers)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
+    shard_dir = ensure_shards(cfg, stage)
+    mlflow_runs.configure(cfg.mlflow.experiment)
+    return shard_dir, fetch_model(str(cfg[model_setting]), storage.location(cfg.work_dir) / model_setting)
 
 
 def registered_uri(outcome: dict[str, Any]) -> str:
