@@ -9,11 +9,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import ray
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components import QUIET_ENV
@@ -106,8 +108,22 @@ def path(value: str | os.PathLike) -> Path:
     return Path(to_absolute_path(str(value)))
 
 
-# The config groups with a typed schema (registered in Hydra's ConfigStore when their modules are imported, above).
-TYPED_GROUPS = {"ingest": IngestSettings, "trainer": TrainerSettings}
+@dataclass
+class RaySettings:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class MlflowSettings:
+    experiment: str = MISSING
+    run_name: str = MISSING
+
+
+# The config groups with a typed schema: ingest and trainer (registered in Hydra's ConfigStore when their modules
+# are imported, above, so their types fail at parse), and the runtime group's blocks (conf/runtime/default.yaml;
+# its package is the config's root, where a schema would refuse every other key, so they are checked here).
+TYPED_GROUPS = {"ingest": IngestSettings, "trainer": TrainerSettings, "ray": RaySettings, "mlflow": MlflowSettings}
 
 
 def check_typed_settings(cfg: DictConfig, *stage_trainers: str) -> None:
@@ -118,6 +134,8 @@ def check_typed_settings(cfg: DictConfig, *stage_trainers: str) -> None:
     checks = [(group, OmegaConf.structured(schema), cfg[group]) for group, schema in TYPED_GROUPS.items()
               if group in cfg]
     checks += [(f"{stage}.trainer", cfg.trainer, cfg[stage].trainer) for stage in stage_trainers]
+    if "progress" in cfg and not isinstance(cfg.progress, bool):
+        raise ValueError(f"progress={cfg.progress!r}: use true or false")
     for name, typed, given in checks:
         try:  # as a plain container: a node of the schema's own type would be merged without its keys checked
             OmegaConf.merge(typed, OmegaConf.to_container(given))

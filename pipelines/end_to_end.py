@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from components import lease
 from components.data.ingest import IngestError
-from components.runtime import init_ray, one_line_errors
+from components.runtime import check_typed_settings, init_ray, one_line_errors
 from components.stages import altclip, caption, clip_filter, clipcap, evaluate, ingest, pretrain
 from components.stages.wiring import Wiring
 from components.storage import location
@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> None:
 def end_to_end(cfg: DictConfig) -> list:
     import mlflow
 
+    check_typed_settings(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus or 2 * (os.cpu_count() or 1))
     work_dir = location(cfg.work_dir)
     state = StateFile(work_dir / "state.json")

@@ -35,6 +35,8 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     ("pretrain_clip", "+trainer.lrate=0.1", "pretrain: trainer: Key 'lrate' not in 'TrainerSettings'"),
     ("ingest", "ingest.shard_size=big", "Error merging override ingest.shard_size=big"),
     ("ingest", "+ingest.download.time_out=5", "ingest: ingest: Key 'time_out' not in 'DownloadSettings'"),
+    # The runtime group every stage shares (conf/runtime/default.yaml).
+    ("evaluate", "ray.num_cpus=abc", "evaluate: ray: Value 'abc' of type 'str' could not be converted to Integer"),
 ])
 def test_a_mistyped_or_unknown_setting_is_refused_before_anything_starts(tmp_path, pipeline, override, message):
     done = subprocess.run(pipeline_command([override], pipeline), cwd=tmp_path, capture_output=True, text=True, timeout=120)

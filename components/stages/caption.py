@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from components import storage
-from components.runtime import init_ray
+from components.runtime import check_typed_settings, init_ray
 from components.stages.wiring import Wiring, folder_exists, quoted, stage_config
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage
@@ -19,6 +19,7 @@ def run(cfg: DictConfig) -> dict:
     from components.caption import inference
     from components.train.trainer import resolve_use_gpu
 
+    check_typed_settings(cfg)
     if not cfg.data_path:
         raise ValueError("give data=<shard directory, Parquet file or folder of images>")
     if cfg.output_format not in inference.OUTPUT_FORMATS:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from upath import UPath
 
 from components import storage
-from components.runtime import init_ray
+from components.runtime import check_typed_settings, init_ray
 from components.stages.wiring import Wiring, quoted, shard_outputs, shards_exist
 from components.tracking import mlflow_runs
 from components.workflow import Outputs, Stage
@@ -22,6 +22,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from components.eval.runner import fetch_model
     from components.train.trainer import resolve_use_gpu
 
+    check_typed_settings(cfg)
     salted = not cfg.data_path and float(cfg.data.get("mismatch", {}).get("fraction") or 0) > 0
     where = cfg.filter.where if cfg.filter.where is not None else (
         {} if cfg.data_path else cfg.data.get("train_where") or {})

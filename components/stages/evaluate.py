@@ -15,7 +15,7 @@ from components.eval import datasets as standard_datasets
 from components.eval import templates
 from components.eval.benchmark_layout import BenchmarkDataset, is_benchmark_layout, read_layout
 from components.eval.datasets import CLASS_LABEL
-from components.runtime import init_ray
+from components.runtime import check_typed_settings, init_ray
 from components.stages.wiring import Wiring, folder_exists, quoted
 from components.storage import location, upload
 from components.tracking import mlflow_runs
@@ -43,6 +43,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
     from components.eval import runner
 
+    check_typed_settings(cfg)
     settings = OmegaConf.to_container(cfg, resolve=True)
     data = location(cfg.data_path or cfg.data.output_dir)
     # A brace pattern of shards is named by its folder.
