@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from components import QUIET_ENV
 from components.data.settings import IngestSettings
+from components.models.settings import MODEL_SCHEMAS
 from components.train.settings import TrainerSettings
 
 # A pipeline process ends with a garbage collection over every object torch, Ray and MLflow created: seconds on a
@@ -120,9 +121,10 @@ class MlflowSettings:
     run_name: str = MISSING
 
 
-# The config groups with a typed schema: ingest and trainer (registered in Hydra's ConfigStore when their modules
-# are imported, above, so their types fail at parse), and the runtime group's blocks (conf/runtime/default.yaml;
-# its package is the config's root, where a schema would refuse every other key, so they are checked here).
+# The config groups with a typed schema: ingest, trainer and model (registered in Hydra's ConfigStore when their
+# modules are imported, above, so their types fail at parse; model's per family), and the runtime group's blocks
+# (conf/runtime/default.yaml; its package is the config's root, where a schema would refuse every other key, so
+# they are checked here).
 TYPED_GROUPS = {"ingest": IngestSettings, "trainer": TrainerSettings, "ray": RaySettings, "mlflow": MlflowSettings}
 
 
@@ -133,6 +135,8 @@ def check_typed_settings(cfg: DictConfig, *stage_trainers: str) -> None:
     or an unknown key is a ValueError naming the setting."""
     checks = [(group, OmegaConf.structured(schema), cfg[group]) for group, schema in TYPED_GROUPS.items()
               if group in cfg]
+    if "model" in cfg and cfg.model.get("family") in MODEL_SCHEMAS:
+        checks.append(("model", OmegaConf.structured(MODEL_SCHEMAS[cfg.model.family]), cfg.model))
     checks += [(f"{stage}.trainer", cfg.trainer, cfg[stage].trainer) for stage in stage_trainers]
     if "progress" in cfg and not isinstance(cfg.progress, bool):
         raise ValueError(f"progress={cfg.progress!r}: use true or false")

@@ -35,6 +35,8 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     ("pretrain_clip", "+trainer.lrate=0.1", "pretrain: trainer: Key 'lrate' not in 'TrainerSettings'"),
     ("ingest", "ingest.shard_size=big", "Error merging override ingest.shard_size=big"),
     ("ingest", "+ingest.download.time_out=5", "ingest: ingest: Key 'time_out' not in 'DownloadSettings'"),
+    ("pretrain_clip", "model.temperature_init=hot", "Error merging override model.temperature_init=hot"),
+    ("pretrain_clip", "+model.embed=1", "pretrain: model: Key 'embed' not in 'ModelSettings'"),
     # The runtime group every stage shares (conf/runtime/default.yaml).
     ("evaluate", "ray.num_cpus=abc", "evaluate: ray: Value 'abc' of type 'str' could not be converted to Integer"),
 ])
