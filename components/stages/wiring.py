@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from upath import UPath
 
+import components.runtime  # noqa: F401  (registers the typed config groups that the configs extend)
 from components.data.shard_sets import shard_set_digest
 from components.workflow import Outputs, WorkflowError
 

@@ -53,12 +53,6 @@ ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSetting
 def trainer_defaults() -> DictConfig:
     """The trainer group as the pipelines compose it (conf/trainer/default.yaml, typed), for code that runs the loop
     outside a pipeline: tests, benchmarks."""
-    from pathlib import Path
+    from components.stages.wiring import stage_config
 
-    from hydra import compose, initialize_config_dir
-
-    import components.data.settings  # noqa: F401  (pretrain_clip composes the typed ingest group too)
-
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        return compose("pretrain_clip").trainer
+    return stage_config("pretrain_clip", []).trainer
