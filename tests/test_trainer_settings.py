@@ -35,13 +35,29 @@ def test_the_loop_takes_every_trainer_value_from_the_config():
     ("pretrain_clip", "+trainer.lrate=0.1", "pretrain: trainer: Key 'lrate' not in 'TrainerSettings'"),
     ("ingest", "ingest.shard_size=big", "Error merging override ingest.shard_size=big"),
     ("ingest", "+ingest.download.time_out=5", "ingest: ingest: Key 'time_out' not in 'DownloadSettings'"),
-    ("pretrain_clip", "model.temperature_init=hot", "Error merging override model.temperature_init=hot"),
-    ("pretrain_clip", "+model.embed=1", "pretrain: model: Key 'embed' not in 'ModelSettings'"),
-    # The runtime group every stage shares (conf/runtime/default.yaml).
-    ("evaluate", "ray.num_cpus=abc", "evaluate: ray: Value 'abc' of type 'str' could not be converted to Integer"),
 ])
 def test_a_mistyped_or_unknown_setting_is_refused_before_anything_starts(tmp_path, pipeline, override, message):
     done = subprocess.run(pipeline_command([override], pipeline), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert not list(tmp_path.iterdir()) or {p.name for p in tmp_path.iterdir()} == {"outputs"}  # no store, no data
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("pretrain_clip", "model.temperature_init=hot", "Error merging override model.temperature_init=hot"),
+    ("pretrain_clip", "+model.embed=1", "model: Key 'embed' not in 'ModelSettings'"),
+    ("pretrain_clip", "model=clippo model.font_size=big", "Error merging override model.font_size=big"),
+    # The runtime group every stage shares (conf/runtime/default.yaml).
+    ("evaluate", "ray.num_cpus=abc", "ray: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("caption", "+mlflow.tracking=x", "mlflow: Key 'tracking' not in 'MlflowSettings'"),
+    ("end_to_end", "progress=maybe", "progress='maybe': use true or false"),
+])
+def test_the_model_and_runtime_settings_are_typed(config, override, message):
+    """The same checks in this process, as each stage runs them first (the command line's one line and exit code 2
+    are the case above): a wrong type at parse, a `+` key as the stage starts."""
+    from components.runtime import check_typed_settings
+    from components.stages.wiring import stage_config
+
+    with pytest.raises(Exception) as refused:
+        check_typed_settings(stage_config(config, override.split()))
+    assert message in str(refused.value), str(refused.value)
